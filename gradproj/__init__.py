@@ -1,0 +1,48 @@
+"""gradproj: reference-free policy-gradient strategies (PROMA, ...) as an optimizer wrapper.
+
+    import gradproj
+    opt = gradproj.wrap(torch.optim.AdamW(model.parameters(), lr=1e-6), model, strategy="proma")
+    for mb in microbatches:
+        logp = token_logprobs(model, mb)
+        with opt.microbatch(logp, mask=mb.response_mask):
+            policy_loss(logp, mb.advantages).backward()
+    opt.step(); opt.zero_grad()
+"""
+
+from gradproj.config import GradProjConfig
+from gradproj.errors import (
+    CheckpointError,
+    CoefficientError,
+    ConfigError,
+    CoverageError,
+    GradProjError,
+    InputError,
+    ProtocolError,
+)
+from gradproj.optimizer import GradProjOptimizer, wrap
+from gradproj.plugins import get_plugin_manager, get_registry, hookimpl, hookspec
+from gradproj.strategies import LayerStep, Strategy, StrategyOptions, StrategySpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "wrap",
+    "GradProjOptimizer",
+    "GradProjConfig",
+    "GradProjError",
+    "ConfigError",
+    "InputError",
+    "CoefficientError",
+    "CoverageError",
+    "ProtocolError",
+    "CheckpointError",
+    "hookimpl",
+    "hookspec",
+    "get_plugin_manager",
+    "get_registry",
+    "Strategy",
+    "StrategyOptions",
+    "StrategySpec",
+    "LayerStep",
+    "__version__",
+]

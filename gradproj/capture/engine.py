@@ -1,0 +1,385 @@
+"""The capture engine: installs layer handlers on a model and runs strategies inside backward.
+
+Life of one microbatch (``with opt.microbatch(logp, mask): loss.backward()``):
+
+1. Forward (before the block, grad enabled): every covered module call goes through its handler,
+   which counts the use (``layer.forward_uses``).
+2. Backward reaches ``logp``: the hook records ``c_i`` and sends the mask down.
+3. Backward reaches a covered module: the handler passes ``(inputs, output_grads)`` here. When all
+   of the layer's uses of this microbatch have arrived, the strategy computes the update of each
+   parameter tensor from ``G = param.grad`` and the sequence gradients; the update is *staged*.
+4. The block closes: staged updates are written to ``param.grad`` (``G <- G + U``) -- all of them,
+   or none if an error or a non-finite value occurred, so a failed microbatch can be retried.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from contextlib import contextmanager
+from functools import partial
+from time import perf_counter
+
+import torch
+from torch import nn
+
+from gradproj.capture.microbatch import Microbatch, sequence_coefficients
+from gradproj.config import GradProjConfig, ResolvedStrategies
+from gradproj.errors import CheckpointError, CoverageError, ProtocolError
+from gradproj.strategies.base import LayerStep
+
+__all__ = ["CaptureEngine", "LayerCapture", "STATE_VERSION"]
+
+STATE_VERSION = 1
+_ENGINE_ATTR = "_gradproj_engine"
+
+
+class LayerCapture:
+    """One covered module: its handler, its parameters and its per-microbatch use count."""
+
+    __slots__ = ("engine", "module", "name", "handler", "params", "forward_uses", "uninstall")
+
+    def __init__(self, engine, module, name, handler, params) -> None:
+        self.engine = engine
+        self.module = module
+        self.name = name
+        self.handler = handler
+        self.params = params  # [(attribute, parameter, qualified name)]
+        self.forward_uses = 0
+        self.uninstall = None
+
+    def __repr__(self) -> str:
+        return f"LayerCapture({self.name!r}, {type(self.module).__name__})"
+
+
+def _list_names(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+class CaptureEngine:
+    """Per-model capture state shared by the optimizer wrapper and the layer handlers.
+
+    Args:
+        model: the module whose parameters the optimizer trains.
+        config: the validated :class:`GradProjConfig`.
+        strategies: the strategies resolved from ``config``.
+        registry: the plugin registry (layer handlers).
+    """
+
+    def __init__(self, model: nn.Module, config: GradProjConfig, strategies: ResolvedStrategies, registry) -> None:
+        self.model = model
+        self.config = config
+        self.strategies = strategies
+        self.registry = registry
+        self.needs_capture = strategies.needs_capture
+        self.layers: list[LayerCapture] = []
+        self.current: Microbatch | None = None
+        self.attached = False
+        self._paused = 0
+        self._frozen: list[torch.nn.Parameter] = []
+        self._guards: list = []
+        self._covered: dict[int, str] = {}
+        self.steps = 0
+        self._last_metrics: dict[str, float] | None = None
+        self._reset_counters()
+
+    # -- set-up ----------------------------------------------------------------------------
+    @property
+    def capturing(self) -> bool:
+        """True while handlers should capture (attached, not paused, a strategy needs it)."""
+        return self.attached and not self._paused and self.needs_capture
+
+    def _excluded(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.config.exclude)
+
+    def attach(self) -> None:
+        """Install handlers on every covered module; refuse uncovered trainable parameters.
+
+        Nothing is changed unless every check passes.
+        """
+        if getattr(self.model, _ENGINE_ATTR, None) is not None:
+            raise ProtocolError(
+                "this model is already wrapped by a gradproj optimizer; call .detach() on that one "
+                "before wrapping the model again"
+            )
+        named = list(self.model.named_parameters())
+        to_freeze = [p for n, p in named if p.requires_grad and self._excluded(n)]
+        frozen_ids = {id(p) for p in to_freeze}
+        plan: list[LayerCapture] = []
+        covered: dict[int, str] = {}
+        uncovered_uses: list[str] = []
+        if self.needs_capture:
+            for mod_name, module in self.model.named_modules():
+                own = [(a, p) for a, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in frozen_ids]
+                if not own:
+                    continue
+                handler = self.registry.handler_for(module)
+                handled = set(handler.parameter_names) if handler is not None else set()
+                params = []
+                for attr, param in own:
+                    qname = f"{mod_name}.{attr}" if mod_name else attr
+                    if attr not in handled:
+                        uncovered_uses.append(f"{qname} ({type(module).__name__})")
+                        continue
+                    if id(param) in covered:
+                        raise CoverageError(
+                            f"parameter {qname} is shared with {covered[id(param)]} (tied weights); "
+                            "shared parameters across modules are not supported yet -- untie them, or "
+                            f"freeze it / add an exclude glob such as {qname!r}"
+                        )
+                    covered[id(param)] = qname
+                    params.append((attr, param, qname))
+                if params:
+                    plan.append(LayerCapture(self, module, mod_name, handler, params))
+            if uncovered_uses:
+                raise CoverageError(
+                    f"{len(uncovered_uses)} trainable parameter(s) are not covered by a gradproj layer "
+                    f"handler: {_list_names(uncovered_uses)}. Their gradients would not be projected. "
+                    "Freeze them (param.requires_grad_(False)), exclude them with "
+                    "wrap(..., exclude=['<glob>']) (excluded parameters are frozen), or register a "
+                    "handler for their module type."
+                )
+        for param in to_freeze:
+            param.requires_grad_(False)
+        self._frozen = to_freeze
+        for layer in plan:
+            layer.uninstall = layer.handler.install(layer.module, layer)
+            for _attr, param, qname in layer.params:
+                self._guards.append(param.register_hook(partial(self._guard, qname)))
+        self.layers = plan
+        self._covered = covered
+        setattr(self.model, _ENGINE_ATTR, self)
+        self.attached = True
+
+    def detach(self) -> None:
+        """Remove every handler and hook and unfreeze what ``exclude`` froze (idempotent)."""
+        if not self.attached:
+            return
+        if self.current is not None:
+            raise ProtocolError("detach() called inside opt.microbatch(...); close the block first")
+        for layer in self.layers:
+            if layer.uninstall is not None:
+                layer.uninstall()
+        for handle in self._guards:
+            handle.remove()
+        for param in self._frozen:
+            param.requires_grad_(True)
+        self._guards, self._frozen, self.layers = [], [], []
+        if getattr(self.model, _ENGINE_ATTR, None) is self:
+            delattr(self.model, _ENGINE_ATTR)
+        self.attached = False
+
+    def _guard(self, qname: str, grad: torch.Tensor | None):
+        # Captured layers return no gradient for their parameters (the hook then sees None);
+        # a real tensor here means some other use of the parameter produced one.
+        if grad is not None and self.current is not None and self.capturing:
+            raise CoverageError(
+                f"parameter {qname} received an ordinary gradient during a captured microbatch: it is "
+                "used outside the module gradproj covers (tied weights, a functional call such as a "
+                "fused lm_head, or a second module). Its gradient would be wrong; exclude and freeze "
+                "it, or route all its uses through the covered module."
+            )
+        return None
+
+    def _check_coverage(self, where: str) -> None:
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in self._covered]
+        if bad:
+            raise CoverageError(
+                f"{where}: trainable parameter(s) {_list_names(bad)} became trainable after wrap() and "
+                "are not covered; freeze them again, or detach() and wrap() the optimizer anew"
+            )
+
+    # -- microbatches ----------------------------------------------------------------------
+    @contextmanager
+    def microbatch(self, logp: torch.Tensor, mask: torch.Tensor | None = None):
+        """Context for one microbatch; see :meth:`GradProjOptimizer.microbatch`."""
+        if not self.attached:
+            raise ProtocolError("this gradproj optimizer was detached; wrap the optimizer again to capture")
+        if self.current is not None:
+            raise ProtocolError(
+                "opt.microbatch() blocks cannot be nested: close the current microbatch (its "
+                "backward) before opening the next one"
+            )
+        if self._paused:
+            raise ProtocolError("opt.microbatch() inside opt.paused(): leave the paused block first")
+        mb = Microbatch(logp, mask, self._mb_in_step)
+        if self.needs_capture:
+            self._check_coverage(mb.where)
+        handle = logp.register_hook(partial(self._on_logp_grad, mb))
+        self.current = mb
+        completed = False
+        try:
+            yield mb
+            completed = True
+        finally:
+            handle.remove()
+            self.current = None
+            try:
+                if completed:
+                    self._finish(mb)
+            finally:
+                for layer in self.layers:
+                    layer.forward_uses = 0
+
+    def _on_logp_grad(self, mb: Microbatch, grad: torch.Tensor):
+        if mb.fired:
+            raise ProtocolError(
+                f"{mb.where}: the backward reached logp a second time; run exactly one backward per "
+                "opt.microbatch() block (sum the losses first)"
+            )
+        mb.fired = True
+        if not self.needs_capture:
+            return None
+        coefficients = sequence_coefficients(grad, mb.mask, mb.where)
+        if coefficients is None:
+            mb.drop()
+        else:
+            mb.coefficients = coefficients
+        return mb.seed
+
+    def on_backward(self, layer: LayerCapture, use) -> None:
+        """Called by a handler's backward with one use ``(inputs, output_grads)`` of ``layer``."""
+        start = perf_counter()
+        mb = self.current
+        if mb is None:
+            if self.capturing:
+                raise ProtocolError(
+                    f"the backward reached layer {layer.name!r} outside an opt.microbatch(logp, mask) "
+                    "block; run the loss's backward inside the block, or use opt.paused() for a plain "
+                    "backward"
+                )
+            self._plain_accumulate(layer, [use])
+            return
+        if mb.dropped:
+            return
+        if mb.coefficients is None:
+            raise ProtocolError(
+                f"{mb.where}: the backward reached layer {layer.name!r} before the log-probs given to "
+                "opt.microbatch(): the loss must depend on the trainable parameters only through "
+                "those log-probs"
+            )
+        uses = mb.uses.setdefault(layer, [])
+        uses.append(use)
+        if len(uses) >= layer.forward_uses:
+            del mb.uses[layer]
+            self._finalize(layer, mb, uses)
+        self._capture_seconds += perf_counter() - start
+
+    def _finalize(self, layer: LayerCapture, mb: Microbatch, uses) -> None:
+        seqs = layer.handler.sequence_gradients(layer, uses, mb.k, self.config.gram)
+        rule = self.strategies.accumulate
+        for attr, param, qname in layer.params:
+            seq = seqs.get(attr)
+            if seq is None:
+                continue
+            start = perf_counter()
+            update = rule.accumulate(LayerStep(qname, param, param.grad, mb.coefficients, seq))
+            self._strategy_seconds += perf_counter() - start
+            if not bool(torch.isfinite(update.sum())):
+                mb.drop()
+                return
+            mb.stage(param, update if update.dtype == param.dtype else update.to(param.dtype))
+
+    def _plain_accumulate(self, layer: LayerCapture, uses) -> None:
+        grads = layer.handler.plain_gradients(layer, uses)
+        for attr, param, _ in layer.params:
+            if attr in grads and param.requires_grad:
+                if param.grad is None:
+                    param.grad = grads[attr].to(param.dtype)
+                else:
+                    param.grad.add_(grads[attr])
+
+    def _finish(self, mb: Microbatch) -> None:
+        if not mb.fired:
+            raise ProtocolError(
+                f"{mb.where}: the block closed but its backward never reached logp; call "
+                "loss.backward() inside the block, with a loss computed from that logp tensor"
+            )
+        start = perf_counter()
+        for layer, uses in list(mb.uses.items()):  # layers whose forward count exceeded their backward
+            if mb.dropped:
+                break
+            self._finalize(layer, mb, uses)
+        self._capture_seconds += perf_counter() - start
+        if mb.dropped:
+            self._dropped += 1
+        else:
+            for param, update in mb.staged.values():
+                if param.grad is None:
+                    param.grad = update
+                else:
+                    param.grad.add_(update)
+        mb.staged.clear()
+        mb.uses.clear()
+        self._microbatches += 1
+        self._sequences += mb.k
+        self._mb_in_step += 1
+
+    @contextmanager
+    def paused(self):
+        """Disable capture inside the block (forwards and backwards behave as without gradproj)."""
+        if self.current is not None:
+            raise ProtocolError("opt.paused() inside opt.microbatch(...): close the microbatch first")
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def check_idle(self, what: str) -> None:
+        """Raise :class:`ProtocolError` if a microbatch block is open."""
+        if self.current is not None:
+            raise ProtocolError(f"{what} called inside an open opt.microbatch(...) block; close it first")
+
+    # -- metrics and state -----------------------------------------------------------------
+    def _reset_counters(self) -> None:
+        self._microbatches = 0
+        self._sequences = 0
+        self._dropped = 0
+        self._mb_in_step = 0
+        self._capture_seconds = 0.0
+        self._strategy_seconds = 0.0
+        for strategy in self.strategies.all:
+            strategy.reset_metrics()
+
+    def running_metrics(self) -> dict[str, float]:
+        """Metrics of the step in progress."""
+        out = {
+            "gradproj/microbatches": float(self._microbatches),
+            "gradproj/sequences": float(self._sequences),
+            "gradproj/dropped_microbatches": float(self._dropped),
+            "gradproj/capture_seconds": max(self._capture_seconds - self._strategy_seconds, 0.0),
+            "gradproj/projection_seconds": self._strategy_seconds,
+        }
+        for strategy in self.strategies.all:
+            out.update({f"gradproj/{k}": float(v) for k, v in strategy.step_metrics().items()})
+        return out
+
+    def end_step(self) -> None:
+        """Close the optimizer step: snapshot its metrics and start counting anew."""
+        self._last_metrics = self.running_metrics()
+        self.steps += 1
+        self._reset_counters()
+
+    def metrics(self) -> dict[str, float]:
+        """Metrics of the last completed step (of the step in progress before the first one)."""
+        return dict(self._last_metrics) if self._last_metrics is not None else self.running_metrics()
+
+    def state_dict(self) -> dict:
+        """Tensor/primitive-only state (loads with ``torch.load(weights_only=True)``)."""
+        return {"version": STATE_VERSION, "strategies": [s.name for s in self.strategies.specs], "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output; refuses other versions or other strategies."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise CheckpointError(
+                f"gradproj state has version {state.get('version') if isinstance(state, dict) else state!r}, "
+                f"this gradproj reads version {STATE_VERSION}"
+            )
+        mine = [s.name for s in self.strategies.specs]
+        if list(state.get("strategies", [])) != mine:
+            raise CheckpointError(
+                f"checkpoint was written with strategies {state.get('strategies')} but this optimizer "
+                f"uses {mine}; wrap with the same strategy to resume"
+            )
+        self.steps = int(state.get("steps", 0))

@@ -1,0 +1,165 @@
+"""Layer handlers: per module type, how to capture a layer and build its sequence gradients.
+
+A handler is registered through the ``gradproj_layer_handlers`` hook (the built-in ``nn.Linear``
+handler below is registered that way). It must
+
+* ``install`` itself on a module so that, while gradproj captures, the module's backward hands
+  ``(inputs, output_grads)`` to the engine instead of accumulating its parameters' gradients
+  (no extra matmul: the weight gradient is never computed twice), and
+* turn the collected uses into :mod:`gradproj.linalg` sequence gradients per parameter.
+
+peft's LoRA adapters (``lora_A``/``lora_B``) are ``nn.Linear`` and need nothing more.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradproj.errors import InputError
+from gradproj.linalg.sequence_grads import MaterializedGrads, linear_weight_grads
+from gradproj.plugins.hookspecs import hookimpl
+
+__all__ = ["LayerHandler", "LinearHandler", "compute_dtype"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sequence-gradient algebra runs in: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class LayerHandler:
+    """Base class of layer handlers.
+
+    Attributes:
+        module_types: module classes this handler covers (subclasses too, unless ``accepts``
+            says otherwise).
+        parameter_names: the module attributes holding the parameters it covers.
+    """
+
+    module_types: ClassVar[tuple[type, ...]] = ()
+    parameter_names: ClassVar[tuple[str, ...]] = ()
+
+    def accepts(self, module: nn.Module) -> bool:
+        """Whether this handler can capture this particular module (default: yes)."""
+        return True
+
+    def install(self, module: nn.Module, layer) -> Callable[[], None]:
+        """Start capturing ``module`` for ``layer``; return a function that undoes it."""
+        raise NotImplementedError
+
+    def sequence_gradients(self, layer, uses, k: int, gram: str) -> dict:
+        """``{param attribute: SequenceGradients}`` from the uses collected in one microbatch."""
+        raise NotImplementedError
+
+    def plain_gradients(self, layer, uses) -> dict:
+        """``{param attribute: ordinary gradient}`` (used for a backward while capture is paused)."""
+        raise NotImplementedError
+
+
+class _CapturedLinear(torch.autograd.Function):
+    """``F.linear`` whose backward returns the input gradient only and hands (x, dy) to the engine."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        device_type = x.device.type
+        if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                out = F.linear(x, weight, bias)
+        else:
+            out = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.layer = layer
+        layer.forward_uses += 1
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+        ctx.layer.engine.on_backward(ctx.layer, (x, grad_out))
+        return grad_x, None, None, None
+
+
+def _rows(tensor: torch.Tensor, k: int, layer, what: str) -> torch.Tensor:
+    """View a batch-first activation as (k, positions, features)."""
+    if tensor.dim() < 2 or tensor.shape[0] != k:
+        raise InputError(
+            f"layer {layer.name!r} saw {what} of shape {tuple(tensor.shape)} but the microbatch has "
+            f"k={k} sequences (rows of logp). gradproj needs batch-first activations whose first "
+            "dimension is the sequence (padded layout); packed / remove-padding batches are not "
+            "supported yet -- un-pack them, or exclude this layer and freeze it."
+        )
+    return tensor.reshape(k, -1, tensor.shape[-1])
+
+
+class LinearHandler(LayerHandler):
+    """``torch.nn.Linear`` (weight and bias); covers peft LoRA's ``lora_A``/``lora_B`` too."""
+
+    module_types = (nn.Linear,)
+    parameter_names = ("weight", "bias")
+
+    def accepts(self, module: nn.Module) -> bool:
+        """Only modules that run ``nn.Linear.forward`` unchanged (subclasses overriding it are not)."""
+        return type(module).forward is nn.Linear.forward and "forward" not in module.__dict__
+
+    def install(self, module: nn.Linear, layer) -> Callable[[], None]:
+        """Route the module's forward through :class:`_CapturedLinear` while capture is on."""
+        engine = layer.engine
+
+        def forward(input):
+            weight, bias = module.weight, module.bias
+            if (
+                engine.capturing
+                and torch.is_grad_enabled()
+                and (weight.requires_grad or (bias is not None and bias.requires_grad))
+            ):
+                return _CapturedLinear.apply(input, weight, bias, layer)
+            return F.linear(input, weight, bias)
+
+        module.forward = forward
+        return lambda: module.__dict__.pop("forward", None)
+
+    def _factors(self, layer, uses, k: int):
+        dtype = compute_dtype(layer.module.weight.dtype)
+        inputs = [_rows(x, k, layer, "inputs") for x, _ in uses]
+        grads = [_rows(dy, k, layer, "output gradients") for _, dy in uses]
+        a = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
+        d = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
+        return a.to(dtype), d.to(dtype)
+
+    def sequence_gradients(self, layer, uses, k: int, gram: str) -> dict:
+        """Weight: materialised or ghost (cost rule); bias: per-sequence sums of output grads."""
+        a, d = self._factors(layer, uses, k)
+        out = {}
+        if layer.module.weight.requires_grad:
+            out["weight"] = linear_weight_grads(a, d, gram)
+        if layer.module.bias is not None and layer.module.bias.requires_grad:
+            out["bias"] = MaterializedGrads(d.sum(dim=1))
+        return out
+
+    def plain_gradients(self, layer, uses) -> dict:
+        """``dy^T x`` and ``sum dy`` over all positions, summed over uses."""
+        module = layer.module
+        out = {}
+        for x, dy in uses:
+            x2 = x.reshape(-1, x.shape[-1]).to(module.weight.dtype)
+            d2 = dy.reshape(-1, dy.shape[-1]).to(module.weight.dtype)
+            parts = {"weight": d2.T @ x2}
+            if module.bias is not None:
+                parts["bias"] = d2.sum(dim=0)
+            for key, value in parts.items():
+                out[key] = value if key not in out else out[key] + value
+        return out
+
+
+@hookimpl
+def gradproj_layer_handlers():
+    """Register the built-in ``nn.Linear`` handler."""
+    return [LinearHandler()]

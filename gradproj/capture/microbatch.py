@@ -1,0 +1,144 @@
+"""One microbatch: validated inputs, the log-prob hook and the per-sequence coefficients.
+
+The hook registered on ``logp`` receives ``w = dL/dlogp`` (shape (B, T)). It checks that ``w`` is
+constant on the valid tokens of each row (SPEC section 1), stores ``c_i`` and returns the mask
+instead, so every layer below receives the *unweighted* output gradients of
+``sum_t mask[i, t] logp[i, t]``; the strategies re-apply ``c_i`` per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradproj.errors import CoefficientError, InputError
+
+__all__ = ["Microbatch", "validate_inputs", "sequence_coefficients"]
+
+_FIX_CONSTANT = (
+    "The single-pass capture needs one loss coefficient per sequence. This usually means PPO "
+    "clipping with a ratio != 1 (several epochs over the same rollouts, or off-policy data), a "
+    "per-token KL penalty, or an entropy bonus in the loss. Fix: train on-policy (one update per "
+    "rollout, ratio == 1) or disable clipping, move the KL penalty into the reward, drop the "
+    "entropy bonus -- or use strategy='none', which accepts any loss."
+)
+
+
+def validate_inputs(logp, mask, where: str):
+    """Check ``logp`` and ``mask`` and return ``(mask_bool, seed)``; raise :class:`InputError`.
+
+    ``seed`` is the mask in ``logp``'s dtype -- the gradient the hook returns.
+    """
+    if not isinstance(logp, torch.Tensor):
+        raise InputError(f"{where}: logp must be a torch.Tensor of per-token log-probs, got {type(logp).__name__}")
+    if logp.dim() != 2:
+        raise InputError(
+            f"{where}: logp must have shape (sequences, tokens), got {tuple(logp.shape)}; gather the "
+            "log-probs of the sampled tokens first (e.g. log_softmax(logits).gather(-1, ids))"
+        )
+    if not logp.is_floating_point():
+        raise InputError(f"{where}: logp must be a floating-point tensor, got dtype {logp.dtype}")
+    if not logp.requires_grad:
+        raise InputError(
+            f"{where}: logp does not require grad -- it was computed under torch.no_grad() / "
+            "inference_mode, detached, or the model has no trainable parameters. Compute the "
+            "policy's log-probs with gradients enabled (only reference/old log-probs go under no_grad)."
+        )
+    if mask is None:
+        mask_bool = torch.ones(logp.shape, dtype=torch.bool, device=logp.device)
+    else:
+        if not isinstance(mask, torch.Tensor):
+            raise InputError(f"{where}: mask must be a torch.Tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != tuple(logp.shape):
+            raise InputError(
+                f"{where}: mask has shape {tuple(mask.shape)} but logp has shape {tuple(logp.shape)}; "
+                "pass the response mask aligned with logp (same rows and token positions)"
+            )
+        if mask.dtype == torch.bool:
+            mask_bool = mask
+        elif mask.is_complex():
+            raise InputError(f"{where}: mask must be bool or 0/1 valued, got dtype {mask.dtype}")
+        else:
+            values_ok = bool(((mask == 0) | (mask == 1)).all())
+            if not values_ok:
+                raise InputError(
+                    f"{where}: mask (dtype {mask.dtype}) has values other than 0 and 1; it must mark "
+                    "which tokens count, not weight them -- put token weights into the loss instead"
+                )
+            mask_bool = mask != 0
+        if mask_bool.device != logp.device:
+            raise InputError(f"{where}: mask is on {mask_bool.device} but logp is on {logp.device}; move it")
+    return mask_bool.detach(), mask_bool.detach().to(logp.dtype)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-9, torch.float32: 1e-5}.get(dtype, 1e-2)
+
+
+def sequence_coefficients(w: torch.Tensor, mask: torch.Tensor, where: str) -> torch.Tensor | None:
+    """Per-row coefficients ``c_i`` (float64) from ``w = dL/dlogp``; ``None`` if ``w`` is not finite.
+
+    Raises:
+        CoefficientError: ``w`` varies along the valid tokens of a row, or is non-zero on a
+            masked-out token (that gradient could not be represented).
+    """
+    w64 = w.detach().to(torch.float64)
+    if not bool(torch.isfinite(w64).all()):
+        return None
+    counts = mask.sum(dim=1)
+    coeffs = (w64 * mask).sum(dim=1) / counts.clamp(min=1)
+    tol = _tolerance(w.dtype) * float(w64.abs().max())
+    deviation = ((w64 - coeffs[:, None]).abs() * mask).amax(dim=1) if w64.shape[1] else coeffs * 0
+    bad = torch.nonzero(deviation > tol).flatten()
+    if bad.numel():
+        row = int(bad[0])
+        raise CoefficientError(
+            f"{where}: the loss's per-token weights dL/dlogp are not constant along row {row} "
+            f"(max deviation {float(deviation[row]):.3g} from the row mean {float(coeffs[row]):.3g} over "
+            f"{int(counts[row])} valid tokens; {bad.numel()} row(s) affected). {_FIX_CONSTANT}"
+        )
+    leaked = (w64.abs() * (~mask)).amax(dim=1) if w64.shape[1] else coeffs * 0
+    bad = torch.nonzero(leaked > tol).flatten()
+    if bad.numel():
+        row = int(bad[0])
+        raise CoefficientError(
+            f"{where}: the loss has a non-zero gradient ({float(leaked[row]):.3g}) on masked-out tokens "
+            f"of row {row}; gradproj only sees the tokens the mask marks. Multiply the per-token loss "
+            "by the same mask you pass to opt.microbatch(), or pass the mask the loss really uses."
+        )
+    return coeffs
+
+
+class Microbatch:
+    """State of one ``opt.microbatch(...)`` block.
+
+    Attributes:
+        k: number of sequences (rows of ``logp``).
+        index: position of this microbatch in the current optimizer step (0-based).
+        coefficients: ``c`` (float64, (k,)) once the backward reached ``logp``.
+        dropped: True once a non-finite value was seen; nothing of it reaches ``.grad``.
+    """
+
+    def __init__(self, logp: torch.Tensor, mask: torch.Tensor | None, index: int) -> None:
+        self.index = index
+        self.where = f"opt.microbatch() #{index} of this step"
+        self.mask, self.seed = validate_inputs(logp, mask, self.where)
+        self.k = logp.shape[0]
+        self.coefficients: torch.Tensor | None = None
+        self.fired = False
+        self.dropped = False
+        self.uses: dict = {}
+        self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stage(self, param: torch.Tensor, update: torch.Tensor) -> None:
+        """Remember ``update`` for ``param`` (adding up several uses, e.g. tied weights)."""
+        key = id(param)
+        if key in self.staged:
+            self.staged[key][1].add_(update)
+        else:
+            self.staged[key] = (param, update)
+
+    def drop(self) -> None:
+        """Discard everything staged: this microbatch will not change any gradient."""
+        self.dropped = True
+        self.staged.clear()
+        self.uses.clear()

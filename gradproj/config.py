@@ -1,0 +1,170 @@
+"""``GradProjConfig``: the validated, serialisable description of what ``wrap()`` builds.
+
+Strategy options are flat fields next to ``strategy`` (``damping``, ``relative_bound``, ...), as
+they appear on ``wrap(..., damping=1e-8)`` and in a verl/Hydra YAML block::
+
+    gradproj:
+      strategy: proma
+      relative_bound: 0.5
+
+Each option is routed to the one selected strategy that declares it and validated by that
+strategy's pydantic model. Configs round-trip through ``to_dict``/``from_dict`` and YAML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from gradproj.errors import ConfigError
+from gradproj.strategies.base import Strategy, StrategySpec
+
+__all__ = ["GradProjConfig", "ResolvedStrategies"]
+
+
+def _format_validation_error(err: ValidationError, context: str) -> str:
+    parts = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item.get("loc", ()))
+        msg = item.get("msg", "").removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return f"{context}: " + "; ".join(parts)
+
+
+@dataclass
+class ResolvedStrategies:
+    """Strategy instances built from a config: transforms (in order), then the accumulation rule."""
+
+    specs: list[StrategySpec]
+    transforms: list[Strategy]
+    accumulate: Strategy
+
+    @property
+    def all(self) -> list[Strategy]:
+        """Every strategy instance, transforms first."""
+        return [*self.transforms, self.accumulate]
+
+    @property
+    def needs_capture(self) -> bool:
+        """Whether any strategy needs per-sequence gradients (else gradproj stays out of the way)."""
+        return any(s.needs_capture for s in self.all)
+
+
+class GradProjConfig(BaseModel):
+    """What ``gradproj.wrap`` should do.
+
+    Attributes:
+        strategy: a strategy name or a list of names (coefficient transforms, then one
+            accumulation rule; ``none`` is implied when only transforms are given).
+        exclude: glob patterns over parameter names (``"lm_head.*"``) that gradproj must not
+            touch; matching trainable parameters are frozen by ``wrap`` and unfrozen by ``detach``.
+        gram: how linear layers represent sequence gradients: ``"auto"`` (cost rule),
+            ``"materialize"`` or ``"ghost"``.
+        (any other field): an option of one of the selected strategies, e.g. ``damping``.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    strategy: str | list[str] = "proma"
+    exclude: list[str] = Field(default_factory=list)
+    gram: Literal["auto", "materialize", "ghost"] = "auto"
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ConfigError(_format_validation_error(err, "invalid gradproj config")) from None
+
+    @field_validator("strategy")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("strategy list is empty; give at least one name, e.g. 'proma'")
+        return value
+
+    @model_validator(mode="after")
+    def _check_against_registry(self):
+        self.resolve()
+        return self
+
+    # -- accessors -------------------------------------------------------------------------
+    @property
+    def strategies(self) -> list[str]:
+        """The strategy names as a list."""
+        return [self.strategy] if isinstance(self.strategy, str) else list(self.strategy)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The strategy options given (the extra fields)."""
+        return dict(self.model_extra or {})
+
+    def resolve(self, registry=None) -> ResolvedStrategies:
+        """Look the strategies up in the plugin registry and build them with their options."""
+        if registry is None:
+            from gradproj.plugins.manager import get_registry
+
+            registry = get_registry()
+        specs = [registry.strategy(name) for name in self.strategies]
+        rules = [s for s in specs if s.role == "accumulate"]
+        if len(rules) > 1:
+            raise ConfigError(
+                "strategies " + " and ".join(repr(s.name) for s in rules) + " are both accumulation "
+                "rules and cannot be stacked; keep one of them (transforms such as variance scaling "
+                "can be stacked in front of any one rule)"
+            )
+        for position, spec in enumerate(specs):
+            if spec.role == "accumulate" and position != len(specs) - 1:
+                raise ConfigError(
+                    f"accumulation rule {spec.name!r} must come last in the strategy list "
+                    f"{self.strategies}: coefficient transforms run first"
+                )
+        if not rules:
+            specs.append(registry.strategy("none"))
+        values: dict[str, dict[str, Any]] = {s.name: {} for s in specs}
+        for key, value in self.options.items():
+            owners = [s for s in specs if key in s.option_names()]
+            if not owners:
+                valid = sorted({o for s in specs for o in s.option_names()})
+                raise ConfigError(
+                    f"unknown option {key!r} for strategy {'+'.join(s.name for s in specs)}; "
+                    f"valid options are: {', '.join(valid) if valid else '(none)'}"
+                )
+            if len(owners) > 1:
+                raise ConfigError(f"option {key!r} is ambiguous: it belongs to {[s.name for s in owners]}")
+            values[owners[0].name][key] = value
+        built = []
+        for spec in specs:
+            try:
+                built.append(spec.build(values[spec.name]))
+            except ValidationError as err:
+                raise ConfigError(_format_validation_error(err, f"invalid options for strategy {spec.name!r}")) from None
+        return ResolvedStrategies(specs=specs, transforms=built[:-1], accumulate=built[-1])
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (strategy, engine fields and options) that ``from_dict`` accepts."""
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "GradProjConfig":
+        """Build from a mapping (a dict, or an OmegaConf/Hydra node converted to a container)."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a gradproj config must be a mapping, got {type(data).__name__}")
+        return cls(**{str(k): (list(v) if isinstance(v, tuple) else v) for k, v in data.items()})
+
+    def to_yaml(self) -> str:
+        """YAML text of :meth:`to_dict`."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "GradProjConfig":
+        """Parse YAML text written by :meth:`to_yaml` (or by hand)."""
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    def updated(self, **changes: Any) -> "GradProjConfig":
+        """A copy with some fields or options changed, validated again."""
+        return type(self).from_dict({**self.to_dict(), **changes})

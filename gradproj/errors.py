@@ -1,0 +1,47 @@
+"""Exceptions raised by gradproj.
+
+Every error gradproj raises is a :class:`GradProjError`. Subclasses also derive from the
+built-in exception that fits (``ValueError`` for bad input, ``RuntimeError`` for a wrong call
+order), so existing ``except ValueError`` code keeps working. Messages say what was wrong,
+where, and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GradProjError",
+    "ConfigError",
+    "InputError",
+    "CoefficientError",
+    "CoverageError",
+    "ProtocolError",
+    "CheckpointError",
+]
+
+
+class GradProjError(Exception):
+    """Base class of every error raised by gradproj."""
+
+
+class ConfigError(GradProjError, ValueError):
+    """An unknown strategy or option, or an option value out of range."""
+
+
+class InputError(GradProjError, ValueError):
+    """Bad tensors handed to :meth:`GradProjOptimizer.microbatch` (shape, dtype, grad)."""
+
+
+class CoefficientError(GradProjError, ValueError):
+    """The loss's per-token weights ``w = dL/dlogp`` are not constant along a sequence."""
+
+
+class CoverageError(GradProjError, ValueError):
+    """A trainable parameter is reached by the backward pass but no layer handler covers it."""
+
+
+class ProtocolError(GradProjError, RuntimeError):
+    """Calls in the wrong order: nested microbatches, ``step()`` inside a microbatch, ..."""
+
+
+class CheckpointError(GradProjError, ValueError):
+    """A ``state_dict`` that does not belong to this optimizer or this gradproj version."""

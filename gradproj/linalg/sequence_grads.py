@@ -1,0 +1,164 @@
+"""The sequence gradients ``s_1..s_k`` of one parameter tensor in one microbatch.
+
+Strategies never see the ``s_i`` directly; they use three operations that every representation
+provides (SPEC section 1):
+
+* ``gram()``      -- ``K_ij = <s_i, s_j>``                (k x k, float64)
+* ``inner(G)``    -- ``b_i = <s_i, G>``                   (k, float64)
+* ``combine(g)``  -- ``sum_i g_i s_i``                    (a tensor shaped like the parameter)
+
+Two representations exist for a linear layer ``y = a W^T``: :class:`MaterializedGrads` holds the
+k matrices ``s_i = Delta_i^T A_i`` (one batched matmul), :class:`GhostLinearGrads` keeps the
+token-level factors and works through N x N Gram matrices. :func:`choose_linear_form` picks the
+cheaper one per layer.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+__all__ = ["SequenceGradients", "MaterializedGrads", "GhostLinearGrads", "choose_linear_form"]
+
+
+class SequenceGradients(Protocol):
+    """What a strategy may ask of the sequence gradients of one parameter tensor."""
+
+    k: int
+    shape: torch.Size
+
+    def gram(self) -> torch.Tensor:
+        """``K_ij = <s_i, s_j>`` as a float64 (k, k) tensor."""
+
+    def inner(self, other: torch.Tensor) -> torch.Tensor:
+        """``b_i = <s_i, other>`` as a float64 (k,) tensor; ``other`` is shaped like the parameter."""
+
+    def combine(self, gamma: torch.Tensor) -> torch.Tensor:
+        """``sum_i gamma_i s_i``, shaped like the parameter, in the compute dtype."""
+
+
+class MaterializedGrads:
+    """Sequence gradients stored explicitly as a (k, *shape) tensor.
+
+    Args:
+        stacked: tensor of shape ``(k, *param_shape)``; row i is ``s_i``.
+    """
+
+    def __init__(self, stacked: torch.Tensor) -> None:
+        self.k = stacked.shape[0]
+        self.shape = stacked.shape[1:]
+        self._flat = stacked.reshape(self.k, -1)
+        self._gram: torch.Tensor | None = None
+
+    def gram(self) -> torch.Tensor:
+        """``K = S S^T`` (computed once, cached)."""
+        if self._gram is None:
+            self._gram = (self._flat @ self._flat.T).double()
+        return self._gram
+
+    def inner(self, other: torch.Tensor) -> torch.Tensor:
+        """``S vec(other)``."""
+        return (self._flat @ other.reshape(-1).to(self._flat.dtype)).double()
+
+    def combine(self, gamma: torch.Tensor) -> torch.Tensor:
+        """``gamma^T S`` reshaped to the parameter's shape."""
+        return (gamma.to(self._flat.dtype) @ self._flat).reshape(self.shape)
+
+
+class LinearFactors:
+    """Token-level factors of a linear layer's weight gradient in padded layout.
+
+    ``A`` is (k, T, d_in) (layer inputs), ``D`` is (k, T, d_out) (unweighted output gradients);
+    row i holds the T positions of sequence i, so ``s_i = D_i^T A_i``.
+    """
+
+    def __init__(self, inputs: torch.Tensor, out_grads: torch.Tensor) -> None:
+        self.A = inputs
+        self.D = out_grads
+        self.k = inputs.shape[0]
+        self.shape = torch.Size((out_grads.shape[-1], inputs.shape[-1]))
+
+    def weighted_sum(self, gamma: torch.Tensor) -> torch.Tensor:
+        """``sum_i gamma_i s_i = D^T diag(gamma_seq(u)) A`` as one matmul (no s_i built)."""
+        d_out, d_in = self.shape
+        weighted = self.D * gamma.to(self.D.dtype).view(-1, 1, 1)
+        return weighted.reshape(-1, d_out).T @ self.A.reshape(-1, d_in)
+
+
+class GhostLinearGrads(LinearFactors):
+    """Linear-layer sequence gradients in the "ghost" Gram form: no ``s_i`` is ever built.
+
+    ``<s_i, s_j> = sum_{u in i, v in j} (delta_u . delta_v)(a_u . a_v)`` and
+    ``<s_i, G> = sum_{u in i} delta_u^T G a_u``. Cheaper than materialising when the layer is
+    large and the microbatch holds few tokens (e.g. an lm_head).
+    """
+
+    def __init__(self, inputs: torch.Tensor, out_grads: torch.Tensor) -> None:
+        super().__init__(inputs, out_grads)
+        self._gram: torch.Tensor | None = None
+
+    def gram(self) -> torch.Tensor:
+        """Block sums of ``(D D^T) * (A A^T)`` over the N x N token Gram."""
+        if self._gram is None:
+            k, t = self.A.shape[0], self.A.shape[1]
+            a = self.A.reshape(k * t, -1)
+            d = self.D.reshape(k * t, -1)
+            tokens = (d @ d.T) * (a @ a.T)
+            self._gram = tokens.view(k, t, k, t).sum(dim=(1, 3)).double()
+        return self._gram
+
+    def inner(self, other: torch.Tensor) -> torch.Tensor:
+        """Per-sequence sums of ``delta_u^T G a_u``."""
+        projected = self.D @ other.to(self.D.dtype)  # (k, T, d_in)
+        return (projected * self.A).sum(dim=(1, 2)).double()
+
+    def combine(self, gamma: torch.Tensor) -> torch.Tensor:
+        """``D^T diag(gamma) A``."""
+        return self.weighted_sum(gamma)
+
+
+class MaterializedLinearGrads(LinearFactors, MaterializedGrads):
+    """Linear-layer sequence gradients, materialised lazily as ``S = bmm(D^T, A)``.
+
+    ``combine`` before anything else asked for ``S`` uses the weighted matmul, so the first
+    microbatch of a step (G = 0, nothing to project) costs exactly the plain weight gradient.
+    """
+
+    def __init__(self, inputs: torch.Tensor, out_grads: torch.Tensor) -> None:
+        LinearFactors.__init__(self, inputs, out_grads)
+        self._flat_cache: torch.Tensor | None = None
+        self._gram = None
+
+    @property
+    def _flat(self) -> torch.Tensor:  # type: ignore[override]
+        if self._flat_cache is None:
+            stacked = torch.bmm(self.D.transpose(1, 2), self.A)  # (k, d_out, d_in)
+            self._flat_cache = stacked.reshape(self.k, -1)
+        return self._flat_cache
+
+    def combine(self, gamma: torch.Tensor) -> torch.Tensor:
+        """``gamma^T S`` if S exists, else the weighted matmul (same result, no S)."""
+        if self._flat_cache is None:
+            return self.weighted_sum(gamma)
+        return MaterializedGrads.combine(self, gamma)
+
+
+def choose_linear_form(k: int, tokens: int, d_in: int, d_out: int, mode: str = "auto") -> str:
+    """Pick ``"materialize"`` or ``"ghost"`` for a linear layer (SPEC section 1 cost rule).
+
+    Materialise when ``k * d_out * d_in`` is not larger than ``N^2 (d_in + d_out)``, N the
+    number of token positions of the microbatch; ``mode`` other than ``"auto"`` forces a form.
+    """
+    if mode != "auto":
+        return mode
+    return "materialize" if k * d_out * d_in <= tokens * tokens * (d_in + d_out) else "ghost"
+
+
+def linear_weight_grads(inputs: torch.Tensor, out_grads: torch.Tensor, mode: str = "auto"):
+    """Sequence gradients of a linear weight from padded (k, T, d) inputs and output grads."""
+    k, t = inputs.shape[0], inputs.shape[1]
+    form = choose_linear_form(k, k * t, inputs.shape[-1], out_grads.shape[-1], mode)
+    if form == "ghost":
+        return GhostLinearGrads(inputs, out_grads)
+    return MaterializedLinearGrads(inputs, out_grads)

@@ -1,0 +1,258 @@
+"""``GradProjOptimizer`` and ``wrap``: the one-line entry point.
+
+The wrapper is a real :class:`torch.optim.Optimizer` that *shares* the inner optimizer's
+``param_groups``, ``state`` and ``defaults`` through properties (like accelerate's
+``AcceleratedOptimizer``), so LR schedulers, ``GradScaler``, HF Trainer/accelerate and
+``clip_grad_norm_`` act on the inner optimizer unchanged. The running gradient lives in
+``param.grad``; there is no hidden accumulator.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradproj.capture.engine import CaptureEngine
+from gradproj.config import GradProjConfig
+from gradproj.errors import ConfigError, CoverageError
+
+__all__ = ["GradProjOptimizer", "wrap"]
+
+_STATE_KEY = "gradproj"
+
+
+class GradProjOptimizer(torch.optim.Optimizer):
+    """An optimizer whose gradients are accumulated by a gradproj strategy.
+
+    Do not construct it directly; use :func:`gradproj.wrap`.
+
+    Attributes:
+        optimizer: the wrapped (inner) optimizer.
+        config: the :class:`GradProjConfig` in force.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, engine: CaptureEngine) -> None:
+        # Deliberately no Optimizer.__init__: param_groups/state/defaults are the inner ones.
+        self.optimizer = optimizer
+        self._engine = engine
+        self.config = engine.config
+
+    # -- delegation ------------------------------------------------------------------------
+    @property
+    def param_groups(self):
+        """The inner optimizer's ``param_groups`` (the same list object)."""
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        """The inner optimizer's ``state``."""
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):
+        """The inner optimizer's ``defaults``."""
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.optimizer.defaults = value
+
+    def step(self, closure=None):
+        """Run the inner optimizer's step on the accumulated ``.grad`` and close the step's metrics.
+
+        Raises:
+            ProtocolError: a microbatch block is still open.
+        """
+        self._engine.check_idle("optimizer.step()")
+        result = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._engine.end_step()
+        return result
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero (or drop) the gradients: the next microbatch starts a new running gradient."""
+        self._engine.check_idle("optimizer.zero_grad()")
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a parameter group to the inner optimizer (its parameters must be covered)."""
+        engine = self._engine
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if engine.needs_capture:
+            bad = [p for p in params if p.requires_grad and id(p) not in engine._covered]
+            if bad:
+                raise CoverageError(
+                    f"add_param_group: {len(bad)} parameter(s) are not covered by gradproj's layer "
+                    "handlers (not part of the wrapped model's covered modules); detach() and wrap() "
+                    "again after changing which parameters train"
+                )
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict:
+        """The inner optimizer's state dict plus gradproj's own under the ``"gradproj"`` key."""
+        state = self.optimizer.state_dict()
+        state[_STATE_KEY] = self._engine.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a dict written by :meth:`state_dict` (or a plain inner state dict)."""
+        state_dict = dict(state_dict)
+        ours = state_dict.pop(_STATE_KEY, None)
+        if ours is not None:
+            self._engine.load_state_dict(ours)
+        self.optimizer.load_state_dict(state_dict)
+
+    def register_step_pre_hook(self, hook):
+        """Delegated to the inner optimizer."""
+        return self.optimizer.register_step_pre_hook(hook)
+
+    def register_step_post_hook(self, hook):
+        """Delegated to the inner optimizer."""
+        return self.optimizer.register_step_post_hook(hook)
+
+    def register_state_dict_pre_hook(self, hook, prepend: bool = False):
+        """Delegated to the inner optimizer."""
+        return self.optimizer.register_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_state_dict_post_hook(self, hook, prepend: bool = False):
+        """Delegated to the inner optimizer."""
+        return self.optimizer.register_state_dict_post_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_pre_hook(self, hook, prepend: bool = False):
+        """Delegated to the inner optimizer."""
+        return self.optimizer.register_load_state_dict_pre_hook(hook, prepend=prepend)
+
+    def register_load_state_dict_post_hook(self, hook, prepend: bool = False):
+        """Delegated to the inner optimizer."""
+        return self.optimizer.register_load_state_dict_post_hook(hook, prepend=prepend)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes not found normally: optimizer-specific extras
+        # (e.g. Lookahead's ``base_optimizer``) come from the inner optimizer.
+        if name in ("optimizer", "_engine", "config"):
+            raise AttributeError(name)
+        return getattr(self.optimizer, name)
+
+    def __getstate__(self):
+        raise TypeError("GradProjOptimizer holds hooks on a live model and cannot be pickled; save state_dict()")
+
+    def __repr__(self) -> str:
+        return f"GradProjOptimizer(strategy={self.config.strategy!r}, optimizer={self.optimizer!r})"
+
+    # -- gradproj API ----------------------------------------------------------------------
+    def microbatch(self, logp: torch.Tensor, mask: torch.Tensor | None = None) -> AbstractContextManager:
+        """Context manager around one microbatch's loss and backward.
+
+        Args:
+            logp: (sequences, tokens) log-probs of the sampled tokens, computed with grad enabled
+                by the model this optimizer wraps.
+            mask: same shape, bool or 0/1: which tokens count (the response mask). ``None``: all.
+
+        The loss built inside must be ``sum_i c_i sum_t mask[i,t] logp[i,t]`` up to per-sequence
+        constants (REINFORCE/GRPO, token-mean or sequence-mean aggregation, gradient accumulation
+        scaling); a loss whose weights vary along a row raises :class:`CoefficientError`.
+        When the block closes, ``param.grad`` holds the new running gradient.
+        """
+        return self._engine.microbatch(logp, mask)
+
+    def paused(self) -> AbstractContextManager:
+        """Context manager disabling capture (forward and backward behave as without gradproj)."""
+        return self._engine.paused()
+
+    def detach(self) -> torch.optim.Optimizer:
+        """Remove every hook gradproj installed on the model; returns the inner optimizer."""
+        self._engine.detach()
+        return self.optimizer
+
+    def metrics(self) -> dict[str, float]:
+        """``gradproj/...`` metrics of the last optimizer step (e.g. ``gradproj/proma/projected_fraction``)."""
+        return self._engine.metrics()
+
+    @property
+    def engine(self) -> CaptureEngine:
+        """The capture engine (layers covered, microbatch state)."""
+        return self._engine
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer):
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def wrap(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    strategy: str | list[str] | GradProjConfig = "proma",
+    **options: Any,
+) -> GradProjOptimizer:
+    """Wrap ``optimizer`` so that ``model``'s gradients are accumulated by a gradproj strategy.
+
+    Args:
+        optimizer: any ``torch.optim`` (or ``torch_optimizer``) optimizer over ``model``'s
+            trainable parameters.
+        model: the policy; the log-probs given to ``opt.microbatch`` must come from it.
+        strategy: a strategy name (``"none"``, ``"proma"``, ``"proma_reference"``, ...), a list of
+            names (transforms, then one accumulation rule), or a :class:`GradProjConfig`.
+        **options: strategy options (``damping=``, ``relative_bound=``, ...) and engine options
+            (``exclude=[globs]``, ``gram="auto"|"materialize"|"ghost"``).
+
+    Returns:
+        The :class:`GradProjOptimizer`; use it exactly like the inner optimizer, plus
+        ``opt.microbatch(logp, mask)`` around each microbatch's backward.
+
+    Raises:
+        ConfigError: unknown strategy or option, or invalid values.
+        CoverageError: a trainable parameter that no layer handler covers.
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"wrap() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, GradProjOptimizer):
+        raise ConfigError("this optimizer is already a GradProjOptimizer; wrap the inner optimizer once")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"wrap() needs the model (a torch.nn.Module) as second argument, got {type(model).__name__}")
+    if isinstance(strategy, GradProjConfig):
+        config = strategy.updated(**options) if options else strategy
+    elif isinstance(strategy, (str, list, tuple)):
+        config = GradProjConfig(strategy=list(strategy) if isinstance(strategy, tuple) else strategy, **options)
+    else:
+        raise ConfigError(f"strategy must be a name, a list of names or a GradProjConfig, got {type(strategy).__name__}")
+
+    model_params = {id(p) for p in model.parameters()}
+    foreign = [p for p in _optimizer_params(optimizer) if id(p) not in model_params]
+    if foreign:
+        raise ConfigError(
+            f"the optimizer holds {len(foreign)} parameter(s) that are not part of the model; pass the "
+            "model whose parameters the optimizer trains (with peft: the PeftModel)"
+        )
+    in_optimizer = {id(p) for p in _optimizer_params(optimizer)}
+    missing = [
+        n
+        for n, p in model.named_parameters()
+        if p.requires_grad and id(p) not in in_optimizer and not any(fnmatch.fnmatchcase(n, g) for g in config.exclude)
+    ]
+    if missing:
+        names = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        raise ConfigError(
+            f"{len(missing)} trainable parameter(s) of the model are not in the optimizer ({names}); "
+            "build the optimizer after applying LoRA/PEFT and from the trainable parameters, or freeze "
+            "the ones you do not train"
+        )
+
+    from gradproj.plugins.manager import get_registry
+
+    registry = get_registry()
+    resolved = config.resolve(registry)
+    engine = CaptureEngine(model, config, resolved, registry)
+    engine.attach()
+    return GradProjOptimizer(optimizer, engine)

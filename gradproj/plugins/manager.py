@@ -1,0 +1,112 @@
+"""Builds the plugin manager once per process and resolves strategies and layer handlers.
+
+Plugins are discovered through the ``gradproj`` entry-point group. The built-in plugins are
+declared there too (see ``pyproject.toml``); when gradproj runs from a source tree that was not
+installed, the same built-in modules are registered by name so behaviour does not change.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass, field
+
+import pluggy
+
+from gradproj.errors import ConfigError
+from gradproj.plugins import hookspecs
+
+__all__ = ["get_plugin_manager", "get_registry", "reset_plugin_manager", "Registry", "BUILTIN_PLUGINS"]
+
+#: name -> module of the plugins that ship with gradproj (also declared as entry points).
+BUILTIN_PLUGINS = {
+    "none": "gradproj.strategies.none",
+    "proma": "gradproj.strategies.proma",
+    "linear": "gradproj.capture.handlers",
+}
+
+_lock = threading.Lock()
+_manager: pluggy.PluginManager | None = None
+_registry: "Registry | None" = None
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager (entry points loaded, built-ins registered)."""
+    global _manager
+    with _lock:
+        if _manager is None:
+            pm = pluggy.PluginManager(hookspecs.PROJECT)
+            pm.add_hookspecs(hookspecs)
+            pm.load_setuptools_entrypoints(hookspecs.PROJECT)
+            for name, module in BUILTIN_PLUGINS.items():
+                if pm.get_plugin(name) is None and not pm.is_blocked(name):
+                    pm.register(importlib.import_module(module), name=name)
+            _manager = pm
+        return _manager
+
+
+def reset_plugin_manager() -> None:
+    """Forget the cached manager and registry (after registering or unregistering plugins)."""
+    global _manager, _registry
+    with _lock:
+        _manager = None
+        _registry = None
+
+
+@dataclass
+class Registry:
+    """Strategies by name and layer handlers, resolved from all plugins."""
+
+    strategies: dict = field(default_factory=dict)
+    handlers: list = field(default_factory=list)
+
+    def strategy(self, name: str):
+        """The :class:`StrategySpec` called ``name``; unknown names list the valid ones."""
+        try:
+            return self.strategies[name]
+        except KeyError:
+            valid = ", ".join(sorted(self.strategies))
+            raise ConfigError(
+                f"unknown gradproj strategy {name!r}; valid strategies are: {valid}. "
+                "Third-party strategies must be installed as a 'gradproj' entry point "
+                "or registered with gradproj.get_plugin_manager().register(...)."
+            ) from None
+
+    def handler_for(self, module):
+        """The handler covering ``module`` (most specific type in its MRO), or ``None``."""
+        best, best_depth = None, None
+        mro = type(module).__mro__
+        for handler in self.handlers:
+            for module_type in handler.module_types:
+                if module_type in mro:
+                    depth = mro.index(module_type)
+                    if best_depth is None or depth < best_depth:
+                        best, best_depth = handler, depth
+        if best is not None and not best.accepts(module):
+            return None
+        return best
+
+
+def get_registry() -> Registry:
+    """Resolve every plugin's strategies and handlers once (cached until reset)."""
+    global _registry
+    pm = get_plugin_manager()
+    with _lock:
+        if _registry is not None:
+            return _registry
+        registry = Registry()
+        owners: dict[str, str] = {}
+        for plugin_specs in pm.hook.gradproj_strategies():
+            for spec in plugin_specs or ():
+                if spec.name in registry.strategies:
+                    raise ConfigError(
+                        f"two plugins define the gradproj strategy {spec.name!r} "
+                        f"({owners[spec.name]} and {spec.cls.__module__}); uninstall or block one "
+                        "of them with get_plugin_manager().set_blocked(name)."
+                    )
+                registry.strategies[spec.name] = spec
+                owners[spec.name] = spec.cls.__module__
+        for plugin_handlers in pm.hook.gradproj_layer_handlers():
+            registry.handlers.extend(plugin_handlers or ())
+        _registry = registry
+        return registry

@@ -1,0 +1,110 @@
+"""Base classes every strategy builds on.
+
+A strategy has a *role*:
+
+* ``"accumulate"`` -- the accumulation rule: given the running gradient ``G`` of one parameter
+  tensor and the microbatch's sequence gradients and coefficients, return the update ``U`` so that
+  ``G <- G + U``. Exactly one accumulation rule is active.
+* ``"transform"`` -- a coefficient transform applied before the accumulation rule (stacking).
+
+Strategies run inside backward hooks, once per parameter tensor and microbatch: they must not call
+pluggy or do Python work proportional to the model size there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from gradproj.linalg.sequence_grads import SequenceGradients
+
+__all__ = ["StrategyOptions", "Strategy", "StrategySpec", "LayerStep"]
+
+
+class StrategyOptions(BaseModel):
+    """Base of every strategy's options model (pydantic v2, unknown fields forbidden)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class LayerStep:
+    """One parameter tensor in one microbatch, as seen by a strategy.
+
+    Attributes:
+        name: the parameter's qualified name in the model (``"model.layers.0.mlp.up_proj.weight"``).
+        param: the parameter itself.
+        grad: the running gradient ``G`` before this microbatch (``param.grad``; ``None`` = 0).
+        coefficients: float64 (k,) per-sequence loss coefficients ``c_i = dL/dlogp`` on row i.
+        seq: the microbatch's sequence gradients of this tensor (gram / inner / combine).
+    """
+
+    name: str
+    param: torch.Tensor
+    grad: torch.Tensor | None
+    coefficients: torch.Tensor
+    seq: SequenceGradients
+
+
+class Strategy:
+    """Base class of strategies. Subclasses set ``role`` and implement their hook.
+
+    Args:
+        options: the validated options model of this strategy.
+    """
+
+    role: ClassVar[str] = "accumulate"
+    #: Whether the strategy needs per-sequence gradients (False only for plain accumulation).
+    needs_capture: ClassVar[bool] = True
+
+    def __init__(self, options: StrategyOptions) -> None:
+        self.options = options
+
+    def accumulate(self, step: LayerStep) -> torch.Tensor:
+        """Return the update ``U`` (shaped like the parameter) so that ``G <- G + U``."""
+        raise NotImplementedError
+
+    def step_metrics(self) -> dict[str, float]:
+        """Metrics gathered since the last optimizer step (keys without the ``gradproj/`` prefix)."""
+        return {}
+
+    def reset_metrics(self) -> None:
+        """Start gathering metrics for a new optimizer step."""
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """How a plugin announces a strategy.
+
+    Attributes:
+        name: the name users pass as ``strategy=``.
+        cls: the :class:`Strategy` subclass.
+        options: the :class:`StrategyOptions` subclass validating its options.
+        defaults: preset values for options (a preset is a spec with defaults).
+        summary: one line shown in error messages and docs.
+        pipeline: settings the preset expects from the training pipeline (for integrations),
+            e.g. ``{"clip_ratio": 1e9, "loss_agg_mode": "token-mean"}``.
+    """
+
+    name: str
+    cls: type[Strategy]
+    options: type[StrategyOptions]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    pipeline: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def role(self) -> str:
+        """``"accumulate"`` or ``"transform"`` (from the strategy class)."""
+        return self.cls.role
+
+    def option_names(self) -> list[str]:
+        """The option names this strategy accepts."""
+        return list(self.options.model_fields)
+
+    def build(self, values: dict[str, Any]) -> Strategy:
+        """Validate ``values`` (over the preset defaults) and instantiate the strategy."""
+        return self.cls(self.options(**{**self.defaults, **values}))

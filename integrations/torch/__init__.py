@@ -1,0 +1,5 @@
+"""Plain-PyTorch helpers for policy-gradient loops with gradproj (``gradproj.integrations.torch``)."""
+
+from gradproj.integrations.torch.logprobs import token_logprobs
+
+__all__ = ["token_logprobs"]

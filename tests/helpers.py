@@ -1,0 +1,139 @@
+"""Test helpers: tiny models, batches, and brute-force references (one backward per sequence)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gradproj.integrations.torch import token_logprobs
+
+VOCAB = 40
+
+
+def tiny_hf(arch: str = "qwen2", seed: int = 0, dtype=torch.float64, layers: int = 2, hidden: int = 32):
+    """A tiny random Qwen2- or Llama-shaped causal LM (untied lm_head, SDPA attention)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0,
+        max_position_embeddings=128,
+    )
+    if arch == "qwen2":
+        config = transformers.Qwen2Config(**common)
+        cls = transformers.Qwen2ForCausalLM
+    elif arch == "llama":
+        config = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    else:
+        raise ValueError(arch)
+    config._attn_implementation = "sdpa"  # eager gives NaN rows for float64 + left padding (transformers 5.23)
+    model = cls(config).to(dtype)
+    return model
+
+
+def linear_only(model: nn.Module) -> nn.Module:
+    """Freeze everything but nn.Linear weights/biases (embeddings and norms frozen)."""
+    for module in model.modules():
+        trainable = isinstance(module, nn.Linear)
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(trainable)
+    return model
+
+
+def with_lora(model: nn.Module, r: int = 4, seed: int = 0):
+    """peft LoRA on every projection, with random (non-zero) B so every adapter has a gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(
+        r=r, lora_alpha=2 * r, lora_dropout=0.0, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    model = get_peft_model(model, cfg)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.to(torch.float64) if p.dtype != next(model.parameters()).dtype else p.data
+    return model
+
+
+def padded_batch(k: int, prompt_lens, resp_lens, seed: int, device="cpu"):
+    """Rows laid out like TRL: left-padded prompt, then response, then right padding.
+
+    Returns input_ids (k, T), attention_mask (k, T), response_mask aligned with logp (k, T-1).
+    """
+    g = torch.Generator().manual_seed(seed)
+    p_max, r_max = max(prompt_lens), max(resp_lens)
+    T = p_max + r_max
+    ids = torch.zeros(k, T, dtype=torch.long)
+    attn = torch.zeros(k, T, dtype=torch.long)
+    resp = torch.zeros(k, T, dtype=torch.long)
+    for i in range(k):
+        p, r = prompt_lens[i], resp_lens[i]
+        start = p_max - p
+        ids[i, start : p_max + r] = torch.randint(1, VOCAB, (p + r,), generator=g)
+        attn[i, start : p_max + r] = 1
+        resp[i, p_max : p_max + r] = 1
+    return ids, attn, resp[:, 1:].bool()
+
+
+def grpo_coefficients(advantages: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """c_i of the token-mean loss ``-(A_i * logp * mask).sum() / mask.sum() * scale``."""
+    return -advantages.double() * scale / mask.sum().double()
+
+
+def grpo_loss(logp, mask, advantages, scale: float):
+    """Token-mean REINFORCE/GRPO loss (on-policy: ratio 1, so no clipping effect)."""
+    return -(advantages[:, None].to(logp.dtype) * logp * mask).sum() / mask.sum() * scale
+
+
+def trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def sequence_gradients(model, logp, mask):
+    """Brute force: one backward per sequence -> {name: (k, numel) float64}."""
+    named = trainable(model)
+    params = [p for _, p in named]
+    rows = []
+    for i in range(logp.shape[0]):
+        grads = torch.autograd.grad((logp[i] * mask[i]).sum(), params, retain_graph=True, allow_unused=True)
+        rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+    return {n: torch.stack([r[j].reshape(-1).double() for r in rows]) for j, (n, _) in enumerate(named)}
+
+
+def reference_update(G, S, c, *, strategy="proma", damping=None, relative_bound=None, shrinkage=1.0,
+                     projector="solve", sweeps=2):
+    """The SPEC 2.1/2.2 update in flattened float64 space, written independently of gradproj."""
+    g_m = c @ S
+    if strategy == "none" or G is None:
+        return g_m.clone() if G is None else G + g_m
+    if projector == "solve":
+        K = S @ S.T
+        lam = 1e-6 * K.diagonal().mean() if damping is None else damping
+        if float(K.diagonal().max()) == 0.0:
+            proj = torch.zeros_like(G)
+        elif lam > 0:
+            beta = torch.linalg.solve(K + lam * torch.eye(len(c), dtype=K.dtype), S @ G)
+            proj = S.T @ beta
+        else:  # exact orthogonal projector onto span{s_i} via SVD
+            U, s, _ = torch.linalg.svd(S.T, full_matrices=False)
+            U = U[:, s > s.max() * 1e-10]
+            proj = U @ (U.T @ G)
+    else:
+        cur = G.clone()
+        for _ in range(sweeps):
+            for j in range(S.shape[0]):
+                n = S[j].norm()
+                if n > 0:
+                    sh = S[j] / n
+                    cur = cur - (cur @ sh) * sh
+        proj = G - cur
+    if relative_bound is not None and proj.norm() > relative_bound * g_m.norm():
+        proj = proj * (relative_bound * g_m.norm() / proj.norm())
+    return G - shrinkage * proj + g_m
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-300))
