@@ -30,7 +30,22 @@ def tiny_hf(arch: str = "qwen2", seed: int = 0, dtype=torch.float64, layers: int
         raise ValueError(arch)
     config._attn_implementation = "sdpa"  # eager gives NaN rows for float64 + left padding (transformers 5.23)
     model = cls(config).to(dtype)
+    for module in model.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            _keep_dtype_rmsnorm(module)
     return model
+
+
+def _keep_dtype_rmsnorm(module):
+    """HF RMSNorms round through float32 even in a float64 model; keep the model's dtype so the
+    float64 brute force really is float64."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+
+    def forward(hidden_states):
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        return module.weight * (hidden_states * torch.rsqrt(variance + eps))
+
+    module.forward = forward
 
 
 def linear_only(model: nn.Module) -> nn.Module:
@@ -137,3 +152,72 @@ def reference_update(G, S, c, *, strategy="proma", damping=None, relative_bound=
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-300))
+
+
+class TinyLM(nn.Module):
+    """A small causal LM built from plain modules (fast enough for property tests).
+
+    Positions interact through a causal running mean, so every output-gradient row depends on
+    later tokens. ``reuse=True`` calls ``fc2`` twice per forward (a module used more than once).
+    """
+
+    def __init__(self, d: int = 12, reuse: bool = False, seed: int = 0, dtype=torch.float64):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(VOCAB, d)
+        self.emb.weight.requires_grad_(False)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, 2 * d, bias=False)
+        self.head = nn.Linear(2 * d, VOCAB)
+        self.reuse = reuse
+        self.to(dtype)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        from types import SimpleNamespace
+
+        x = self.emb(input_ids)
+        m = torch.ones_like(input_ids, dtype=x.dtype) if attention_mask is None else attention_mask.to(x.dtype)
+        x = torch.cumsum(x * m[..., None], 1) / torch.cumsum(m, 1).clamp(min=1)[..., None]
+        h = torch.tanh(self.fc1(x))
+        h = torch.tanh(self.fc2(h))
+        if self.reuse:
+            h = h + torch.tanh(self.fc2(h))
+        return SimpleNamespace(logits=self.head(h))
+
+
+def run_microbatches(model, opt, microbatches, scale=None, ref=None):
+    """Run ``microbatches`` through ``opt`` and, if ``ref`` is given, the brute-force reference.
+
+    ``microbatches``: list of (input_ids, attention_mask, response_mask, advantages).
+    ``ref``: keyword arguments of :func:`reference_update`. Returns {name: relative error}.
+    """
+    scale = 1.0 / len(microbatches) if scale is None else scale
+    G = {n: None for n, _ in trainable(model)}
+    for ids, attn, mask, adv in microbatches:
+        if ref is not None:
+            with opt.paused():
+                S = sequence_gradients(model, token_logprobs(model, ids, attn), mask)
+            c = grpo_coefficients(adv, mask, scale)
+            for n in G:
+                G[n] = reference_update(G[n], S[n], c, **ref)
+        logp = token_logprobs(model, ids, attn)
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, scale).backward()
+    if ref is None:
+        return {}
+    params = dict(trainable(model))
+    return {n: rel_err(params[n].grad.reshape(-1).double(), G[n]) for n in G}
+
+
+def make_microbatches(count=3, k=4, seed=0):
+    """Padded microbatches (left and right padding) with some exactly-zero advantages."""
+    out = []
+    g = torch.Generator().manual_seed(seed)
+    for m in range(count):
+        prompt = torch.randint(1, 6, (k,), generator=g).tolist()
+        resp = torch.randint(1, 6, (k,), generator=g).tolist()
+        ids, attn, mask = padded_batch(k, prompt, resp, seed=seed * 100 + m)
+        adv = torch.randn(k, generator=g, dtype=torch.float64)
+        adv[m % k] = 0.0
+        out.append((ids, attn, mask, adv))
+    return out
