@@ -95,12 +95,12 @@ def padded_batch(k: int, prompt_lens, resp_lens, seed: int, device="cpu"):
 
 def grpo_coefficients(advantages: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """c_i of the token-mean loss ``-(A_i * logp * mask).sum() / mask.sum() * scale``."""
-    return -advantages.double() * scale / mask.sum().double()
+    return -advantages.double() * scale / mask.sum().clamp(min=1).double()
 
 
 def grpo_loss(logp, mask, advantages, scale: float):
     """Token-mean REINFORCE/GRPO loss (on-policy: ratio 1, so no clipping effect)."""
-    return -(advantages[:, None].to(logp.dtype) * logp * mask).sum() / mask.sum() * scale
+    return -(advantages[:, None].to(logp.dtype) * logp * mask).sum() / mask.sum().clamp(min=1) * scale
 
 
 def trainable(model):
@@ -151,7 +151,9 @@ def reference_update(G, S, c, *, strategy="proma", damping=None, relative_bound=
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp(min=1e-300))
+    """||a - b|| / ||b|| (0 when both are exactly zero)."""
+    diff = float((a - b).norm())
+    return 0.0 if diff == 0.0 else diff / max(float(b.norm()), 1e-300)
 
 
 class TinyLM(nn.Module):
@@ -206,7 +208,8 @@ def run_microbatches(model, opt, microbatches, scale=None, ref=None):
     if ref is None:
         return {}
     params = dict(trainable(model))
-    return {n: rel_err(params[n].grad.reshape(-1).double(), G[n]) for n in G}
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in params.items()}
+    return {n: rel_err(grads[n].reshape(-1).double(), G[n]) for n in G}
 
 
 def make_microbatches(count=3, k=4, seed=0):

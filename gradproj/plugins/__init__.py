@@ -6,6 +6,6 @@ built-ins are registered.
 """
 
 from gradproj.plugins.hookspecs import hookimpl, hookspec
-from gradproj.plugins.manager import Registry, get_plugin_manager, get_registry, reset_plugin_manager
+from gradproj.plugins.manager import Registry, get_plugin_manager, get_registry, refresh_registry, reset_plugin_manager
 
-__all__ = ["hookimpl", "hookspec", "get_plugin_manager", "get_registry", "reset_plugin_manager", "Registry"]
+__all__ = ["hookimpl", "hookspec", "get_plugin_manager", "get_registry", "refresh_registry", "reset_plugin_manager", "Registry"]

@@ -16,7 +16,7 @@ import pluggy
 from gradproj.errors import ConfigError
 from gradproj.plugins import hookspecs
 
-__all__ = ["get_plugin_manager", "get_registry", "reset_plugin_manager", "Registry", "BUILTIN_PLUGINS"]
+__all__ = ["get_plugin_manager", "get_registry", "refresh_registry", "reset_plugin_manager", "Registry", "BUILTIN_PLUGINS"]
 
 #: name -> module of the plugins that ship with gradproj (also declared as entry points).
 BUILTIN_PLUGINS = {
@@ -43,6 +43,13 @@ def get_plugin_manager() -> pluggy.PluginManager:
                     pm.register(importlib.import_module(module), name=name)
             _manager = pm
         return _manager
+
+
+def refresh_registry() -> None:
+    """Rebuild the strategy/handler registry on next use (after ``register``/``unregister``)."""
+    global _registry
+    with _lock:
+        _registry = None
 
 
 def reset_plugin_manager() -> None:

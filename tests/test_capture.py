@@ -1,0 +1,148 @@
+"""Capture engine behaviour: no_grad forwards, paused, reused modules, packed layout errors,
+autocast, singular Gram matrices, metrics."""
+
+import pytest
+import torch
+
+import gradproj
+from helpers import (
+    TinyLM, grpo_coefficients, grpo_loss, make_microbatches, reference_update, run_microbatches,
+    sequence_gradients, token_logprobs, trainable,
+)
+
+
+def wrap(model, strategy="proma", **kw):
+    return gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy, **kw)
+
+
+def test_module_called_twice_per_forward_is_exact():
+    model = TinyLM(reuse=True)
+    opt = wrap(model)
+    errors = run_microbatches(model, opt, make_microbatches(count=3, k=4, seed=5), ref={})
+    assert max(errors.values()) <= 1e-10
+
+
+def test_no_grad_forward_is_not_captured():
+    model = TinyLM()
+    opt = wrap(model)
+    ids, attn, mask, adv = make_microbatches(count=1)[0]
+    with torch.no_grad():
+        token_logprobs(model, ids, attn)
+    assert all(layer.forward_uses == 0 for layer in opt.engine.layers)
+    with torch.inference_mode():
+        token_logprobs(model, ids, attn)
+    assert all(layer.forward_uses == 0 for layer in opt.engine.layers)
+    token_logprobs(model, ids, attn)
+    assert all(layer.forward_uses == 1 for layer in opt.engine.layers)
+
+
+def test_paused_gives_ordinary_gradients():
+    model = TinyLM()
+    opt = wrap(model)
+    ids, attn, mask, adv = make_microbatches(count=1)[0]
+    with opt.paused():
+        grpo_loss(token_logprobs(model, ids, attn), mask, adv, 1.0).backward()
+    paused = {n: p.grad.clone() for n, p in trainable(model)}
+    model.zero_grad()
+    logp = token_logprobs(model, ids, attn)
+    with opt.microbatch(logp, mask):
+        grpo_loss(logp, mask, adv, 1.0).backward()
+    for n, p in trainable(model):
+        torch.testing.assert_close(p.grad, paused[n], rtol=1e-12, atol=1e-14)
+    # A backward through a captured graph while paused falls back to plain accumulation.
+    model.zero_grad()
+    logp = token_logprobs(model, ids, attn)
+    with opt.paused():
+        grpo_loss(logp, mask, adv, 1.0).backward()
+    for n, p in trainable(model):
+        torch.testing.assert_close(p.grad, paused[n], rtol=1e-12, atol=1e-14)
+
+
+def test_packed_layout_is_a_clear_error():
+    model = TinyLM()
+    opt = wrap(model)
+    ids, attn, mask, adv = make_microbatches(count=1, k=3)[0]
+    packed = ids[attn.bool()].unsqueeze(0)  # (1, total tokens)
+    logp = token_logprobs(model, packed, None)
+    logp = logp.expand(3, -1)  # pretend 3 sequences
+    with pytest.raises(gradproj.InputError, match="packed"):
+        with opt.microbatch(logp, torch.ones_like(logp, dtype=torch.bool)):
+            (logp.sum() / 3).backward()
+
+
+@pytest.mark.parametrize("projector", ["solve", "gram_schmidt"])
+def test_duplicate_and_zero_sequences(projector):
+    """Singular Gram (duplicated rows, an all-masked row) stays finite and exact."""
+    model = TinyLM()
+    opt = wrap(model, projector=projector, damping=0.0 if projector == "solve" else None)
+    batches = make_microbatches(count=3, k=4, seed=8)
+    fixed = []
+    for ids, attn, mask, adv in batches:
+        ids, attn, mask = ids.clone(), attn.clone(), mask.clone()
+        ids[1], attn[1], mask[1] = ids[0], attn[0], mask[0]
+        mask[2] = False
+        fixed.append((ids, attn, mask, adv))
+    ref = {"projector": projector, "damping": 0.0 if projector == "solve" else None}
+    errors = run_microbatches(model, opt, fixed, ref=ref)
+    assert max(errors.values()) <= 1e-9
+    assert all(torch.isfinite(p.grad).all() for _, p in trainable(model))
+
+
+def test_all_zero_advantages():
+    model = TinyLM()
+    opt = wrap(model)
+    batches = [(i, a, m, adv * 0) for i, a, m, adv in make_microbatches(count=2)]
+    errors = run_microbatches(model, opt, batches, ref={})
+    assert all(torch.count_nonzero(p.grad) == 0 for _, p in trainable(model))
+    assert opt.metrics()["gradproj/microbatches"] == 2
+
+
+def test_projected_fraction_metric_matches_brute_force():
+    model = TinyLM(seed=4)
+    opt = wrap(model)
+    batches = make_microbatches(count=3, k=4, seed=4)
+    G = {n: None for n, _ in trainable(model)}
+    proj_sq = run_sq = 0.0
+    for ids, attn, mask, adv in batches:
+        with opt.paused():
+            S = sequence_gradients(model, token_logprobs(model, ids, attn), mask)
+        c = grpo_coefficients(adv, mask, 1 / 3)
+        for n in G:
+            if G[n] is not None:
+                new = reference_update(G[n], S[n], c)
+                proj = G[n] + c @ S[n] - new
+                proj_sq += float(proj @ proj)
+                run_sq += float(G[n] @ G[n])
+            G[n] = reference_update(G[n], S[n], c)
+    run_microbatches(model, opt, batches)
+    opt.step()
+    m = opt.metrics()
+    assert m["gradproj/proma/projected_fraction"] == pytest.approx((proj_sq / run_sq) ** 0.5, rel=1e-6)
+    assert m["gradproj/sequences"] == 12 and m["gradproj/microbatches"] == 3
+    assert m["gradproj/capture_seconds"] >= 0 and m["gradproj/projection_seconds"] > 0
+
+
+def test_bf16_autocast_close_to_fp32():
+    """bf16 autocast activations; Gram/coefficients in fp32: close to the fp32 result."""
+    results = []
+    for autocast in (False, True):
+        model = TinyLM(seed=6, dtype=torch.float32)
+        opt = wrap(model)
+        for ids, attn, mask, adv in make_microbatches(count=3, k=4, seed=6):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logp = token_logprobs(model, ids, attn)
+            with opt.microbatch(logp, mask):
+                grpo_loss(logp.float(), mask, adv.float(), 1 / 3).backward()
+        results.append(torch.cat([p.grad.flatten() for _, p in trainable(model)]))
+        assert all(p.grad.dtype == torch.float32 for _, p in trainable(model))
+    rel = float((results[0] - results[1]).norm() / results[0].norm())
+    assert rel < 5e-2, rel
+
+
+def test_peft_lora_is_covered_without_special_casing():
+    from helpers import tiny_hf, with_lora
+
+    model = with_lora(tiny_hf("llama"))
+    opt = wrap(model)
+    names = {layer.name.rsplit(".", 2)[-2] for layer in opt.engine.layers}
+    assert names == {"lora_A", "lora_B"}
