@@ -71,7 +71,7 @@ def test_third_party_strategy_by_name():
         role = "accumulate"
 
         def accumulate(self, step):
-            return step.seq.combine(step.coefficients * self.options.factor)
+            return step.combine(step.coefficients * self.options.factor)
 
     plugin = types.ModuleType("gradproj_half_plugin")
 

@@ -25,6 +25,7 @@ from torch import nn
 from gradproj.capture.microbatch import Microbatch, sequence_coefficients
 from gradproj.config import GradProjConfig, ResolvedStrategies
 from gradproj.errors import CheckpointError, CoverageError, ProtocolError
+from gradproj.linalg.sequence_grads import Workspace
 from gradproj.strategies.base import LayerStep
 
 __all__ = ["CaptureEngine", "LayerCapture", "STATE_VERSION"]
@@ -79,6 +80,9 @@ class CaptureEngine:
         self._frozen: list[torch.nn.Parameter] = []
         self._guards: list = []
         self._covered: dict[int, str] = {}
+        self._params: list[torch.nn.Parameter] = []
+        self._workspace = Workspace()
+        self._buffers: dict[int, torch.Tensor] = {}  # per-parameter update buffers, reused in a step
         self.steps = 0
         self._last_metrics: dict[str, float] | None = None
         self._reset_counters()
@@ -148,6 +152,7 @@ class CaptureEngine:
                 self._guards.append(param.register_hook(partial(self._guard, qname)))
         self.layers = plan
         self._covered = covered
+        self._params = [p for _, p in named]
         setattr(self.model, _ENGINE_ATTR, self)
         self.attached = True
 
@@ -182,7 +187,10 @@ class CaptureEngine:
         return None
 
     def _check_coverage(self, where: str) -> None:
-        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in self._covered]
+        covered = self._covered
+        if all(id(p) in covered for p in self._params if p.requires_grad):
+            return
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in covered]
         if bad:
             raise CoverageError(
                 f"{where}: trainable parameter(s) {_list_names(bad)} became trainable after wrap() and "
@@ -266,19 +274,19 @@ class CaptureEngine:
         self._capture_seconds += perf_counter() - start
 
     def _finalize(self, layer: LayerCapture, mb: Microbatch, uses) -> None:
-        seqs = layer.handler.sequence_gradients(layer, uses, mb.k, self.config.gram)
+        seqs = layer.handler.sequence_gradients(layer, uses, mb.k, self.config.gram, self._workspace)
         rule = self.strategies.accumulate
         for attr, param, qname in layer.params:
             seq = seqs.get(attr)
             if seq is None:
                 continue
+            out = None if id(param) in mb.staged else self._buffers.get(id(param))
+            if out is not None and out.shape != param.shape:
+                out = None
             start = perf_counter()
-            update = rule.accumulate(LayerStep(qname, param, param.grad, mb.coefficients, seq))
+            update = rule.accumulate(LayerStep(qname, param, param.grad, mb.coefficients, seq, out))
             self._strategy_seconds += perf_counter() - start
-            if not bool(torch.isfinite(update.sum())):
-                mb.drop()
-                return
-            mb.stage(param, update if update.dtype == param.dtype else update.to(param.dtype))
+            mb.stage(param, update)
 
     def _plain_accumulate(self, layer: LayerCapture, uses) -> None:
         grads = layer.handler.plain_gradients(layer, uses)
@@ -301,19 +309,38 @@ class CaptureEngine:
                 break
             self._finalize(layer, mb, uses)
         self._capture_seconds += perf_counter() - start
+        if not mb.dropped and mb.staged and not self._all_finite([u for _, u in mb.staged.values()]):
+            mb.drop()
         if mb.dropped:
             self._dropped += 1
         else:
-            for param, update in mb.staged.values():
-                if param.grad is None:
-                    param.grad = update
-                else:
-                    param.grad.add_(update)
+            self._apply(mb)
         mb.staged.clear()
         mb.uses.clear()
         self._microbatches += 1
         self._sequences += mb.k
         self._mb_in_step += 1
+
+    @staticmethod
+    def _all_finite(tensors: list[torch.Tensor]) -> bool:
+        """One reduction over all staged updates (no NaN/inf may reach ``.grad``)."""
+        norms = torch._foreach_norm(tensors)
+        return bool(torch.isfinite(torch.stack(norms)).all())
+
+    def _apply(self, mb: Microbatch) -> None:
+        """``.grad <- .grad + U`` for every staged update (``.grad = U`` where it was None)."""
+        grads, updates = [], []
+        for key, (param, update) in mb.staged.items():
+            if param.grad is None:
+                param.grad = update if update.dtype == param.dtype else update.to(param.dtype)
+                self._buffers.pop(key, None)
+            else:
+                grads.append(param.grad)
+                updates.append(update)
+                if update.dtype in (torch.float32, torch.float64) and update.shape == param.shape:
+                    self._buffers[key] = update  # reuse as the next microbatch's output buffer
+        if grads:
+            torch._foreach_add_(grads, updates)
 
     @contextmanager
     def paused(self):
@@ -358,6 +385,7 @@ class CaptureEngine:
     def end_step(self) -> None:
         """Close the optimizer step: snapshot its metrics and start counting anew."""
         self._last_metrics = self.running_metrics()
+        self._buffers.clear()
         self.steps += 1
         self._reset_counters()
 

@@ -51,8 +51,12 @@ class LayerHandler:
         """Start capturing ``module`` for ``layer``; return a function that undoes it."""
         raise NotImplementedError
 
-    def sequence_gradients(self, layer, uses, k: int, gram: str) -> dict:
-        """``{param attribute: SequenceGradients}`` from the uses collected in one microbatch."""
+    def sequence_gradients(self, layer, uses, k: int, gram: str, workspace=None) -> dict:
+        """``{param attribute: SequenceGradients}`` from the uses collected in one microbatch.
+
+        ``workspace`` (a :class:`gradproj.linalg.sequence_grads.Workspace`) may back large
+        temporaries; the returned objects are only valid until the next layer is processed.
+        """
         raise NotImplementedError
 
     def plain_gradients(self, layer, uses) -> dict:
@@ -132,14 +136,14 @@ class LinearHandler(LayerHandler):
         grads = [_rows(dy, k, layer, "output gradients") for _, dy in uses]
         a = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
         d = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
-        return a.to(dtype), d.to(dtype)
+        return (a if a.dtype == dtype else a.to(dtype)), (d if d.dtype == dtype else d.to(dtype))
 
-    def sequence_gradients(self, layer, uses, k: int, gram: str) -> dict:
+    def sequence_gradients(self, layer, uses, k: int, gram: str, workspace=None) -> dict:
         """Weight: materialised or ghost (cost rule); bias: per-sequence sums of output grads."""
         a, d = self._factors(layer, uses, k)
         out = {}
         if layer.module.weight.requires_grad:
-            out["weight"] = linear_weight_grads(a, d, gram)
+            out["weight"] = linear_weight_grads(a, d, gram, workspace)
         if layer.module.bias is not None and layer.module.bias.requires_grad:
             out["bias"] = MaterializedGrads(d.sum(dim=1))
         return out

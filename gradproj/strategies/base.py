@@ -39,7 +39,9 @@ class LayerStep:
         param: the parameter itself.
         grad: the running gradient ``G`` before this microbatch (``param.grad``; ``None`` = 0).
         coefficients: float64 (k,) per-sequence loss coefficients ``c_i = dL/dlogp`` on row i.
-        seq: the microbatch's sequence gradients of this tensor (gram / inner / combine).
+        seq: the microbatch's sequence gradients of this tensor (gram / inner / combine); valid
+            only during the strategy call (it may live in a shared scratch buffer).
+        out: a scratch tensor the update may be written into (or ``None``); use :meth:`combine`.
     """
 
     name: str
@@ -47,6 +49,11 @@ class LayerStep:
     grad: torch.Tensor | None
     coefficients: torch.Tensor
     seq: SequenceGradients
+    out: torch.Tensor | None = None
+
+    def combine(self, gamma: torch.Tensor) -> torch.Tensor:
+        """``sum_i gamma_i s_i`` -- the usual way for a strategy to build its update."""
+        return self.seq.combine(gamma, self.out)
 
 
 class Strategy:

@@ -22,7 +22,7 @@ class PlainAccumulation(Strategy):
 
     def accumulate(self, step: LayerStep):
         """The microbatch gradient ``g_m``, unchanged."""
-        return step.seq.combine(step.coefficients)
+        return step.combine(step.coefficients)
 
 
 @hookimpl

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -60,18 +61,22 @@ class Proma(Strategy):
         self._projections = 0
         self._bound_hits = 0
 
-    def coefficients_removed(self, step: LayerStep) -> torch.Tensor:
+    def coefficients_removed(self, step: LayerStep) -> np.ndarray:
         """``alpha`` with ``proj = sum_i alpha_i s_i`` (after the relative bound, before shrinkage)."""
-        gram = step.seq.gram()
-        inner = step.seq.inner(step.grad)
+        full = step.seq.gram_with(step.grad).cpu().numpy()
+        k = full.shape[0] - 1
+        gram, inner, running_sq = full[:k, :k], full[:k, k], float(full[k, k])
         opts: PromaOptions = self.options
+        if not np.isfinite(full).all():  # the engine drops this microbatch (non-finite update)
+            self._projections += 1
+            return np.full(k, np.nan)
         if opts.projector == "solve":
             alpha = solve_coefficients(gram, inner, opts.damping)
         else:
             alpha = gram_schmidt_coefficients(gram, inner, opts.sweeps)
         proj_sq = max(float(alpha @ gram @ alpha), 0.0)
         if opts.relative_bound is not None and proj_sq > 0.0:
-            coeffs = step.coefficients
+            coeffs = step.coefficients.cpu().numpy()
             limit = opts.relative_bound * math.sqrt(max(float(coeffs @ gram @ coeffs), 0.0))
             norm = math.sqrt(proj_sq)
             if norm > limit:
@@ -79,16 +84,16 @@ class Proma(Strategy):
                 proj_sq = limit * limit
                 self._bound_hits += 1
         self._proj_sq += proj_sq
-        self._running_sq += float(torch.linalg.vector_norm(step.grad, dtype=torch.float64)) ** 2
+        self._running_sq += running_sq
         self._projections += 1
         return alpha
 
     def accumulate(self, step: LayerStep) -> torch.Tensor:
         """``sum_i (c_i - shrinkage alpha_i) s_i``; just ``g_m`` while ``G`` is still zero."""
         if step.grad is None or self.options.shrinkage == 0.0:
-            return step.seq.combine(step.coefficients)
-        alpha = self.coefficients_removed(step)
-        return step.seq.combine(step.coefficients - self.options.shrinkage * alpha)
+            return step.combine(step.coefficients)
+        alpha = torch.from_numpy(self.coefficients_removed(step)).to(step.coefficients.device)
+        return step.combine(step.coefficients - self.options.shrinkage * alpha)
 
     def step_metrics(self) -> dict[str, float]:
         """``proma/projected_fraction`` = sqrt(sum ||proj||^2 / sum ||G||^2) over layers and microbatches."""
