@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up gradproj's environment on a fresh machine: a venv in .venv, torch==2.13.0 (the CPU
+# wheel) first so nothing pulls a CUDA build, then gradproj with its test and docs extras.
+# Idempotent: a second run only checks that everything is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip 2>&1 | grep -v -i "warning: location" || true
+if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+  pip install -q torch==2.13.0 2>&1 | grep -v -i "warning: location" || true
+fi
+pip install -q -e ".[test,docs]" 2>&1 | grep -v -i -e "warning: location" -e "^ *!!" || true
+python -c "import torch, gradproj, transformers, peft, torch_optimizer; print(f'gradproj {gradproj.__version__} ready: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"
