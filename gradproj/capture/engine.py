@@ -26,6 +26,7 @@ from gradproj.capture.microbatch import Microbatch, sequence_coefficients
 from gradproj.config import GradProjConfig, ResolvedStrategies
 from gradproj.errors import CheckpointError, CoverageError, ProtocolError
 from gradproj.linalg.sequence_grads import Workspace
+from gradproj.plugins.manager import Registry
 from gradproj.strategies.base import LayerStep
 
 __all__ = ["CaptureEngine", "LayerCapture", "STATE_VERSION"]
@@ -67,7 +68,7 @@ class CaptureEngine:
         registry: the plugin registry (layer handlers).
     """
 
-    def __init__(self, model: nn.Module, config: GradProjConfig, strategies: ResolvedStrategies, registry) -> None:
+    def __init__(self, model: nn.Module, config: GradProjConfig, strategies: ResolvedStrategies, registry: Registry) -> None:
         self.model = model
         self.config = config
         self.strategies = strategies

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probs of each token given its prefix: ``logp[i, t] = log p(ids[i, t+1] | ids[i, :t+1])``.
 
     Works with left and right padding (the attention mask is passed to the model and HF derives
