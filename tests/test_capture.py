@@ -146,3 +146,68 @@ def test_peft_lora_is_covered_without_special_casing():
     opt = wrap(model)
     names = {layer.name.rsplit(".", 2)[-2] for layer in opt.engine.layers}
     assert names == {"lora_A", "lora_B"}
+
+
+class BranchyLM(TinyLM):
+    """TinyLM plus a same-shaped Linear used only when ``use_extra`` is set (partial batches)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.extra = torch.nn.Linear(self.fc2.in_features, self.fc2.out_features).to(self.fc2.weight.dtype)
+        self.use_extra = False
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        from types import SimpleNamespace
+
+        x = self.emb(input_ids)
+        m = torch.ones_like(input_ids, dtype=x.dtype) if attention_mask is None else attention_mask.to(x.dtype)
+        x = torch.cumsum(x * m[..., None], 1) / torch.cumsum(m, 1).clamp(min=1)[..., None]
+        h = torch.tanh(self.fc1(x))
+        h = torch.tanh(self.fc2(h))
+        if self.use_extra:
+            h = torch.tanh(self.extra(h))
+        return SimpleNamespace(logits=self.head(h))
+
+
+@pytest.mark.parametrize("projector", ["solve", "gram_schmidt"])
+def test_small_parameters_batched_with_partial_groups(projector):
+    """fc2 and extra share a batching group; extra is reached only in the middle microbatch."""
+    from helpers import grpo_coefficients, reference_update, sequence_gradients
+
+    model = BranchyLM(seed=3)
+    opt = wrap(model, projector=projector)
+    groups = {tuple(g.shape): len(g.members) for g in opt.engine._groups}
+    assert groups[tuple(model.extra.weight.shape)] == 2  # fc2.weight and extra.weight
+    batches = make_microbatches(count=3, k=4, seed=9)
+    G = {n: None for n, _ in trainable(model)}
+    for m, (ids, attn, mask, adv) in enumerate(batches):
+        model.use_extra = m == 1
+        with opt.paused():
+            S = sequence_gradients(model, token_logprobs(model, ids, attn), mask)
+        c = grpo_coefficients(adv, mask, 1 / 3)
+        for n in G:
+            G[n] = reference_update(G[n], S[n], c, projector=projector)
+        logp = token_logprobs(model, ids, attn)
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 1 / 3).backward()
+    for n, p in trainable(model):
+        assert p.grad is not None, n
+        torch.testing.assert_close(p.grad.reshape(-1).double(), G[n], rtol=1e-10, atol=1e-14)
+
+
+def test_large_parameters_take_the_per_layer_path():
+    """Parameters above the batching threshold are not grouped (and still exact)."""
+    from gradproj.capture import batching
+
+    model = TinyLM(d=12)
+    old = batching.BATCH_MAX_NUMEL
+    try:
+        import gradproj.capture.engine as engine_mod
+
+        engine_mod.BATCH_MAX_NUMEL = 100
+        opt = wrap(model)
+        assert all(p.numel() <= 100 for g in opt.engine._groups for p, _ in g.members)
+        errors = run_microbatches(model, opt, make_microbatches(count=3, k=4, seed=1), ref={})
+        assert max(errors.values()) <= 1e-10
+    finally:
+        engine_mod.BATCH_MAX_NUMEL = old

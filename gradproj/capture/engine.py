@@ -22,6 +22,8 @@ from time import perf_counter
 import torch
 from torch import nn
 
+from gradproj.capture.batching import BATCH_MAX_BYTES, BATCH_MAX_NUMEL, LayerBatch, ParamGroup
+from gradproj.capture.handlers import compute_dtype
 from gradproj.capture.microbatch import Microbatch, sequence_coefficients
 from gradproj.config import GradProjConfig, ResolvedStrategies
 from gradproj.errors import CheckpointError, CoverageError, ProtocolError
@@ -84,6 +86,8 @@ class CaptureEngine:
         self._params: list[torch.nn.Parameter] = []
         self._workspace = Workspace()
         self._buffers: dict[int, torch.Tensor] = {}  # per-parameter update buffers, reused in a step
+        self._batched: dict[int, tuple[ParamGroup, int]] = {}  # small parameters -> (group, row)
+        self._groups: list[ParamGroup] = []
         self.steps = 0
         self._last_metrics: dict[str, float] | None = None
         self._reset_counters()
@@ -152,10 +156,31 @@ class CaptureEngine:
             for _attr, param, qname in layer.params:
                 self._guards.append(param.register_hook(partial(self._guard, qname)))
         self.layers = plan
+        self._plan_batching(plan)
         self._covered = covered
         self._params = [p for _, p in named]
         setattr(self.model, _ENGINE_ATTR, self)
         self.attached = True
+
+    def _plan_batching(self, plan: list[LayerCapture]) -> None:
+        """Group small parameters by (shape, compute dtype, device) within the memory budget."""
+        groups: dict[tuple, ParamGroup] = {}
+        budget = BATCH_MAX_BYTES
+        for layer in plan:
+            if not layer.handler.supports_slots:
+                continue
+            for _attr, param, qname in layer.params:
+                numel = param.numel()
+                dtype = compute_dtype(param.dtype)
+                cost = 17 * numel * torch.finfo(dtype).bits // 8
+                if numel > BATCH_MAX_NUMEL or cost > budget:
+                    continue
+                budget -= cost
+                key = (tuple(param.shape), dtype, param.device)
+                if key not in groups:
+                    groups[key] = ParamGroup(param.shape, dtype, param.device)
+                self._batched[id(param)] = (groups[key], groups[key].add(param, qname))
+        self._groups = list(groups.values())
 
     def detach(self) -> None:
         """Remove every handler and hook and unfreeze what ``exclude`` froze (idempotent)."""
@@ -171,6 +196,8 @@ class CaptureEngine:
         for param in self._frozen:
             param.requires_grad_(True)
         self._guards, self._frozen, self.layers = [], [], []
+        self._batched, self._groups = {}, []
+        self._workspace.clear()
         if getattr(self.model, _ENGINE_ATTR, None) is self:
             delattr(self.model, _ENGINE_ATTR)
         self.attached = False
@@ -275,7 +302,15 @@ class CaptureEngine:
         self._capture_seconds += perf_counter() - start
 
     def _finalize(self, layer: LayerCapture, mb: Microbatch, uses) -> None:
-        seqs = layer.handler.sequence_gradients(layer, uses, mb.k, self.config.gram, self._workspace)
+        slots = None
+        for attr, param, _ in layer.params:
+            entry = self._batched.get(id(param))
+            if entry is not None and param.requires_grad:
+                group, index = entry
+                slots = slots or {}
+                slots[attr] = group.slot(index, mb.k)
+                mb.filled.setdefault(group, []).append(index)
+        seqs = layer.handler.sequence_gradients(layer, uses, mb.k, self.config.gram, self._workspace, slots)
         rule = self.strategies.accumulate
         for attr, param, qname in layer.params:
             seq = seqs.get(attr)
@@ -309,6 +344,8 @@ class CaptureEngine:
             if mb.dropped:
                 break
             self._finalize(layer, mb, uses)
+        if not mb.dropped:
+            self._finish_groups(mb)
         self._capture_seconds += perf_counter() - start
         if not mb.dropped and mb.staged and not self._all_finite([u for _, u in mb.staged.values()]):
             mb.drop()
@@ -321,6 +358,18 @@ class CaptureEngine:
         self._microbatches += 1
         self._sequences += mb.k
         self._mb_in_step += 1
+
+    def _finish_groups(self, mb: Microbatch) -> None:
+        """Run the strategy once per group of small parameters filled in this microbatch."""
+        rule = self.strategies.accumulate
+        for group, indices in mb.filled.items():
+            batch = LayerBatch(group, indices, mb.coefficients)
+            start = perf_counter()
+            updates = rule.accumulate_batch(batch)
+            self._strategy_seconds += perf_counter() - start
+            for param, update in zip(batch.params, updates):
+                mb.stage(param, update.view(param.shape))
+        mb.filled.clear()
 
     @staticmethod
     def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -338,7 +387,7 @@ class CaptureEngine:
             else:
                 grads.append(param.grad)
                 updates.append(update)
-                if update.dtype in (torch.float32, torch.float64) and update.shape == param.shape:
+                if key not in self._batched and update.dtype in (torch.float32, torch.float64):
                     self._buffers[key] = update  # reuse as the next microbatch's output buffer
         if grads:
             torch._foreach_add_(grads, updates)

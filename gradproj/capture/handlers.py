@@ -42,6 +42,8 @@ class LayerHandler:
 
     module_types: ClassVar[tuple[type, ...]] = ()
     parameter_names: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``sequence_gradients`` can write into ``slots`` (enables batching of small tensors).
+    supports_slots: ClassVar[bool] = False
 
     def accepts(self, module: nn.Module) -> bool:
         """Whether this handler can capture this particular module (default: yes)."""
@@ -51,11 +53,14 @@ class LayerHandler:
         """Start capturing ``module`` for ``layer``; return a function that undoes it."""
         raise NotImplementedError
 
-    def sequence_gradients(self, layer, uses, k: int, gram: str, workspace=None) -> dict:
+    def sequence_gradients(self, layer, uses, k: int, gram: str, workspace=None, slots=None) -> dict:
         """``{param attribute: SequenceGradients}`` from the uses collected in one microbatch.
 
         ``workspace`` (a :class:`gradproj.linalg.sequence_grads.Workspace`) may back large
         temporaries; the returned objects are only valid until the next layer is processed.
+        ``slots`` maps attributes to (k, *shape) tensors the handler must fill with the sequence
+        gradients instead (batched parameters; only if ``supports_slots``); those attributes are
+        left out of the result.
         """
         raise NotImplementedError
 
@@ -108,6 +113,7 @@ class LinearHandler(LayerHandler):
 
     module_types = (nn.Linear,)
     parameter_names = ("weight", "bias")
+    supports_slots = True
 
     def accepts(self, module: nn.Module) -> bool:
         """Only modules that run ``nn.Linear.forward`` unchanged (subclasses overriding it are not)."""
@@ -138,13 +144,18 @@ class LinearHandler(LayerHandler):
         d = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
         return (a if a.dtype == dtype else a.to(dtype)), (d if d.dtype == dtype else d.to(dtype))
 
-    def sequence_gradients(self, layer, uses, k: int, gram: str, workspace=None) -> dict:
+    def sequence_gradients(self, layer, uses, k: int, gram: str, workspace=None, slots=None) -> dict:
         """Weight: materialised or ghost (cost rule); bias: per-sequence sums of output grads."""
         a, d = self._factors(layer, uses, k)
+        slots = slots or {}
         out = {}
-        if layer.module.weight.requires_grad:
+        if "weight" in slots:
+            torch.bmm(d.transpose(1, 2), a, out=slots["weight"])
+        elif layer.module.weight.requires_grad:
             out["weight"] = linear_weight_grads(a, d, gram, workspace)
-        if layer.module.bias is not None and layer.module.bias.requires_grad:
+        if "bias" in slots:
+            torch.sum(d, dim=1, out=slots["bias"])
+        elif layer.module.bias is not None and layer.module.bias.requires_grad:
             out["bias"] = MaterializedGrads(d.sum(dim=1))
         return out
 

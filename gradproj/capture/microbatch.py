@@ -128,6 +128,7 @@ class Microbatch:
         self.dropped = False
         self.uses: dict = {}
         self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.filled: dict = {}  # ParamGroup -> row indices written in this microbatch
 
     def stage(self, param: torch.Tensor, update: torch.Tensor) -> None:
         """Remember ``update`` for ``param`` (adding up several uses, e.g. tied weights)."""
@@ -142,3 +143,4 @@ class Microbatch:
         self.dropped = True
         self.staged.clear()
         self.uses.clear()
+        self.filled.clear()

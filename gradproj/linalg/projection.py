@@ -1,8 +1,8 @@
-"""Projection coefficients from a k x k Gram matrix.
+"""Projection coefficients from k x k Gram matrices, batched over layers.
 
-All functions work on small float64 NumPy arrays on the host: the k x k algebra of one layer
-is a few microseconds there, against tens of microseconds of dispatch for the same torch ops.
-They return ``alpha`` (shape (k,)) such that the part of ``G`` the projector removes is
+All functions work on small float64 NumPy arrays on the host -- the k x k algebra of a layer is a
+few microseconds there -- with a leading batch dimension L (one row per parameter tensor). They
+return ``alpha`` (shape (L, k)) such that the part of ``G`` the projector removes is
 ``sum_i alpha_i s_i``; they never touch a parameter-sized tensor.
 """
 
@@ -10,46 +10,52 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["solve_coefficients", "gram_schmidt_coefficients", "default_damping"]
-
-
-def default_damping(gram: np.ndarray) -> float:
-    """The default ridge ``1e-6 * mean(diag K)``: an essentially exact projector."""
-    return 1e-6 * float(np.mean(np.diagonal(gram))) if gram.size else 0.0
+__all__ = ["solve_coefficients", "gram_schmidt_coefficients"]
 
 
 def solve_coefficients(gram: np.ndarray, inner: np.ndarray, damping: float | None) -> np.ndarray:
-    """``beta = (K + damping I)^-1 b`` (``damping=None``: :func:`default_damping`).
+    """``beta = (K + damping I)^-1 b`` per layer; ``damping=None``: ``1e-6 * mean(diag K)``.
 
-    With ``damping == 0`` a singular K (duplicate or zero sequence gradients) is handled by the
-    pseudo-inverse, i.e. the exact orthogonal projector onto the span.
+    Args:
+        gram: (L, k, k) Gram matrices.
+        inner: (L, k) inner products with the running gradient.
+        damping: ridge; ``0`` uses the pseudo-inverse (exact projector onto the span, also when
+            K is singular: duplicate or zero sequence gradients).
     """
-    k = gram.shape[0]
-    diag = np.diagonal(gram)
-    if k == 0 or not np.any(diag > 0.0):
-        return np.zeros(k)
-    lam = default_damping(gram) if damping is None else float(damping)
-    if lam > 0.0:
-        return np.linalg.solve(gram + lam * np.eye(k), inner)
-    evals, evecs = np.linalg.eigh(gram)
-    keep = evals > np.abs(evals).max() * k * np.finfo(np.float64).eps * 10
-    inv = np.zeros_like(evals)
-    inv[keep] = 1.0 / evals[keep]
-    return evecs @ (inv * (evecs.T @ inner))
+    L, k = inner.shape
+    alpha = np.zeros((L, k))
+    diag = np.diagonal(gram, axis1=1, axis2=2)
+    active = diag.max(axis=1, initial=0.0) > 0.0  # layers with at least one non-zero s_i
+    if not active.any():
+        return alpha
+    K, b = gram[active], inner[active]
+    lam = 1e-6 * diag[active].mean(axis=1) if damping is None else np.full(K.shape[0], float(damping))
+    if damping is None or damping > 0.0:
+        alpha[active] = np.linalg.solve(K + lam[:, None, None] * np.eye(k), b[..., None])[..., 0]
+        return alpha
+    evals, evecs = np.linalg.eigh(K)
+    cutoff = np.abs(evals).max(axis=1, keepdims=True) * k * np.finfo(np.float64).eps * 10
+    keep = evals > cutoff
+    inv = np.where(keep, 1.0 / np.where(keep, evals, 1.0), 0.0)
+    coords = np.einsum("lij,li->lj", evecs, b)
+    alpha[active] = np.einsum("lij,lj->li", evecs, inv * coords)
+    return alpha
 
 
 def gram_schmidt_coefficients(gram: np.ndarray, inner: np.ndarray, sweeps: int) -> np.ndarray:
-    """Coefficients of sequential Gram-Schmidt over the normalised ``s_j / ||s_j||``.
+    """Coefficients of sequential Gram-Schmidt over the normalised ``s_j / ||s_j||``, per layer.
 
     Reproduces ``for sweep: for j: G <- G - <G, s^_j> s^_j`` exactly, in coefficient space:
     with ``G_cur = G - sum_l alpha_l s_l``, ``<G_cur, s^_j> = (b_j - (K alpha)_j) / ||s_j||``.
     Zero sequence gradients are skipped.
     """
-    k = gram.shape[0]
-    alpha = np.zeros(k)
-    diag = np.diagonal(gram)
+    L, k = inner.shape
+    alpha = np.zeros((L, k))
+    diag = np.diagonal(gram, axis1=1, axis2=2)
+    nonzero = diag > 0.0
+    safe = np.where(nonzero, diag, 1.0)
     for _ in range(sweeps):
         for j in range(k):
-            if diag[j] > 0.0:
-                alpha[j] += (inner[j] - gram[j] @ alpha) / diag[j]
+            residual = inner[:, j] - np.einsum("lk,lk->l", gram[:, j, :], alpha)
+            alpha[:, j] += np.where(nonzero[:, j], residual / safe[:, j], 0.0)
     return alpha

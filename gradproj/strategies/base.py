@@ -74,6 +74,14 @@ class Strategy:
         """Return the update ``U`` (shaped like the parameter) so that ``G <- G + U``."""
         raise NotImplementedError
 
+    def accumulate_batch(self, batch) -> torch.Tensor:
+        """Updates of several same-shaped small tensors at once, as a (L, numel) tensor.
+
+        ``batch`` is a :class:`gradproj.capture.batching.LayerBatch`. The default calls
+        :meth:`accumulate` per member; override it with batched operations for speed.
+        """
+        return torch.stack([self.accumulate(step).reshape(-1) for step in batch.steps()])
+
     def step_metrics(self) -> dict[str, float]:
         """Metrics gathered since the last optimizer step (keys without the ``gradproj/`` prefix)."""
         return {}

@@ -24,6 +24,10 @@ class PlainAccumulation(Strategy):
         """The microbatch gradient ``g_m``, unchanged."""
         return step.combine(step.coefficients)
 
+    def accumulate_batch(self, batch):
+        """``g_m`` for every member, in one batched product."""
+        return batch.combine(batch.coefficients)
+
 
 @hookimpl
 def gradproj_strategies():

@@ -61,39 +61,60 @@ class Proma(Strategy):
         self._projections = 0
         self._bound_hits = 0
 
-    def coefficients_removed(self, step: LayerStep) -> np.ndarray:
-        """``alpha`` with ``proj = sum_i alpha_i s_i`` (after the relative bound, before shrinkage)."""
-        full = step.seq.gram_with(step.grad).cpu().numpy()
-        k = full.shape[0] - 1
-        gram, inner, running_sq = full[:k, :k], full[:k, k], float(full[k, k])
+    def coefficients_removed(self, full: np.ndarray, coefficients: np.ndarray, has_grad: np.ndarray) -> np.ndarray:
+        """``alpha`` (L, k) with ``proj = sum_i alpha_i s_i``, after the relative bound, before shrinkage.
+
+        Args:
+            full: (L, k+1, k+1) Grams of ``[s_1..s_k, G]`` (float64).
+            coefficients: (k,) per-sequence coefficients ``c``.
+            has_grad: (L,) bool, False where G was ``None`` (nothing to project, not counted).
+        """
+        k = full.shape[1] - 1
+        finite = np.isfinite(full).all(axis=(1, 2))
+        if not finite.all():  # those layers get NaN updates: the engine drops the microbatch
+            full = np.where(finite[:, None, None], full, np.eye(k + 1))
+        gram, inner, running_sq = full[:, :k, :k], full[:, :k, k], full[:, k, k]
         opts: PromaOptions = self.options
-        if not np.isfinite(full).all():  # the engine drops this microbatch (non-finite update)
-            self._projections += 1
-            return np.full(k, np.nan)
         if opts.projector == "solve":
             alpha = solve_coefficients(gram, inner, opts.damping)
         else:
             alpha = gram_schmidt_coefficients(gram, inner, opts.sweeps)
-        proj_sq = max(float(alpha @ gram @ alpha), 0.0)
-        if opts.relative_bound is not None and proj_sq > 0.0:
-            coeffs = step.coefficients.cpu().numpy()
-            limit = opts.relative_bound * math.sqrt(max(float(coeffs @ gram @ coeffs), 0.0))
-            norm = math.sqrt(proj_sq)
-            if norm > limit:
-                alpha = alpha * (limit / norm)
-                proj_sq = limit * limit
-                self._bound_hits += 1
-        self._proj_sq += proj_sq
-        self._running_sq += running_sq
-        self._projections += 1
+        proj_sq = np.maximum(np.einsum("li,lij,lj->l", alpha, gram, alpha), 0.0)
+        if opts.relative_bound is not None:
+            g_sq = np.maximum(np.einsum("i,lij,j->l", coefficients, gram, coefficients), 0.0)
+            limit = opts.relative_bound * np.sqrt(g_sq)
+            norm = np.sqrt(proj_sq)
+            hit = (norm > limit) & (proj_sq > 0.0)
+            scale = np.where(hit, limit / np.where(hit, norm, 1.0), 1.0)
+            alpha = alpha * scale[:, None]
+            proj_sq = proj_sq * scale * scale
+            self._bound_hits += int((hit & has_grad).sum())
+        alpha[~finite] = np.nan
+        counted = has_grad & finite
+        self._proj_sq += float(proj_sq[counted].sum())
+        self._running_sq += float(running_sq[counted].sum())
+        self._projections += int(has_grad.sum())
         return alpha
 
     def accumulate(self, step: LayerStep) -> torch.Tensor:
         """``sum_i (c_i - shrinkage alpha_i) s_i``; just ``g_m`` while ``G`` is still zero."""
         if step.grad is None or self.options.shrinkage == 0.0:
             return step.combine(step.coefficients)
-        alpha = torch.from_numpy(self.coefficients_removed(step)).to(step.coefficients.device)
+        full = step.seq.gram_with(step.grad).cpu().numpy()[None]
+        alpha = self.coefficients_removed(full, step.coefficients.cpu().numpy(), np.ones(1, dtype=bool))[0]
+        alpha = torch.from_numpy(alpha).to(step.coefficients.device)
         return step.combine(step.coefficients - self.options.shrinkage * alpha)
+
+    def accumulate_batch(self, batch) -> torch.Tensor:
+        """The same for a batch of small tensors, with batched Gram, solve and combine."""
+        coeffs = batch.coefficients
+        has_grad = np.array([g is not None for g in batch.grads])
+        if self.options.shrinkage == 0.0 or not has_grad.any():
+            return batch.combine(coeffs)
+        full = batch.gram_with_grads().cpu().numpy()
+        alpha = self.coefficients_removed(full, coeffs.cpu().numpy(), has_grad)
+        gamma = coeffs[None, :] - self.options.shrinkage * torch.from_numpy(alpha).to(coeffs.device)
+        return batch.combine(gamma)
 
     def step_metrics(self) -> dict[str, float]:
         """``proma/projected_fraction`` = sqrt(sum ||proj||^2 / sum ||G||^2) over layers and microbatches."""
