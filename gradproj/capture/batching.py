@@ -83,6 +83,8 @@ class LayerBatch:
         self.coefficients = coefficients
         self.k = k
         self.shape = group.shape
+        #: set by a strategy that has established its updates are finite (see ``LayerStep.finite``)
+        self.finite = False
 
     def __len__(self) -> int:
         return len(self.params)

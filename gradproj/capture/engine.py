@@ -320,9 +320,10 @@ class CaptureEngine:
             if out is not None and out.shape != param.shape:
                 out = None
             start = perf_counter()
-            update = rule.accumulate(LayerStep(qname, param, param.grad, mb.coefficients, seq, out))
+            step = LayerStep(qname, param, param.grad, mb.coefficients, seq, out)
+            update = rule.accumulate(step)
             self._strategy_seconds += perf_counter() - start
-            mb.stage(param, update)
+            mb.stage(param, update, step.finite)
 
     def _plain_accumulate(self, layer: LayerCapture, uses) -> None:
         grads = layer.handler.plain_gradients(layer, uses)
@@ -347,7 +348,7 @@ class CaptureEngine:
         if not mb.dropped:
             self._finish_groups(mb)
         self._capture_seconds += perf_counter() - start
-        if not mb.dropped and mb.staged and not self._all_finite([u for _, u in mb.staged.values()]):
+        if not mb.dropped and mb.unverified and not self._all_finite(mb.unverified):
             mb.drop()
         if mb.dropped:
             self._dropped += 1
@@ -355,6 +356,7 @@ class CaptureEngine:
             self._apply(mb)
         mb.staged.clear()
         mb.uses.clear()
+        mb.unverified.clear()
         self._microbatches += 1
         self._sequences += mb.k
         self._mb_in_step += 1
@@ -368,7 +370,7 @@ class CaptureEngine:
             updates = rule.accumulate_batch(batch)
             self._strategy_seconds += perf_counter() - start
             for param, update in zip(batch.params, updates):
-                mb.stage(param, update.view(param.shape))
+                mb.stage(param, update.view(param.shape), batch.finite)
         mb.filled.clear()
 
     @staticmethod

@@ -129,10 +129,16 @@ class Microbatch:
         self.uses: dict = {}
         self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.filled: dict = {}  # ParamGroup -> row indices written in this microbatch
+        self.unverified: list[torch.Tensor] = []  # staged updates still to check for NaN/inf
 
-    def stage(self, param: torch.Tensor, update: torch.Tensor) -> None:
-        """Remember ``update`` for ``param`` (adding up several uses, e.g. tied weights)."""
+    def stage(self, param: torch.Tensor, update: torch.Tensor, finite: bool = False) -> None:
+        """Remember ``update`` for ``param`` (adding up several uses, e.g. tied weights).
+
+        ``finite=False`` updates are checked for NaN/inf before anything is applied.
+        """
         key = id(param)
+        if not finite:
+            self.unverified.append(update)
         if key in self.staged:
             self.staged[key][1].add_(update)
         else:
@@ -144,3 +150,4 @@ class Microbatch:
         self.staged.clear()
         self.uses.clear()
         self.filled.clear()
+        self.unverified.clear()

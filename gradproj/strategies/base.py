@@ -42,6 +42,9 @@ class LayerStep:
         seq: the microbatch's sequence gradients of this tensor (gram / inner / combine); valid
             only during the strategy call (it may live in a shared scratch buffer).
         out: a scratch tensor the update may be written into (or ``None``); use :meth:`combine`.
+        finite: a strategy may set this to True when it has established that its update is
+            finite (e.g. from a finite Gram of the sequence gradients); the engine then skips its
+            own non-finite check of that update.
     """
 
     name: str
@@ -50,6 +53,11 @@ class LayerStep:
     coefficients: torch.Tensor
     seq: SequenceGradients
     out: torch.Tensor | None = None
+    finite: bool = False
+
+    def host_coefficients(self):
+        """``coefficients`` as a float64 NumPy array on the host."""
+        return self.coefficients.cpu().numpy()
 
     def combine(self, gamma: torch.Tensor) -> torch.Tensor:
         """``sum_i gamma_i s_i`` -- the usual way for a strategy to build its update."""

@@ -96,14 +96,46 @@ class Proma(Strategy):
         self._projections += int(has_grad.sum())
         return alpha
 
+    def _alpha_single(self, full: np.ndarray, coefficients: np.ndarray) -> np.ndarray | None:
+        """Lean path of :meth:`coefficients_removed` for one tensor (``solve``, ``damping > 0``).
+
+        Inside a backward pass every Python/NumPy call is expensive (the interpreter's working set
+        has been evicted by the step's tensors), so this does the minimum; ``None`` = not handled.
+        """
+        opts: PromaOptions = self.options
+        if opts.projector != "solve" or opts.damping == 0.0 or not np.isfinite(full).all():
+            return None
+        k = full.shape[0] - 1
+        gram, inner = full[:k, :k], full[:k, k]
+        trace = float(np.trace(gram))
+        if trace <= 0.0:
+            return np.zeros(k)
+        lam = 1e-6 * trace / k if opts.damping is None else opts.damping
+        alpha = np.linalg.solve(gram + lam * np.eye(k), inner)
+        proj_sq = max(float(alpha @ gram @ alpha), 0.0)
+        if opts.relative_bound is not None and proj_sq > 0.0:
+            limit = opts.relative_bound * math.sqrt(max(float(coefficients @ gram @ coefficients), 0.0))
+            norm = math.sqrt(proj_sq)
+            if norm > limit:
+                alpha = alpha * (limit / norm)
+                proj_sq = limit * limit
+                self._bound_hits += 1
+        self._proj_sq += proj_sq
+        self._running_sq += float(full[k, k])
+        self._projections += 1
+        return alpha
+
     def accumulate(self, step: LayerStep) -> torch.Tensor:
         """``sum_i (c_i - shrinkage alpha_i) s_i``; just ``g_m`` while ``G`` is still zero."""
         if step.grad is None or self.options.shrinkage == 0.0:
             return step.combine(step.coefficients)
-        full = step.seq.gram_with(step.grad).cpu().numpy()[None]
-        alpha = self.coefficients_removed(full, step.coefficients.cpu().numpy(), np.ones(1, dtype=bool))[0]
-        alpha = torch.from_numpy(alpha).to(step.coefficients.device)
-        return step.combine(step.coefficients - self.options.shrinkage * alpha)
+        full = step.seq.gram_with(step.grad).cpu().numpy()
+        coeffs = step.host_coefficients()
+        alpha = self._alpha_single(full, coeffs)
+        if alpha is None:
+            alpha = self.coefficients_removed(full[None], coeffs, np.ones(1, dtype=bool))[0]
+        step.finite = bool(np.isfinite(alpha).all())  # finite Gram of [S; G] => finite update
+        return step.combine(torch.from_numpy(coeffs - self.options.shrinkage * alpha))
 
     def accumulate_batch(self, batch) -> torch.Tensor:
         """The same for a batch of small tensors, with batched Gram, solve and combine."""
@@ -112,9 +144,10 @@ class Proma(Strategy):
         if self.options.shrinkage == 0.0 or not has_grad.any():
             return batch.combine(coeffs)
         full = batch.gram_with_grads().cpu().numpy()
-        alpha = self.coefficients_removed(full, coeffs.cpu().numpy(), has_grad)
-        gamma = coeffs[None, :] - self.options.shrinkage * torch.from_numpy(alpha).to(coeffs.device)
-        return batch.combine(gamma)
+        host = coeffs.cpu().numpy()
+        alpha = self.coefficients_removed(full, host, has_grad)
+        batch.finite = bool(np.isfinite(alpha).all()) and bool(has_grad.all())
+        return batch.combine(torch.from_numpy(host[None, :] - self.options.shrinkage * alpha))
 
     def step_metrics(self) -> dict[str, float]:
         """``proma/projected_fraction`` = sqrt(sum ||proj||^2 / sum ||G||^2) over layers and microbatches."""
