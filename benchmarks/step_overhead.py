@@ -12,8 +12,9 @@ For each setup it times, over the same microbatches, interleaved and repeated:
 * ``<strategy>``     -- the gradproj-wrapped optimizer (``none``, ``proma``, ...);
 * ``per_sequence``   -- one forward per microbatch, then one backward per sequence
   (what PROMA would cost without the single-pass capture).
-and prints the median time of each divided by the plain step's median. Peak memory is the
-peak RSS growth of a child process per variant (``--memory``).
+and prints the median time of each divided by the plain step's median. ``--memory`` adds the peak
+RSS growth during one step, measured in a fresh child process per variant. ``--json``,
+``--markdown`` and ``--plot`` write the results for the docs.
 """
 
 from __future__ import annotations
@@ -107,11 +108,12 @@ def step_per_sequence(model, opt, data):
     opt.zero_grad()
 
 
-def variants(args, setup):
+def variants(args, setup, only=None):
     import gradproj
 
     out = {}
-    for name in ["plain", *args.strategies, *(["per_sequence"] if args.per_sequence else [])]:
+    names = ["plain", *args.strategies, *(["per_sequence"] if args.per_sequence else [])]
+    for name in names if only is None else [only]:
         model = build_model(args, setup)
         params = [p for p in model.parameters() if p.requires_grad]
         inner = torch.optim.AdamW(params, lr=1e-5)
@@ -144,20 +146,33 @@ def time_setup(args, setup):
     return med, extra
 
 
-def peak_memory(args, setup, variant):
-    """Peak RSS growth (MiB) of one step of ``variant`` in a fresh child process."""
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_child(args) -> None:
+    """Child process: peak RSS growth (MiB) over one step of one variant, printed on stdout."""
+    import resource
+
+    setup, variant = args.memory_child
+    torch.set_num_threads(args.threads)
+    model, opt, fn = variants(args, setup, only=variant)[variant]
+    data = make_data(args)
+    before = _rss_mib()
+    fn(model, opt, data)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(max(peak - before, 0.0))
+
+
+def peak_memory(argv, setup: str, variant: str) -> float:
+    """Peak RSS growth (MiB) of the first step of ``variant``, in a fresh child process."""
     import subprocess
 
-    code = (
-        "import sys, resource, torch; sys.argv=sys.argv[:1]+%r; "
-        "from benchmarks.step_overhead import *; a=parse(sys.argv[1:]); torch.set_num_threads(a.threads); "
-        "r=variants(a,%r); m,o,f=r[%r]; d=make_data(a); f(m,o,d); "
-        "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "print(base)"
-    ) % (sys.argv[1:] + ["--strategies", *(s for s in args.strategies)], setup, variant)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return int(res.stdout.strip().splitlines()[-1]) / 1024.0
+    cmd = [sys.executable, "-m", "benchmarks.step_overhead", *argv, "--memory-child", setup, variant]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root)
+    return float(res.stdout.strip().splitlines()[-1])
 
 
 def parse(argv=None):
@@ -178,6 +193,9 @@ def parse(argv=None):
     p.add_argument("--memory", action="store_true", help="also measure peak RSS per variant (child processes)")
     p.add_argument("--quick", action="store_true", help="tiny shape for smoke tests")
     p.add_argument("--json", help="write results to this file")
+    p.add_argument("--markdown", help="write a Markdown table of the results to this file")
+    p.add_argument("--plot", help="write a PNG bar chart of the ratios to this file")
+    p.add_argument("--memory-child", nargs=2, metavar=("SETUP", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.vocab = 64, 128, 2, 256
@@ -185,27 +203,81 @@ def parse(argv=None):
     return args
 
 
+def write_markdown(results, path) -> None:
+    """A Markdown table of the step-time (and memory) ratios, for the docs."""
+    a = results["args"]
+    lines = [
+        f"Shape: Qwen2-shaped, hidden {a['hidden']}, intermediate {a['intermediate']}, {a['layers']} layers, "
+        f"vocab {a['vocab']}; {a['microbatches']} microbatches x {a['k']} sequences x {a['tokens']} tokens; "
+        f"LoRA rank {a['rank']}; AdamW; float32; {a['threads']} threads; median of {a['repeats']} interleaved "
+        f"repeats; torch {results['torch']}; run {results['date']}.",
+        "",
+        "| setup | variant | step (s) | x plain step |" + (" peak growth (MiB) | x plain |" if a["memory"] else ""),
+        "|---|---|---:|---:|" + ("---:|---:|" if a["memory"] else ""),
+    ]
+    for setup, data in results["setups"].items():
+        for name, row in data["rows"].items():
+            line = f"| {setup} | {name} | {row['seconds']:.4f} | {row['ratio']:.3f} |"
+            if a["memory"]:
+                line += f" {row['peak_mib']:.1f} | {row['memory_ratio']:.3f} |"
+            lines.append(line)
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def plot(results, path) -> None:
+    """Bar chart of step-time ratios against the plain step, one group per setup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    setups = list(results["setups"])
+    names = [n for n in results["setups"][setups[0]]["rows"] if n != "plain"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        vals = [results["setups"][s]["rows"][name]["ratio"] for s in setups]
+        bars = ax.bar([i + j * width for i in range(len(setups))], vals, width, label=name)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xticks([i + width * (len(names) - 1) / 2 for i in range(len(setups))], setups)
+    ax.set_ylabel("step time / plain step")
+    ax.set_title("gradproj step overhead (CPU, same microbatches)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
+    if args.memory_child:
+        memory_child(args)
+        return None
     torch.set_num_threads(args.threads)
     print(f"shape: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab {args.vocab}, "
           f"{args.microbatches} microbatches x {args.k} sequences x {args.tokens} tokens; torch {torch.__version__}, "
           f"{args.threads} threads; median of {args.repeats}")
-    results = {"args": vars(args), "setups": {}}
+    import datetime
+
+    results = {"args": vars(args), "setups": {}, "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+    child_argv = [a for a in argv if a not in ("--memory",)]
     for setup in args.setups:
         med, metrics = time_setup(args, setup)
         rows = {name: {"seconds": t, "ratio": t / med["plain"]} for name, t in med.items()}
         if args.memory:
-            base = peak_memory(args, setup, "plain")
+            base = peak_memory(child_argv, setup, "plain")
             for name in rows:
-                rows[name]["peak_rss_mib"] = base if name == "plain" else peak_memory(args, setup, name)
-                rows[name]["memory_ratio"] = rows[name]["peak_rss_mib"] / base
+                rows[name]["peak_mib"] = base if name == "plain" else peak_memory(child_argv, setup, name)
+                rows[name]["memory_ratio"] = rows[name]["peak_mib"] / base if base > 0 else float("nan")
         results["setups"][setup] = {"rows": rows, "metrics": metrics}
         print(f"\n[{setup}]  {'variant':<14}{'step s':>10}{'x plain':>10}" + (f"{'peak MiB':>10}{'x plain':>9}" if args.memory else ""))
         for name, row in rows.items():
             line = f"[{setup}]  {name:<14}{row['seconds']:>10.4f}{row['ratio']:>10.3f}"
             if args.memory:
-                line += f"{row['peak_rss_mib']:>10.1f}{row['memory_ratio']:>9.3f}"
+                line += f"{row['peak_mib']:>10.1f}{row['memory_ratio']:>9.3f}"
             print(line)
         if "per_sequence" in rows:
             for name in args.strategies:
@@ -213,6 +285,10 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
+    if args.markdown:
+        write_markdown(results, args.markdown)
+    if args.plot:
+        plot(results, args.plot)
     return results
 
 

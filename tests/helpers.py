@@ -180,11 +180,15 @@ class TinyLM(nn.Module):
         x = self.emb(input_ids)
         m = torch.ones_like(input_ids, dtype=x.dtype) if attention_mask is None else attention_mask.to(x.dtype)
         x = torch.cumsum(x * m[..., None], 1) / torch.cumsum(m, 1).clamp(min=1)[..., None]
+        return SimpleNamespace(logits=self.head(self.hidden(x)))
+
+    def hidden(self, x):
+        """The trainable middle of the network (subclasses change it)."""
         h = torch.tanh(self.fc1(x))
         h = torch.tanh(self.fc2(h))
         if self.reuse:
             h = h + torch.tanh(self.fc2(h))
-        return SimpleNamespace(logits=self.head(h))
+        return h
 
 
 def run_microbatches(model, opt, microbatches, scale=None, ref=None):

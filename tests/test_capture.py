@@ -156,17 +156,9 @@ class BranchyLM(TinyLM):
         self.extra = torch.nn.Linear(self.fc2.in_features, self.fc2.out_features).to(self.fc2.weight.dtype)
         self.use_extra = False
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
-        from types import SimpleNamespace
-
-        x = self.emb(input_ids)
-        m = torch.ones_like(input_ids, dtype=x.dtype) if attention_mask is None else attention_mask.to(x.dtype)
-        x = torch.cumsum(x * m[..., None], 1) / torch.cumsum(m, 1).clamp(min=1)[..., None]
-        h = torch.tanh(self.fc1(x))
-        h = torch.tanh(self.fc2(h))
-        if self.use_extra:
-            h = torch.tanh(self.extra(h))
-        return SimpleNamespace(logits=self.head(h))
+    def hidden(self, x):
+        h = super().hidden(x)
+        return torch.tanh(self.extra(h)) if self.use_extra else h
 
 
 @pytest.mark.parametrize("projector", ["solve", "gram_schmidt"])
