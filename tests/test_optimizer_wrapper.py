@@ -172,3 +172,23 @@ def test_detach_restores_plain_modules():
     inner = opt.detach()
     assert "forward" not in model.fc1.__dict__ and isinstance(inner, torch.optim.SGD)
     gradproj.wrap(inner, model, "proma").detach()  # can wrap again after detach
+
+
+def test_grad_scaler_matches_unscaled_run():
+    """torch.amp.GradScaler: scaled losses give scaled coefficients; after unscale_ the PROMA
+    gradient equals the unscaled run's (PROMA is equivariant to a common scale)."""
+    batches = make_microbatches(count=3, k=4, seed=12)
+    grads = []
+    for use_scaler in (False, True):
+        model = TinyLM(seed=8, dtype=torch.float32)
+        opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", relative_bound=0.5)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=use_scaler)
+        for ids, attn, mask, adv in batches:
+            logp = token_logprobs(model, ids, attn)
+            with opt.microbatch(logp, mask):
+                scaler.scale(grpo_loss(logp, mask, adv.float(), 1 / 3)).backward()
+        scaler.unscale_(opt)
+        grads.append(torch.cat([p.grad.flatten() for _, p in trainable(model)]))
+        scaler.step(opt)
+        scaler.update()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
