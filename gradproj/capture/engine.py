@@ -335,6 +335,12 @@ class CaptureEngine:
                     param.grad.add_(grads[attr])
 
     def _finish(self, mb: Microbatch) -> None:
+        # Runs after the backward returned, where grad mode is on again: nothing here may be
+        # recorded by autograd (saved activations still require grad).
+        with torch.no_grad():
+            self._finish_microbatch(mb)
+
+    def _finish_microbatch(self, mb: Microbatch) -> None:
         if not mb.fired:
             raise ProtocolError(
                 f"{mb.where}: the block closed but its backward never reached logp; call "
