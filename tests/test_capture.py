@@ -62,6 +62,7 @@ def test_packed_layout_is_a_clear_error():
     model = TinyLM()
     opt = wrap(model)
     ids, attn, mask, adv = make_microbatches(count=1, k=3)[0]
+    run_microbatches(model, opt, [(ids, attn, mask, adv)])  # G != 0: sequence gradients needed next
     packed = ids[attn.bool()].unsqueeze(0)  # (1, total tokens)
     logp = token_logprobs(model, packed, None)
     logp = logp.expand(3, -1)  # pretend 3 sequences

@@ -84,6 +84,8 @@ class CaptureEngine:
         self._guards: list = []
         self._covered: dict[int, str] = {}
         self._params: list[torch.nn.Parameter] = []
+        self._covered_params: list[torch.nn.Parameter] = []
+        self._plain_when_no_grad = False
         self._workspace = Workspace()
         self._buffers: dict[int, torch.Tensor] = {}  # per-parameter update buffers, reused in a step
         self._batched: dict[int, tuple[ParamGroup, int]] = {}  # small parameters -> (group, row)
@@ -158,6 +160,8 @@ class CaptureEngine:
         self.layers = plan
         self._plan_batching(plan)
         self._covered = covered
+        self._covered_params = [param for layer in plan for _, param, _ in layer.params]
+        self._plain_when_no_grad = not self.strategies.transforms and self.strategies.accumulate.plain_when_no_grad
         self._params = [p for _, p in named]
         setattr(self.model, _ENGINE_ATTR, self)
         self.attached = True
@@ -205,7 +209,7 @@ class CaptureEngine:
     def _guard(self, qname: str, grad: torch.Tensor | None):
         # Captured layers return no gradient for their parameters (the hook then sees None);
         # a real tensor here means some other use of the parameter produced one.
-        if grad is not None and self.current is not None and self.capturing:
+        if grad is not None and self.current is not None and self.capturing and not self.current.plain:
             raise CoverageError(
                 f"parameter {qname} received an ordinary gradient during a captured microbatch: it is "
                 "used outside the module gradproj covers (tied weights, a functional call such as a "
@@ -269,8 +273,13 @@ class CaptureEngine:
         coefficients = sequence_coefficients(grad, mb.mask, mb.where)
         if coefficients is None:
             mb.drop()
-        else:
-            mb.coefficients = coefficients
+            return mb.seed
+        mb.coefficients = coefficients
+        if self._plain_when_no_grad and all(p.grad is None for p in self._covered_params):
+            # First microbatch of a step: G = 0 everywhere, so the update is the plain gradient.
+            # Keep the loss's weights and let every layer return ordinary gradients.
+            mb.plain = True
+            return None
         return mb.seed
 
     def on_backward(self, layer: LayerCapture, use) -> None:
@@ -278,14 +287,11 @@ class CaptureEngine:
         start = perf_counter()
         mb = self.current
         if mb is None:
-            if self.capturing:
-                raise ProtocolError(
-                    f"the backward reached layer {layer.name!r} outside an opt.microbatch(logp, mask) "
-                    "block; run the loss's backward inside the block, or use opt.paused() for a plain "
-                    "backward"
-                )
-            self._plain_accumulate(layer, [use])
-            return
+            raise ProtocolError(
+                f"the backward reached layer {layer.name!r} outside an opt.microbatch(logp, mask) "
+                "block; run the loss's backward inside the block, or use opt.paused() for a plain "
+                "backward"
+            )
         if mb.dropped:
             return
         if mb.coefficients is None:
@@ -325,14 +331,17 @@ class CaptureEngine:
             self._strategy_seconds += perf_counter() - start
             mb.stage(param, update, step.finite)
 
-    def _plain_accumulate(self, layer: LayerCapture, uses) -> None:
-        grads = layer.handler.plain_gradients(layer, uses)
-        for attr, param, _ in layer.params:
-            if attr in grads and param.requires_grad:
-                if param.grad is None:
-                    param.grad = grads[attr].to(param.dtype)
-                else:
-                    param.grad.add_(grads[attr])
+    @property
+    def plain_backward(self) -> bool:
+        """Whether captured layers should return ordinary gradients (read by handlers' backward).
+
+        True while paused or detached (no block open), and in a microbatch that needs no sequence
+        gradients (the first of a step, for rules that just add ``g_m`` to a zero ``G``).
+        """
+        mb = self.current
+        if mb is None:
+            return not self.capturing
+        return mb.plain
 
     def _finish(self, mb: Microbatch) -> None:
         # Runs after the backward returned, where grad mode is on again: nothing here may be
@@ -346,6 +355,16 @@ class CaptureEngine:
                 f"{mb.where}: the block closed but its backward never reached logp; call "
                 "loss.backward() inside the block, with a loss computed from that logp tensor"
             )
+        if mb.plain:  # autograd accumulated ordinary gradients into grads that were all None
+            written = [p.grad for p in self._covered_params if p.grad is not None]
+            if written and not self._all_finite(written):
+                for param in self._covered_params:
+                    param.grad = None  # exactly the state before the microbatch
+                self._dropped += 1
+            self._microbatches += 1
+            self._sequences += mb.k
+            self._mb_in_step += 1
+            return
         start = perf_counter()
         for layer, uses in list(mb.uses.items()):  # layers whose forward count exceeded their backward
             if mb.dropped:

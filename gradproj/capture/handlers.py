@@ -5,7 +5,8 @@ handler below is registered that way). It must
 
 * ``install`` itself on a module so that, while gradproj captures, the module's backward hands
   ``(inputs, output_grads)`` to the engine instead of accumulating its parameters' gradients
-  (no extra matmul: the weight gradient is never computed twice), and
+  (no extra matmul: the weight gradient is never computed twice) -- unless
+  ``engine.plain_backward`` is true, in which case it returns ordinary parameter gradients, and
 * turn the collected uses into :mod:`gradproj.linalg` sequence gradients per parameter.
 
 peft's LoRA adapters (``lora_A``/``lora_B``) are ``nn.Linear`` and need nothing more.
@@ -64,10 +65,6 @@ class LayerHandler:
         """
         raise NotImplementedError
 
-    def plain_gradients(self, layer, uses) -> dict:
-        """``{param attribute: ordinary gradient}`` (used for a backward while capture is paused)."""
-        raise NotImplementedError
-
 
 class _CapturedLinear(torch.autograd.Function):
     """``F.linear`` whose backward returns the input gradient only and hands (x, dy) to the engine."""
@@ -92,7 +89,13 @@ class _CapturedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
-        ctx.layer.engine.on_backward(ctx.layer, (x, grad_out))
+        engine = ctx.layer.engine
+        if engine.plain_backward:  # paused, or a microbatch that needs no sequence gradients
+            d2 = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_w = d2.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+            grad_b = d2.sum(dim=0) if ctx.needs_input_grad[2] else None
+            return grad_x, grad_w, grad_b, None
+        engine.on_backward(ctx.layer, (x, grad_out))
         return grad_x, None, None, None
 
 
@@ -157,20 +160,6 @@ class LinearHandler(LayerHandler):
             torch.sum(d, dim=1, out=slots["bias"])
         elif layer.module.bias is not None and layer.module.bias.requires_grad:
             out["bias"] = MaterializedGrads(d.sum(dim=1))
-        return out
-
-    def plain_gradients(self, layer, uses) -> dict:
-        """``dy^T x`` and ``sum dy`` over all positions, summed over uses."""
-        module = layer.module
-        out = {}
-        for x, dy in uses:
-            x2 = x.reshape(-1, x.shape[-1]).to(module.weight.dtype)
-            d2 = dy.reshape(-1, dy.shape[-1]).to(module.weight.dtype)
-            parts = {"weight": d2.T @ x2}
-            if module.bias is not None:
-                parts["bias"] = d2.sum(dim=0)
-            for key, value in parts.items():
-                out[key] = value if key not in out else out[key] + value
         return out
 
 

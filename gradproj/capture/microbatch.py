@@ -126,6 +126,7 @@ class Microbatch:
         self.coefficients: torch.Tensor | None = None
         self.fired = False
         self.dropped = False
+        self.plain = False  # layers return ordinary gradients (G was 0 everywhere)
         self.uses: dict = {}
         self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.filled: dict = {}  # ParamGroup -> row indices written in this microbatch

@@ -74,6 +74,9 @@ class Strategy:
     role: ClassVar[str] = "accumulate"
     #: Whether the strategy needs per-sequence gradients (False only for plain accumulation).
     needs_capture: ClassVar[bool] = True
+    #: Whether, with ``G = 0`` everywhere (the first microbatch of a step), the update is just
+    #: ``g_m``: the engine then lets autograd compute ordinary gradients for that microbatch.
+    plain_when_no_grad: ClassVar[bool] = False
 
     def __init__(self, options: StrategyOptions) -> None:
         self.options = options

@@ -18,6 +18,7 @@ class PlainAccumulation(Strategy):
     """``G <- G + sum_i c_i s_i``."""
 
     role = "accumulate"
+    plain_when_no_grad = True
     needs_capture = False
 
     def accumulate(self, step: LayerStep):

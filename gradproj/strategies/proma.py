@@ -49,6 +49,7 @@ class Proma(Strategy):
     """Project the running gradient off the microbatch's sequence-gradient span, then add ``g_m``."""
 
     role = "accumulate"
+    plain_when_no_grad = True
 
     def __init__(self, options: PromaOptions) -> None:
         super().__init__(options)
