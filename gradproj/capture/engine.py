@@ -355,15 +355,15 @@ class CaptureEngine:
                 f"{mb.where}: the block closed but its backward never reached logp; call "
                 "loss.backward() inside the block, with a loss computed from that logp tensor"
             )
+        self._microbatches += 1
+        self._sequences += mb.k
+        self._mb_in_step += 1
         if mb.plain:  # autograd accumulated ordinary gradients into grads that were all None
             written = [p.grad for p in self._covered_params if p.grad is not None]
             if written and not self._all_finite(written):
                 for param in self._covered_params:
                     param.grad = None  # exactly the state before the microbatch
                 self._dropped += 1
-            self._microbatches += 1
-            self._sequences += mb.k
-            self._mb_in_step += 1
             return
         start = perf_counter()
         for layer, uses in list(mb.uses.items()):  # layers whose forward count exceeded their backward
@@ -382,9 +382,6 @@ class CaptureEngine:
         mb.staged.clear()
         mb.uses.clear()
         mb.unverified.clear()
-        self._microbatches += 1
-        self._sequences += mb.k
-        self._mb_in_step += 1
 
     def _finish_groups(self, mb: Microbatch) -> None:
         """Run the strategy once per group of small parameters filled in this microbatch."""
