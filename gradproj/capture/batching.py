@@ -96,16 +96,12 @@ class LayerBatch:
 
     def gram_with_grads(self) -> torch.Tensor:
         """(L, k+1, k+1) float64 Grams of ``[s_1..s_k, G]`` per member (G = 0 where ``None``)."""
-        scratch = self._rows[:, self.k]
-        dst, src = [], []
-        for row, grad in zip(scratch, self.grads):
-            if grad is None:
-                row.zero_()
-            else:
-                dst.append(row)
-                src.append(grad.reshape(-1))
-        if dst:
-            torch._foreach_copy_(dst, src)
+        rows = self._rows[:, self.k].unbind(0)
+        if all(grad is not None for grad in self.grads):
+            torch._foreach_copy_(list(rows), [grad.reshape(-1) for grad in self.grads])
+        else:
+            for row, grad in zip(rows, self.grads):
+                row.zero_() if grad is None else row.copy_(grad.reshape(-1))
         return torch.bmm(self._rows, self._rows.transpose(1, 2)).double()
 
     def combine(self, gamma: torch.Tensor) -> torch.Tensor:
