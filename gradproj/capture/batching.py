@@ -2,7 +2,8 @@
 
 For a parameter with a few thousand elements, per-layer Python and kernel-dispatch overhead
 costs far more than its arithmetic. Such parameters are grouped at ``wrap()`` time by
-(shape, compute dtype, device); during the backward each one's sequence gradients are written into
+(number of elements, compute dtype, device) -- a LoRA ``A`` (r x d) and ``B`` (d x r) share a group,
+since everything batched works on flattened rows; during the backward each one's sequence gradients are written into
 its row of the group's buffer, and when the microbatch closes the strategy runs once per group
 with batched operations (:class:`LayerBatch`).
 """
@@ -23,15 +24,15 @@ BATCH_MAX_BYTES = 256 << 20
 
 
 class ParamGroup:
-    """Parameters of one shape/dtype/device whose sequence gradients share one buffer.
+    """Parameters with one element count/dtype/device whose sequence gradients share one buffer.
 
-    The buffer ``rows`` has shape (L, k+1, numel): rows ``[:, :k]`` hold each member's ``s_i``,
-    row ``k`` is scratch for its running gradient (so one batched Gram gives K, b and ||G||^2).
+    The buffer ``rows`` has shape (L, k+1, numel): rows ``[:, :k]`` hold each member's flattened
+    ``s_i``, row ``k`` is scratch for its running gradient (so one batched Gram gives K, b and
+    ||G||^2).
     """
 
-    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
-        self.shape = torch.Size(shape)
-        self.numel = self.shape.numel()
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.numel = int(numel)
         self.dtype = dtype
         self.device = device
         self.members: list[tuple[torch.Tensor, str]] = []
@@ -51,7 +52,7 @@ class ParamGroup:
 
     def slot(self, index: int, k: int) -> torch.Tensor:
         """Where member ``index`` writes its (k, *shape) sequence gradients."""
-        return self.rows(k)[index, :k].view(k, *self.shape)
+        return self.rows(k)[index, :k].view(k, *self.members[index][0].shape)
 
     def release(self) -> None:
         """Free the buffer."""
@@ -59,7 +60,7 @@ class ParamGroup:
 
 
 class LayerBatch:
-    """Several parameter tensors of one shape in one microbatch, as seen by a strategy.
+    """Several parameter tensors with the same number of elements in one microbatch.
 
     Attributes:
         names: qualified parameter names.
@@ -67,7 +68,6 @@ class LayerBatch:
         grads: their running gradients (``None`` = 0).
         coefficients: float64 (k,) per-sequence loss coefficients.
         k: number of sequences.
-        shape: the common parameter shape.
     """
 
     def __init__(self, group: ParamGroup, indices: list[int], coefficients: torch.Tensor) -> None:
@@ -82,7 +82,6 @@ class LayerBatch:
         self.grads = [p.grad for p in self.params]
         self.coefficients = coefficients
         self.k = k
-        self.shape = group.shape
         #: set by a strategy that has established its updates are finite (see ``LayerStep.finite``)
         self.finite = False
 
@@ -115,6 +114,6 @@ class LayerBatch:
         """Per-member :class:`LayerStep` views (for strategies without a batched implementation)."""
         seqs = self.sequence_grads
         return [
-            LayerStep(name, param, grad, self.coefficients, MaterializedGrads(seqs[i].view(self.k, *self.shape)))
+            LayerStep(name, param, grad, self.coefficients, MaterializedGrads(seqs[i].view(self.k, *param.shape)))
             for i, (name, param, grad) in enumerate(zip(self.names, self.params, self.grads))
         ]

@@ -167,7 +167,7 @@ class CaptureEngine:
         self.attached = True
 
     def _plan_batching(self, plan: list[LayerCapture]) -> None:
-        """Group small parameters by (shape, compute dtype, device) within the memory budget."""
+        """Group small parameters by (element count, compute dtype, device) within the memory budget."""
         groups: dict[tuple, ParamGroup] = {}
         budget = BATCH_MAX_BYTES
         for layer in plan:
@@ -180,9 +180,9 @@ class CaptureEngine:
                 if numel > BATCH_MAX_NUMEL or cost > budget:
                     continue
                 budget -= cost
-                key = (tuple(param.shape), dtype, param.device)
+                key = (numel, dtype, param.device)
                 if key not in groups:
-                    groups[key] = ParamGroup(param.shape, dtype, param.device)
+                    groups[key] = ParamGroup(numel, dtype, param.device)
                 self._batched[id(param)] = (groups[key], groups[key].add(param, qname))
         self._groups = list(groups.values())
 
