@@ -10,9 +10,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip 2>&1 | grep -v -i "warning: location" || true
+# pip's exit status decides (pipefail); the filter only hides this machine's index warnings.
+quiet() { "$@" 2>&1 | { grep -v -i -e "warning: location" -e "^ *!!" || true; }; }
+quiet python -m pip install -q --upgrade pip
 if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
-  pip install -q torch==2.13.0 2>&1 | grep -v -i "warning: location" || true
+  quiet pip install -q torch==2.13.0
 fi
-pip install -q -e ".[test,docs]" 2>&1 | grep -v -i -e "warning: location" -e "^ *!!" || true
-python -c "import torch, gradproj, transformers, peft, torch_optimizer; print(f'gradproj {gradproj.__version__} ready: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"
+quiet pip install -q -e ".[test,docs]"
+python -c "import torch, gradproj, transformers, peft, torch_optimizer, hypothesis, mkdocs, matplotlib; print(f'gradproj {gradproj.__version__} ready: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"
