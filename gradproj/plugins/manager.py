@@ -23,6 +23,7 @@ BUILTIN_PLUGINS = {
     "none": "gradproj.strategies.none",
     "proma": "gradproj.strategies.proma",
     "linear": "gradproj.capture.handlers",
+    "norms": "gradproj.capture.norm_handlers",
 }
 
 _lock = threading.Lock()
