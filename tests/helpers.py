@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -228,3 +230,58 @@ def make_microbatches(count=3, k=4, seed=0):
         adv[m % k] = 0.0
         out.append((ids, attn, mask, adv))
     return out
+
+
+def _rms(x, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@contextlib.contextmanager
+def float64_exact_norms():
+    """HF RMSNorms round through float32 even for float64 inputs; patch the *classes* (so the
+    handlers still accept the modules) with dtype-preserving forwards for exact brute force."""
+    import transformers.models.gemma3.modeling_gemma3 as g3
+    import transformers.models.llama.modeling_llama as ll
+    import transformers.models.qwen2.modeling_qwen2 as q2
+    import transformers.models.qwen3.modeling_qwen3 as q3
+
+    def llama_like(self, hidden_states):
+        return self.weight * _rms(hidden_states, self.variance_epsilon)
+
+    def gemma(self, x):
+        return _rms(x, self.eps) * (1.0 + self.weight)
+
+    patches = [(ll.LlamaRMSNorm, llama_like), (q2.Qwen2RMSNorm, llama_like), (q3.Qwen3RMSNorm, llama_like),
+               (g3.Gemma3RMSNorm, gemma)]
+    saved = [(cls, cls.forward) for cls, _ in patches]
+    try:
+        for cls, fn in patches:
+            cls.forward = fn
+        yield
+    finally:
+        for cls, fn in saved:
+            cls.forward = fn
+
+
+def tiny_full(arch: str, seed: int = 0, train_embeddings: bool = False, tie: bool = False):
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=tie, pad_token_id=0, max_position_embeddings=128)
+    if arch == "gemma3":
+        cfg, cls = transformers.Gemma3TextConfig(head_dim=8, sliding_window=16, **common), transformers.Gemma3ForCausalLM
+    elif arch == "qwen3":
+        cfg, cls = transformers.Qwen3Config(head_dim=8, **common), transformers.Qwen3ForCausalLM
+    elif arch == "qwen2":
+        cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    else:
+        cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    cfg._attn_implementation = "sdpa"
+    model = cls(cfg).double()
+    for name, p in model.named_parameters():
+        p.requires_grad_(train_embeddings or "embed_tokens" not in name)  # full fine-tuning
+        if "norm" in name:  # non-trivial norm weights (Gemma's start at 0, Llama's at 1)
+            with torch.no_grad():
+                p.add_(0.1 * torch.randn_like(p))
+    return model

@@ -24,6 +24,7 @@ BUILTIN_PLUGINS = {
     "proma": "gradproj.strategies.proma",
     "linear": "gradproj.capture.handlers",
     "norms": "gradproj.capture.norm_handlers",
+    "embedding": "gradproj.capture.embedding_handler",
 }
 
 _lock = threading.Lock()

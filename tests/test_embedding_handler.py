@@ -1,0 +1,49 @@
+"""nn.Embedding handler: exact against the brute force with padding_idx, as part of full
+fine-tuning of HF models (untied embeddings) and of a small model; refusals stay clear."""
+
+import pytest
+import torch
+from torch import nn
+
+import gradproj
+from helpers import TinyLM, float64_exact_norms, make_microbatches, run_microbatches, tiny_full, trainable
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
+def test_full_finetuning_every_parameter_exact(arch):
+    """Embeddings (padding_idx = pad id 0, hit by the padded positions), norms and Linears."""
+    with float64_exact_norms():
+        model = tiny_full(arch, train_embeddings=True)
+        assert model.get_input_embeddings().padding_idx == 0
+        opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+        assert "model.embed_tokens.weight" in {q for layer in opt.engine.layers for _, _, q in layer.params}
+        errors = run_microbatches(model, opt, make_microbatches(count=3, k=4, seed=2), ref={})
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= 1e-10, (worst, errors[worst])
+        opt.detach()
+
+
+@pytest.mark.parametrize("projector", ["solve", "gram_schmidt"])
+def test_trainable_embedding_small_model(projector):
+    model = TinyLM(seed=4)
+    model.emb.weight.requires_grad_(True)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", projector=projector)
+    errors = run_microbatches(model, opt, make_microbatches(count=3, k=5, seed=8), ref={"projector": projector})
+    assert max(errors.values()) <= 1e-10
+
+
+def test_tied_embeddings_are_refused_clearly():
+    model = tiny_full("qwen2", train_embeddings=True, tie=True)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    with pytest.raises(gradproj.CoverageError, match="tied"):
+        gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", exclude=["*embed_tokens*"])
+    assert not model.lm_head.weight.requires_grad
+    opt.detach()
+
+
+def test_sparse_embedding_stays_uncovered():
+    model = TinyLM()
+    model.emb = nn.Embedding(model.emb.num_embeddings, model.emb.embedding_dim, sparse=True).double()
+    with pytest.raises(gradproj.CoverageError, match=r"emb\.weight"):
+        gradproj.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, "proma")
