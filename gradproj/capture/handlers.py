@@ -24,7 +24,7 @@ from gradproj.errors import InputError
 from gradproj.linalg.sequence_grads import MaterializedGrads, linear_weight_grads
 from gradproj.plugins.hookspecs import hookimpl
 
-__all__ = ["LayerHandler", "LinearHandler", "compute_dtype"]
+__all__ = ["LayerHandler", "LinearHandler", "Conv1DHandler", "compute_dtype"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -117,6 +117,9 @@ class LinearHandler(LayerHandler):
     module_types = (nn.Linear,)
     parameter_names = ("weight", "bias")
     supports_slots = True
+    #: The weight is stored (in, out) and ``s_i = A_i^T D_i`` (transformers' Conv1D) instead of
+    #: (out, in) with ``s_i = D_i^T A_i``.
+    weight_transposed = False
 
     def accepts(self, module: nn.Module) -> bool:
         """Only modules that run ``nn.Linear.forward`` unchanged (subclasses overriding it are not)."""
@@ -150,12 +153,13 @@ class LinearHandler(LayerHandler):
     def sequence_gradients(self, layer, uses, k: int, gram: str, workspace=None, slots=None) -> dict:
         """Weight: materialised or ghost (cost rule); bias: per-sequence sums of output grads."""
         a, d = self._factors(layer, uses, k)
+        left, right = (a, d) if self.weight_transposed else (d, a)  # s_i = left_i^T right_i
         slots = slots or {}
         out = {}
         if "weight" in slots:
-            torch.bmm(d.transpose(1, 2), a, out=slots["weight"])
+            torch.bmm(left.transpose(1, 2), right, out=slots["weight"])
         elif layer.module.weight.requires_grad:
-            out["weight"] = linear_weight_grads(a, d, gram, workspace)
+            out["weight"] = linear_weight_grads(right, left, gram, workspace)
         if "bias" in slots:
             torch.sum(d, dim=1, out=slots["bias"])
         elif layer.module.bias is not None and layer.module.bias.requires_grad:
@@ -163,7 +167,71 @@ class LinearHandler(LayerHandler):
         return out
 
 
+class _CapturedConv1D(torch.autograd.Function):
+    """transformers' ``Conv1D`` (``addmm(bias, x, W)``, W stored (in, out)), captured like Linear."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        device_type = x.device.type
+        shape = x.shape[:-1] + (weight.shape[1],)
+        if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype)
+            with torch.autocast(device_type, enabled=False):
+                out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+        else:
+            out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
+        ctx.save_for_backward(x, weight)
+        ctx.layer = layer
+        layer.forward_uses += 1
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out.matmul(weight.to(grad_out.dtype).T) if ctx.needs_input_grad[0] else None
+        engine = ctx.layer.engine
+        if engine.plain_backward:
+            d2 = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_w = x.reshape(-1, x.shape[-1]).T @ d2 if ctx.needs_input_grad[1] else None
+            grad_b = d2.sum(dim=0) if ctx.needs_input_grad[2] else None
+            return grad_x, grad_w, grad_b, None
+        engine.on_backward(ctx.layer, (x, grad_out))
+        return grad_x, None, None, None
+
+
+class Conv1DHandler(LinearHandler):
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored transposed."""
+
+    weight_transposed = True
+
+    def __init__(self, module_types: tuple[type, ...]) -> None:
+        self.module_types = module_types
+
+    def accepts(self, module: nn.Module) -> bool:
+        """Modules running ``Conv1D.forward`` unchanged."""
+        return type(module) in self.module_types and "forward" not in module.__dict__
+
+    def install(self, module: nn.Module, layer) -> Callable[[], None]:
+        """Route the module's forward through :class:`_CapturedConv1D` while capture is on."""
+        engine = layer.engine
+        original = type(module).forward
+
+        def forward(x):
+            if engine.capturing and torch.is_grad_enabled() and (module.weight.requires_grad or module.bias.requires_grad):
+                return _CapturedConv1D.apply(x, module.weight, module.bias, layer)
+            return original(module, x)
+
+        module.forward = forward
+        return lambda: module.__dict__.pop("forward", None)
+
+
 @hookimpl
 def gradproj_layer_handlers():
-    """Register the built-in ``nn.Linear`` handler."""
-    return [LinearHandler()]
+    """Register the built-in ``nn.Linear`` handler (and transformers' ``Conv1D`` when installed)."""
+    handlers: list[LayerHandler] = [LinearHandler()]
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return handlers
+    return handlers + [Conv1DHandler((Conv1D,))]

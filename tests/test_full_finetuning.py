@@ -1,5 +1,5 @@
-"""nn.Embedding handler: exact against the brute force with padding_idx, as part of full
-fine-tuning of HF models (untied embeddings) and of a small model; refusals stay clear."""
+"""Embedding and Conv1D handlers: full fine-tuning of HF models (Qwen2, Llama, Qwen3 with untied embeddings;
+GPT-2 with Conv1D, LayerNorm and position embeddings) equals the brute force; refusals stay clear."""
 
 import pytest
 import torch
@@ -47,3 +47,37 @@ def test_sparse_embedding_stays_uncovered():
     model.emb = nn.Embedding(model.emb.num_embeddings, model.emb.embedding_dim, sparse=True).double()
     with pytest.raises(gradproj.CoverageError, match=r"emb\.weight"):
         gradproj.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, "proma")
+
+
+def tiny_gpt2(seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # deterministic forwards
+    cfg._attn_implementation = "sdpa"
+    return transformers.GPT2LMHeadModel(cfg).double()
+
+
+@pytest.mark.parametrize("gram", ["auto", "ghost"])
+def test_gpt2_full_finetuning_exact(gram):
+    """GPT-2: Conv1D (transposed weight), LayerNorm, token and position embeddings, untied head."""
+    model = tiny_gpt2()
+    assert all(p.requires_grad for p in model.parameters())
+    opt = gradproj.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, "proma", gram=gram)
+    kinds = {type(layer.module).__name__ for layer in opt.engine.layers}
+    assert {"Conv1D", "LayerNorm", "Embedding", "Linear"} <= kinds
+    errors = run_microbatches(model, opt, make_microbatches(count=3, k=4, seed=3), ref={})
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-10, (worst, errors[worst])
+
+
+def test_conv1d_forward_matches_hf():
+    model = tiny_gpt2().float()
+    conv = model.transformer.h[0].attn.c_attn
+    x = torch.randn(2, 5, 32)
+    expected = conv(x)
+    opt = gradproj.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, "proma")
+    assert "forward" in conv.__dict__ and torch.equal(conv(x), expected)
+    opt.detach()
