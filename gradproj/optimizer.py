@@ -152,20 +152,30 @@ class GradProjOptimizer(torch.optim.Optimizer):
         return f"GradProjOptimizer(strategy={self.config.strategy!r}, optimizer={self.optimizer!r})"
 
     # -- gradproj API ----------------------------------------------------------------------
-    def microbatch(self, logp: torch.Tensor, mask: torch.Tensor | None = None) -> AbstractContextManager:
+    def microbatch(
+        self,
+        logp: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> AbstractContextManager:
         """Context manager around one microbatch's loss and backward.
 
         Args:
             logp: (sequences, tokens) log-probs of the sampled tokens, computed with grad enabled
-                by the model this optimizer wraps.
+                by the model this optimizer wraps; row i belongs to sequence i.
             mask: same shape, bool or 0/1: which tokens count (the response mask). ``None``: all.
+            cu_seqlens: for packed / remove-padding batches (activations of shape (1, total, d)):
+                the k+1 sequence boundaries in the packed token order (flash-attention convention).
+            position_ids: alternatively, the packed position ids (each sequence restarts at 0).
 
         The loss built inside must be ``sum_i c_i sum_t mask[i,t] logp[i,t]`` up to per-sequence
         constants (REINFORCE/GRPO, token-mean or sequence-mean aggregation, gradient accumulation
         scaling); a loss whose weights vary along a row raises :class:`CoefficientError`.
         When the block closes, ``param.grad`` holds the new running gradient.
         """
-        return self._engine.microbatch(logp, mask)
+        return self._engine.microbatch(logp, mask, cu_seqlens, position_ids)
 
     def paused(self) -> AbstractContextManager:
         """Context manager disabling capture (forward and backward behave as without gradproj)."""

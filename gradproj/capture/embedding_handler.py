@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradproj.capture.handlers import LayerHandler, compute_dtype
-from gradproj.errors import InputError
 from gradproj.linalg.sequence_grads import row_gram
 from gradproj.plugins.hookspecs import hookimpl
 
@@ -123,21 +122,14 @@ class EmbeddingHandler(LayerHandler):
         module.forward = forward
         return lambda: module.__dict__.pop("forward", None)
 
-    def sequence_gradients(self, layer, uses, k: int, gram: str, workspace=None, slots=None) -> dict:
+    def sequence_gradients(self, layer, uses, layout, gram: str, workspace=None, slots=None) -> dict:
         """The per-distinct-token representation over all uses of the microbatch."""
         module = layer.module
         if not module.weight.requires_grad:
             return {}
         dtype = compute_dtype(module.weight.dtype)
-        ids, grads = [], []
-        for token_ids, dy in uses:
-            if token_ids.dim() < 1 or token_ids.shape[0] != k:
-                raise InputError(
-                    f"layer {layer.name!r} looked up ids of shape {tuple(token_ids.shape)} but the microbatch "
-                    f"has k={k} sequences; gradproj needs batch-first ids (padded layout)"
-                )
-            ids.append(token_ids.reshape(k, -1))
-            grads.append(dy.reshape(k, -1, dy.shape[-1]).to(dtype))
+        ids = [layout.ids(token_ids, layer) for token_ids, _ in uses]
+        grads = [layout.rows(dy, layer, "output gradients").to(dtype) for _, dy in uses]
         ids_all = ids[0] if len(ids) == 1 else torch.cat(ids, dim=1)
         grads_all = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
         return {"weight": EmbeddingGrads(ids_all, grads_all, module.num_embeddings, module.padding_idx)}

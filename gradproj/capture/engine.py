@@ -231,7 +231,7 @@ class CaptureEngine:
 
     # -- microbatches ----------------------------------------------------------------------
     @contextmanager
-    def microbatch(self, logp: torch.Tensor, mask: torch.Tensor | None = None):
+    def microbatch(self, logp: torch.Tensor, mask: torch.Tensor | None = None, cu_seqlens=None, position_ids=None):
         """Context for one microbatch; see :meth:`GradProjOptimizer.microbatch`."""
         if not self.attached:
             raise ProtocolError("this gradproj optimizer was detached; wrap the optimizer again to capture")
@@ -242,7 +242,7 @@ class CaptureEngine:
             )
         if self._paused:
             raise ProtocolError("opt.microbatch() inside opt.paused(): leave the paused block first")
-        mb = Microbatch(logp, mask, self._mb_in_step)
+        mb = Microbatch(logp, mask, self._mb_in_step, cu_seqlens, position_ids)
         if self.needs_capture:
             self._check_coverage(mb.where)
         handle = logp.register_hook(partial(self._on_logp_grad, mb))
@@ -316,7 +316,7 @@ class CaptureEngine:
                 slots = slots or {}
                 slots[attr] = group.slot(index, mb.k)
                 mb.filled.setdefault(group, []).append(index)
-        seqs = layer.handler.sequence_gradients(layer, uses, mb.k, self.config.gram, self._workspace, slots)
+        seqs = layer.handler.sequence_gradients(layer, uses, mb.layout, self.config.gram, self._workspace, slots)
         rule = self.strategies.accumulate
         for attr, param, qname in layer.params:
             seq = seqs.get(attr)

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradproj.errors import InputError
 from gradproj.linalg.sequence_grads import MaterializedGrads, linear_weight_grads
 from gradproj.plugins.hookspecs import hookimpl
 
@@ -54,9 +53,10 @@ class LayerHandler:
         """Start capturing ``module`` for ``layer``; return a function that undoes it."""
         raise NotImplementedError
 
-    def sequence_gradients(self, layer, uses, k: int, gram: str, workspace=None, slots=None) -> dict:
+    def sequence_gradients(self, layer, uses, layout, gram: str, workspace=None, slots=None) -> dict:
         """``{param attribute: SequenceGradients}`` from the uses collected in one microbatch.
 
+        ``layout`` (:mod:`gradproj.capture.layout`) maps activations to the ``layout.k`` sequences.
         ``workspace`` (a :class:`gradproj.linalg.sequence_grads.Workspace`) may back large
         temporaries; the returned objects are only valid until the next layer is processed.
         ``slots`` maps attributes to (k, *shape) tensors the handler must fill with the sequence
@@ -99,18 +99,6 @@ class _CapturedLinear(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def _rows(tensor: torch.Tensor, k: int, layer, what: str) -> torch.Tensor:
-    """View a batch-first activation as (k, positions, features)."""
-    if tensor.dim() < 2 or tensor.shape[0] != k:
-        raise InputError(
-            f"layer {layer.name!r} saw {what} of shape {tuple(tensor.shape)} but the microbatch has "
-            f"k={k} sequences (rows of logp). gradproj needs batch-first activations whose first "
-            "dimension is the sequence (padded layout); packed / remove-padding batches are not "
-            "supported yet -- un-pack them, or exclude this layer and freeze it."
-        )
-    return tensor.reshape(k, -1, tensor.shape[-1])
-
-
 class LinearHandler(LayerHandler):
     """``torch.nn.Linear`` (weight and bias); covers peft LoRA's ``lora_A``/``lora_B`` too."""
 
@@ -142,17 +130,17 @@ class LinearHandler(LayerHandler):
         module.forward = forward
         return lambda: module.__dict__.pop("forward", None)
 
-    def _factors(self, layer, uses, k: int):
+    def _factors(self, layer, uses, layout):
         dtype = compute_dtype(layer.module.weight.dtype)
-        inputs = [_rows(x, k, layer, "inputs") for x, _ in uses]
-        grads = [_rows(dy, k, layer, "output gradients") for _, dy in uses]
+        inputs = [layout.rows(x, layer, "inputs") for x, _ in uses]
+        grads = [layout.rows(dy, layer, "output gradients") for _, dy in uses]
         a = inputs[0] if len(inputs) == 1 else torch.cat(inputs, dim=1)
         d = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
         return (a if a.dtype == dtype else a.to(dtype)), (d if d.dtype == dtype else d.to(dtype))
 
-    def sequence_gradients(self, layer, uses, k: int, gram: str, workspace=None, slots=None) -> dict:
+    def sequence_gradients(self, layer, uses, layout, gram: str, workspace=None, slots=None) -> dict:
         """Weight: materialised or ghost (cost rule); bias: per-sequence sums of output grads."""
-        a, d = self._factors(layer, uses, k)
+        a, d = self._factors(layer, uses, layout)
         left, right = (a, d) if self.weight_transposed else (d, a)  # s_i = left_i^T right_i
         slots = slots or {}
         out = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from gradproj.capture.layout import make_layout
 from gradproj.errors import CoefficientError, InputError
 
 __all__ = ["Microbatch", "validate_inputs", "sequence_coefficients"]
@@ -113,16 +114,18 @@ class Microbatch:
 
     Attributes:
         k: number of sequences (rows of ``logp``).
+        layout: how layer activations map to the k sequences (padded or packed).
         index: position of this microbatch in the current optimizer step (0-based).
         coefficients: ``c`` (float64, (k,)) once the backward reached ``logp``.
         dropped: True once a non-finite value was seen; nothing of it reaches ``.grad``.
     """
 
-    def __init__(self, logp: torch.Tensor, mask: torch.Tensor | None, index: int) -> None:
+    def __init__(self, logp: torch.Tensor, mask: torch.Tensor | None, index: int, cu_seqlens=None, position_ids=None) -> None:
         self.index = index
         self.where = f"opt.microbatch() #{index} of this step"
         self.mask, self.seed = validate_inputs(logp, mask, self.where)
         self.k = logp.shape[0]
+        self.layout = make_layout(self.k, cu_seqlens, position_ids, self.where)
         self.coefficients: torch.Tensor | None = None
         self.fired = False
         self.dropped = False

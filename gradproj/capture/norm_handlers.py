@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradproj.capture.handlers import LayerHandler, compute_dtype
-from gradproj.capture.handlers import _rows as rows_of
 from gradproj.linalg.sequence_grads import MaterializedGrads
 from gradproj.plugins.hookspecs import hookimpl
 
@@ -89,12 +88,12 @@ class _AffineHandler(LayerHandler):
         module.forward = forward
         return lambda: module.__dict__.pop("forward", None)
 
-    def sequence_gradients(self, layer, uses, k: int, gram: str, workspace=None, slots=None) -> dict:
+    def sequence_gradients(self, layer, uses, layout, gram: str, workspace=None, slots=None) -> dict:
         """Per-sequence sums of ``dy * xhat`` (weight) and ``dy`` (bias)."""
         module = layer.module
         dtype = compute_dtype(module.weight.dtype)
-        xs = [rows_of(x, k, layer, "normalised inputs").to(dtype) for x, _ in uses]
-        ds = [rows_of(d, k, layer, "output gradients").to(dtype) for _, d in uses]
+        xs = [layout.rows(x, layer, "normalised inputs").to(dtype) for x, _ in uses]
+        ds = [layout.rows(d, layer, "output gradients").to(dtype) for _, d in uses]
         x = xs[0] if len(xs) == 1 else torch.cat(xs, dim=1)
         d = ds[0] if len(ds) == 1 else torch.cat(ds, dim=1)
         slots = slots or {}

@@ -1,0 +1,114 @@
+"""Token -> sequence maps: how a layer's activations are split into the microbatch's sequences.
+
+* :class:`PaddedLayout` -- batch-first activations (k, T, ...): row i is sequence i.
+* :class:`PackedLayout` -- remove-padding / packed activations (1, total, ...) or (total, ...), with
+  sequence i at positions ``cu_seqlens[i]:cu_seqlens[i+1]`` (flash-attention's convention).
+
+Handlers call :meth:`rows` to get a (k, positions, features) view or zero-padded copy; positions a
+sequence does not have carry zero output gradients, so sums over them are exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradproj.errors import InputError
+
+__all__ = ["PaddedLayout", "PackedLayout", "make_layout", "cu_seqlens_from_position_ids"]
+
+
+class PaddedLayout:
+    """Batch-first activations: the first dimension is the sequence."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def rows(self, tensor: torch.Tensor, layer, what: str) -> torch.Tensor:
+        """(k, positions, features) view of a batch-first ``tensor`` (..., features)."""
+        if tensor.dim() < 2 or tensor.shape[0] != self.k:
+            raise InputError(
+                f"layer {layer.name!r} saw {what} of shape {tuple(tensor.shape)} but the microbatch has "
+                f"k={self.k} sequences (rows of logp). gradproj needs batch-first activations whose "
+                "first dimension is the sequence; for packed / remove-padding batches pass "
+                "cu_seqlens= (or position_ids=) to opt.microbatch(). Broadcast inputs (e.g. position "
+                "ids of shape (1, T)) cannot give per-sequence gradients: pass them per row."
+            )
+        return tensor.reshape(self.k, -1, tensor.shape[-1])
+
+    def ids(self, ids: torch.Tensor, layer) -> torch.Tensor:
+        """(k, positions) view of batch-first integer ids."""
+        if ids.dim() < 1 or ids.shape[0] != self.k:
+            raise InputError(
+                f"layer {layer.name!r} looked up ids of shape {tuple(ids.shape)} but the microbatch has "
+                f"k={self.k} sequences; pass batch-first ids, or cu_seqlens= for packed batches"
+            )
+        return ids.reshape(self.k, -1)
+
+
+class PackedLayout:
+    """Packed activations: sequence i occupies positions ``cu_seqlens[i]:cu_seqlens[i+1]``."""
+
+    def __init__(self, cu_seqlens: torch.Tensor) -> None:
+        self.cu_seqlens = cu_seqlens
+        self.k = cu_seqlens.numel() - 1
+        self.total = int(cu_seqlens[-1])
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        self.max_len = int(lengths.max()) if self.k else 0
+        seq = torch.repeat_interleave(torch.arange(self.k, device=cu_seqlens.device), lengths)
+        offset = torch.arange(self.total, device=cu_seqlens.device) - cu_seqlens[:-1].repeat_interleave(lengths)
+        self._dest = seq * self.max_len + offset  # packed position -> slot in (k * max_len)
+
+    def _flat(self, tensor: torch.Tensor, layer, what: str, feature_dim: bool) -> torch.Tensor:
+        lead = tensor.shape[:-1] if feature_dim else tensor.shape
+        if lead.numel() != self.total or (len(lead) == 2 and lead[0] != 1) or len(lead) > 2:
+            raise InputError(
+                f"layer {layer.name!r} saw {what} of shape {tuple(tensor.shape)} but cu_seqlens describes a "
+                f"packed batch of {self.total} tokens in {self.k} sequences: expected (1, {self.total}, ...) "
+                f"or ({self.total}, ...)"
+            )
+        return tensor.reshape(self.total, -1) if feature_dim else tensor.reshape(self.total)
+
+    def rows(self, tensor: torch.Tensor, layer, what: str) -> torch.Tensor:
+        """(k, max_len, features) zero-padded copy of a packed ``tensor``."""
+        flat = self._flat(tensor, layer, what, True)
+        out = flat.new_zeros(self.k * self.max_len, flat.shape[-1])
+        return out.index_copy_(0, self._dest, flat).view(self.k, self.max_len, -1)
+
+    def ids(self, ids: torch.Tensor, layer) -> torch.Tensor:
+        """(k, max_len) ids, padded with the first id of the batch (those positions carry no gradient)."""
+        flat = self._flat(ids, layer, "ids", False)
+        out = flat.new_full((self.k * self.max_len,), int(flat[0]) if self.total else 0)
+        return out.index_copy_(0, self._dest, flat).view(self.k, self.max_len)
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Sequence boundaries of a packed batch from its position ids (a new sequence starts at 0)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    total = torch.tensor([flat.numel()], device=flat.device)
+    return torch.cat([starts, total]).to(torch.int64)
+
+
+def make_layout(k: int, cu_seqlens: torch.Tensor | None, position_ids: torch.Tensor | None, where: str):
+    """The layout of a microbatch of ``k`` sequences (padded unless ``cu_seqlens``/``position_ids``)."""
+    if cu_seqlens is None and position_ids is None:
+        return PaddedLayout(k)
+    if cu_seqlens is not None and position_ids is not None:
+        raise InputError(f"{where}: pass cu_seqlens= or position_ids=, not both")
+    if cu_seqlens is None:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point():
+            raise InputError(f"{where}: position_ids must be an integer tensor")
+        if position_ids.numel() == 0 or int(position_ids.reshape(-1)[0]) != 0:
+            raise InputError(f"{where}: packed position_ids must start at 0 (each sequence restarts at 0)")
+        cu_seqlens = cu_seqlens_from_position_ids(position_ids)
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
+        raise InputError(f"{where}: cu_seqlens must be a 1-D integer tensor of k+1 boundaries")
+    cu_seqlens = cu_seqlens.to(torch.int64)
+    if cu_seqlens.numel() != k + 1:
+        raise InputError(
+            f"{where}: cu_seqlens has {cu_seqlens.numel() - 1} sequences but logp has {k} rows; row i of "
+            "logp must be packed sequence i"
+        )
+    if int(cu_seqlens[0]) != 0 or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise InputError(f"{where}: cu_seqlens must start at 0 and be non-decreasing, got {cu_seqlens.tolist()}")
+    return PackedLayout(cu_seqlens)
