@@ -246,3 +246,24 @@ def test_bf16_parameters_close_to_fp32(strategy):
         results.append(torch.cat([p.grad.float().flatten() for _, p in trainable(model)]))
     rel = float((results[0] - results[1]).norm() / results[0].norm())
     assert rel < 3e-2, rel
+
+
+class SharedLinearLM(TinyLM):
+    """Two different Linear modules share one weight (and bias): cross terms by densification."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.fc3 = torch.nn.Linear(self.fc2.in_features, self.fc2.out_features).to(self.fc2.weight.dtype)
+        self.fc3.weight = self.fc2.weight
+
+    def hidden(self, x):
+        return torch.tanh(self.fc3(super().hidden(x)))
+
+
+@pytest.mark.parametrize("projector", ["solve", "gram_schmidt"])
+def test_weight_shared_by_two_linears_exact(projector):
+    model = SharedLinearLM(seed=7)
+    opt = wrap(model, projector=projector)
+    assert len(opt.engine._shared) == 1
+    errors = run_microbatches(model, opt, make_microbatches(count=3, k=4, seed=4), ref={"projector": projector})
+    assert max(errors.values()) <= 1e-10

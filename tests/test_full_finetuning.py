@@ -32,14 +32,19 @@ def test_trainable_embedding_small_model(projector):
     assert max(errors.values()) <= 1e-10
 
 
-def test_tied_embeddings_are_refused_clearly():
-    model = tiny_full("qwen2", train_embeddings=True, tie=True)
-    assert model.lm_head.weight is model.get_input_embeddings().weight
-    with pytest.raises(gradproj.CoverageError, match="tied"):
-        gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
-    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", exclude=["*embed_tokens*"])
-    assert not model.lm_head.weight.requires_grad
-    opt.detach()
+@pytest.mark.parametrize("gram", ["auto", "materialize", "ghost"])
+def test_tied_embeddings_exact(gram):
+    """Tied embedding <-> lm_head: both modules' sequence gradients are summed (with cross terms)
+    before the strategy runs."""
+    with float64_exact_norms():
+        model = tiny_full("qwen2", train_embeddings=True, tie=True)
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+        opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", gram=gram)
+        assert len(opt.engine._shared) == 1
+        errors = run_microbatches(model, opt, make_microbatches(count=3, k=4, seed=6), ref={})
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= 1e-10, (worst, errors[worst])
+        opt.detach()
 
 
 def test_sparse_embedding_stays_uncovered():
@@ -49,21 +54,22 @@ def test_sparse_embedding_stays_uncovered():
         gradproj.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, "proma")
 
 
-def tiny_gpt2(seed: int = 0):
+def tiny_gpt2(seed: int = 0, tie: bool = False):
     import transformers
 
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(vocab_size=40, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # deterministic forwards
     cfg._attn_implementation = "sdpa"
     return transformers.GPT2LMHeadModel(cfg).double()
 
 
+@pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("gram", ["auto", "ghost"])
-def test_gpt2_full_finetuning_exact(gram):
-    """GPT-2: Conv1D (transposed weight), LayerNorm, token and position embeddings, untied head."""
-    model = tiny_gpt2()
+def test_gpt2_full_finetuning_exact(gram, tie):
+    """GPT-2: Conv1D (transposed weight), LayerNorm, token and position embeddings, head (tied or not)."""
+    model = tiny_gpt2(tie=tie)
     assert all(p.requires_grad for p in model.parameters())
     opt = gradproj.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, "proma", gram=gram)
     kinds = {type(layer.module).__name__ for layer in opt.engine.layers}

@@ -66,6 +66,10 @@ class EmbeddingGrads:
         self.shape = torch.Size((num_embeddings, d))
         self._gram: torch.Tensor | None = None
 
+    def sparse_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(ids, M)``: the only non-zero rows of every ``s_i`` (for tied-weight cross terms)."""
+        return self.ids, self.M
+
     def gram(self) -> torch.Tensor:
         """``K = M M^T`` over the flattened (distinct token, feature) axis."""
         if self._gram is None:

@@ -28,6 +28,7 @@ from gradproj.capture.microbatch import Microbatch, sequence_coefficients
 from gradproj.config import GradProjConfig, ResolvedStrategies
 from gradproj.errors import CheckpointError, CoverageError, ProtocolError
 from gradproj.linalg.sequence_grads import Workspace
+from gradproj.linalg.sum_grads import SumGrads
 from gradproj.plugins.manager import Registry
 from gradproj.strategies.base import LayerStep
 
@@ -89,6 +90,7 @@ class CaptureEngine:
         self._workspace = Workspace()
         self._buffers: dict[int, torch.Tensor] = {}  # per-parameter update buffers, reused in a step
         self._batched: dict[int, tuple[ParamGroup, int]] = {}  # small parameters -> (group, row)
+        self._shared: dict[int, list[LayerCapture]] = {}  # tied parameters -> the layers using them
         self._groups: list[ParamGroup] = []
         self.steps = 0
         self._last_metrics: dict[str, float] | None = None
@@ -132,14 +134,8 @@ class CaptureEngine:
                     if attr not in handled:
                         uncovered_uses.append(f"{qname} ({type(module).__name__})")
                         continue
-                    if id(param) in covered:
-                        raise CoverageError(
-                            f"parameter {qname} is shared with {covered[id(param)]} (tied weights); "
-                            "shared parameters across modules are not supported yet -- untie them, or "
-                            f"freeze it / add an exclude glob such as {qname!r}"
-                        )
-                    covered[id(param)] = qname
-                    params.append((attr, param, qname))
+                    covered.setdefault(id(param), qname)  # tied weights: one name, several modules
+                    params.append((attr, param, covered[id(param)]))
                 if params:
                     plan.append(LayerCapture(self, module, mod_name, handler, params))
             if uncovered_uses:
@@ -158,6 +154,11 @@ class CaptureEngine:
             for _attr, param, qname in layer.params:
                 self._guards.append(param.register_hook(partial(self._guard, qname)))
         self.layers = plan
+        users: dict[int, list[LayerCapture]] = {}
+        for layer in plan:
+            for _, param, _ in layer.params:
+                users.setdefault(id(param), []).append(layer)
+        self._shared = {key: layers for key, layers in users.items() if len(layers) > 1}
         self._plan_batching(plan)
         self._covered = covered
         self._covered_params = [param for layer in plan for _, param, _ in layer.params]
@@ -174,6 +175,8 @@ class CaptureEngine:
             if not layer.handler.supports_slots:
                 continue
             for _attr, param, qname in layer.params:
+                if id(param) in self._shared:
+                    continue  # tied weights are summed over their modules first
                 numel = param.numel()
                 dtype = compute_dtype(param.dtype)
                 cost = 17 * numel * torch.finfo(dtype).bits // 8
@@ -200,7 +203,7 @@ class CaptureEngine:
         for param in self._frozen:
             param.requires_grad_(True)
         self._guards, self._frozen, self.layers = [], [], []
-        self._batched, self._groups = {}, []
+        self._batched, self._groups, self._shared = {}, [], {}
         self._workspace.clear()
         if getattr(self.model, _ENGINE_ATTR, None) is self:
             delattr(self.model, _ENGINE_ATTR)
@@ -316,20 +319,33 @@ class CaptureEngine:
                 slots = slots or {}
                 slots[attr] = group.slot(index, mb.k)
                 mb.filled.setdefault(group, []).append(index)
-        seqs = layer.handler.sequence_gradients(layer, uses, mb.layout, self.config.gram, self._workspace, slots)
-        rule = self.strategies.accumulate
+        shared = any(id(param) in self._shared for _, param, _ in layer.params)
+        workspace = None if shared else self._workspace  # tied pieces outlive this call
+        seqs = layer.handler.sequence_gradients(layer, uses, mb.layout, self.config.gram, workspace, slots)
         for attr, param, qname in layer.params:
             seq = seqs.get(attr)
             if seq is None:
                 continue
-            out = None if id(param) in mb.staged else self._buffers.get(id(param))
-            if out is not None and out.shape != param.shape:
-                out = None
-            start = perf_counter()
-            step = LayerStep(qname, param, param.grad, mb.coefficients, seq, out)
-            update = rule.accumulate(step)
-            self._strategy_seconds += perf_counter() - start
-            mb.stage(param, update, step.finite)
+            if id(param) in self._shared:
+                _, _, pieces = mb.pieces.setdefault(id(param), (param, qname, []))
+                pieces.append(seq)
+                expected = sum(1 for user in self._shared[id(param)] if user.forward_uses > 0)
+                if len(pieces) < expected:
+                    continue  # wait for the parameter's other modules
+                del mb.pieces[id(param)]
+                seq = pieces[0] if len(pieces) == 1 else SumGrads(pieces)
+            self._accumulate(mb, param, qname, seq)
+
+    def _accumulate(self, mb: Microbatch, param: torch.Tensor, qname: str, seq) -> None:
+        """Run the accumulation rule for one parameter tensor and stage its update."""
+        out = None if id(param) in mb.staged else self._buffers.get(id(param))
+        if out is not None and out.shape != param.shape:
+            out = None
+        start = perf_counter()
+        step = LayerStep(qname, param, param.grad, mb.coefficients, seq, out)
+        update = self.strategies.accumulate.accumulate(step)
+        self._strategy_seconds += perf_counter() - start
+        mb.stage(param, update, step.finite)
 
     @property
     def plain_backward(self) -> bool:
@@ -370,6 +386,11 @@ class CaptureEngine:
             if mb.dropped:
                 break
             self._finalize(layer, mb, uses)
+        for param, qname, pieces in list(mb.pieces.values()):  # tied: some modules got no gradient
+            if mb.dropped:
+                break
+            self._accumulate(mb, param, qname, pieces[0] if len(pieces) == 1 else SumGrads(pieces))
+        mb.pieces.clear()
         if not mb.dropped:
             self._finish_groups(mb)
         self._capture_seconds += perf_counter() - start

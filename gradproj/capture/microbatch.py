@@ -133,6 +133,7 @@ class Microbatch:
         self.uses: dict = {}
         self.staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.filled: dict = {}  # ParamGroup -> row indices written in this microbatch
+        self.pieces: dict[int, tuple] = {}  # tied parameter -> (param, name, pieces so far)
         self.unverified: list[torch.Tensor] = []  # staged updates still to check for NaN/inf
 
     def stage(self, param: torch.Tensor, update: torch.Tensor, finite: bool = False) -> None:
@@ -154,4 +155,5 @@ class Microbatch:
         self.staged.clear()
         self.uses.clear()
         self.filled.clear()
+        self.pieces.clear()
         self.unverified.clear()

@@ -162,6 +162,11 @@ class LinearFactors:
         return torch.mm(left.T, right, out=out)
 
 
+def _linear_rows(factors, ids: torch.Tensor) -> torch.Tensor:
+    """(k, len(ids), d_in): the rows ``ids`` of every ``s_j = D_j^T A_j`` without building s_j."""
+    return torch.bmm(factors.D.index_select(2, ids).transpose(1, 2), factors.A)
+
+
 class GhostLinearGrads(LinearFactors):
     """Linear-layer sequence gradients in the "ghost" Gram form: no ``s_i`` is ever built.
 
@@ -197,6 +202,10 @@ class GhostLinearGrads(LinearFactors):
         """``D^T diag(gamma) A``."""
         return self.weighted_sum(gamma, out)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows ``ids`` of each ``s_j`` (for tied-weight cross terms)."""
+        return _linear_rows(self, ids)
+
 
 class MaterializedLinearGrads(LinearFactors, MaterializedGrads):
     """Linear-layer sequence gradients, materialised lazily as ``S = bmm(D^T, A)``.
@@ -231,6 +240,10 @@ class MaterializedLinearGrads(LinearFactors, MaterializedGrads):
         full = row_gram(self._rows)
         self._gram = full[: self.k, : self.k]
         return full
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows ``ids`` of each ``s_j`` (for tied-weight cross terms)."""
+        return _linear_rows(self, ids)
 
     def combine(self, gamma: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``gamma^T S`` if S exists, else the weighted matmul (same result, no S)."""
