@@ -9,9 +9,10 @@ import gradproj
 from helpers import TinyLM, float64_exact_norms, make_microbatches, run_microbatches, tiny_full, trainable
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "gemma3"])
 def test_full_finetuning_every_parameter_exact(arch):
-    """Embeddings (padding_idx = pad id 0, hit by the padded positions), norms and Linears."""
+    """Embeddings (padding_idx = pad id 0, hit by the padded positions; Gemma3's scaled one), norms
+    and Linears."""
     with float64_exact_norms():
         model = tiny_full(arch, train_embeddings=True)
         assert model.get_input_embeddings().padding_idx == 0
@@ -32,12 +33,13 @@ def test_trainable_embedding_small_model(projector):
     assert max(errors.values()) <= 1e-10
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 @pytest.mark.parametrize("gram", ["auto", "materialize", "ghost"])
-def test_tied_embeddings_exact(gram):
+def test_tied_embeddings_exact(gram, arch):
     """Tied embedding <-> lm_head: both modules' sequence gradients are summed (with cross terms)
     before the strategy runs."""
     with float64_exact_norms():
-        model = tiny_full("qwen2", train_embeddings=True, tie=True)
+        model = tiny_full(arch, train_embeddings=True, tie=True)
         assert model.lm_head.weight is model.get_input_embeddings().weight
         opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", gram=gram)
         assert len(opt.engine._shared) == 1

@@ -98,16 +98,21 @@ class EmbeddingGrads:
 
 
 class EmbeddingHandler(LayerHandler):
-    """``torch.nn.Embedding`` with dense gradients (``sparse``, ``max_norm`` and
-    ``scale_grad_by_freq`` are not supported: such modules stay uncovered)."""
+    """``torch.nn.Embedding`` with dense gradients, and scaled-embedding subclasses whose forward is
+    ``embedding(ids) * module.embed_scale`` (Gemma3's). ``sparse``, ``max_norm`` and
+    ``scale_grad_by_freq`` are not supported: such modules stay uncovered."""
 
     module_types = (nn.Embedding,)
     parameter_names = ("weight",)
 
+    def __init__(self, scaled_types: tuple[type, ...] = ()) -> None:
+        self.scaled_types = scaled_types
+
     def accepts(self, module: nn.Module) -> bool:
-        """Plain dense embeddings running ``nn.Embedding.forward``."""
+        """Dense embeddings running ``nn.Embedding.forward`` or a known scaled forward."""
+        known = type(module).forward is nn.Embedding.forward or type(module) in self.scaled_types
         return (
-            type(module).forward is nn.Embedding.forward
+            known
             and "forward" not in module.__dict__
             and not module.sparse
             and module.max_norm is None
@@ -117,11 +122,15 @@ class EmbeddingHandler(LayerHandler):
     def install(self, module: nn.Embedding, layer) -> Callable[[], None]:
         """Route lookups through :class:`_CapturedEmbedding` while gradproj captures."""
         engine = layer.engine
+        original = type(module).forward
+        scaled = type(module) in self.scaled_types
 
         def forward(input):
             if engine.capturing and torch.is_grad_enabled() and module.weight.requires_grad:
-                return _CapturedEmbedding.apply(input, module.weight, layer, module.padding_idx)
-            return F.embedding(input, module.weight, module.padding_idx)
+                out = _CapturedEmbedding.apply(input, module.weight, layer, module.padding_idx)
+                # the constant scale is outside the capture: autograd folds it into the output gradient
+                return out * module.embed_scale.to(module.weight.dtype) if scaled else out
+            return original(module, input)
 
         module.forward = forward
         return lambda: module.__dict__.pop("forward", None)
@@ -141,5 +150,9 @@ class EmbeddingHandler(LayerHandler):
 
 @hookimpl
 def gradproj_layer_handlers():
-    """Register the ``nn.Embedding`` handler."""
-    return [EmbeddingHandler()]
+    """Register the ``nn.Embedding`` handler (with Gemma3's scaled embedding when transformers is installed)."""
+    try:
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+    except ImportError:
+        return [EmbeddingHandler()]
+    return [EmbeddingHandler((Gemma3TextScaledWordEmbedding,))]
