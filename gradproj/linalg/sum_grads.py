@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from gradproj.linalg.sequence_grads import augmented_gram
+
 __all__ = ["SumGrads"]
 
 
@@ -53,14 +55,7 @@ class SumGrads:
 
     def gram_with(self, other: torch.Tensor) -> torch.Tensor:
         """Gram of ``[s_1..s_k, other]``."""
-        k = self.k
-        out = torch.empty(k + 1, k + 1, dtype=torch.float64, device=other.device)
-        out[:k, :k] = self.gram()
-        b = self.inner(other)
-        out[:k, k] = b
-        out[k, :k] = b
-        out[k, k] = torch.linalg.vector_norm(other, dtype=torch.float64) ** 2
-        return out
+        return augmented_gram(self, other)
 
     def combine(self, gamma: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``sum_p sum_i gamma_i s_i^(p)``."""
