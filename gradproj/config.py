@@ -53,6 +53,21 @@ class ResolvedStrategies:
         """Whether any strategy needs per-sequence gradients (else gradproj stays out of the way)."""
         return any(s.needs_capture for s in self.all)
 
+    @property
+    def microbatch_transforms(self) -> list:
+        """Transforms applied once per microbatch (layer-independent), in order."""
+        return [t for t in self.transforms if not getattr(t, "per_layer", False)]
+
+    @property
+    def layer_transforms(self) -> list:
+        """Transforms applied per parameter tensor, in order."""
+        return [t for t in self.transforms if getattr(t, "per_layer", False)]
+
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether a strategy needs token-level factors (no batching of small tensors)."""
+        return any(s.needs_tokens for s in self.all)
+
 
 class GradProjConfig(BaseModel):
     """What ``gradproj.wrap`` should do.
@@ -116,6 +131,13 @@ class GradProjConfig(BaseModel):
                 "rules and cannot be stacked; keep one of them (transforms such as variance scaling "
                 "can be stacked in front of any one rule)"
             )
+        seen = set()
+        for spec in specs:
+            if spec.name in seen:
+                raise ConfigError(f"strategy {spec.name!r} appears twice in {self.strategies}; list it once")
+            seen.add(spec.name)
+            if spec.role not in ("accumulate", "transform"):
+                raise ConfigError(f"strategy {spec.name!r} has unknown role {spec.role!r} (plugin bug)")
         for position, spec in enumerate(specs):
             if spec.role == "accumulate" and position != len(specs) - 1:
                 raise ConfigError(

@@ -76,6 +76,7 @@ class GradProjOptimizer(torch.optim.Optimizer):
             ProtocolError: a microbatch block is still open.
         """
         self._engine.check_idle("optimizer.step()")
+        self._engine.check_step()
         result = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         self._engine.end_step()
         return result
@@ -159,6 +160,7 @@ class GradProjOptimizer(torch.optim.Optimizer):
         *,
         cu_seqlens: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        group_ids=None,
     ) -> AbstractContextManager:
         """Context manager around one microbatch's loss and backward.
 
@@ -169,13 +171,30 @@ class GradProjOptimizer(torch.optim.Optimizer):
             cu_seqlens: for packed / remove-padding batches (activations of shape (1, total, d)):
                 the k+1 sequence boundaries in the packed token order (flash-attention convention).
             position_ids: alternatively, the packed position ids (each sequence restarts at 0).
+            group_ids: the prompt group of each row (a 1-D int tensor or a list of labels), for
+                strategies and diagnostics that work per group (``variance_scaling``); the groups'
+                rewards come from :meth:`set_groups`.
 
         The loss built inside must be ``sum_i c_i sum_t mask[i,t] logp[i,t]`` up to per-sequence
         constants (REINFORCE/GRPO, token-mean or sequence-mean aggregation, gradient accumulation
         scaling); a loss whose weights vary along a row raises :class:`CoefficientError`.
         When the block closes, ``param.grad`` holds the new running gradient.
         """
-        return self._engine.microbatch(logp, mask, cu_seqlens, position_ids)
+        return self._engine.microbatch(logp, mask, cu_seqlens, position_ids, group_ids)
+
+    def set_groups(self, group_ids, rewards) -> None:
+        """Give the step's prompt groups and rewards, once per step, before its first microbatch.
+
+        Args:
+            group_ids: one label per sequence of the whole step (all microbatches): the prompt it
+                answers (an int tensor, or a list of ints/strings).
+            rewards: one reward per sequence, in the same order.
+
+        Group statistics (e.g. each group's reward std for ``variance_scaling``) are computed over
+        the whole step, so groups may be spread over several microbatches in any order; each
+        ``opt.microbatch(..., group_ids=...)`` names the groups of its rows. Cleared by ``step()``.
+        """
+        self._engine.set_groups(group_ids, rewards)
 
     def paused(self) -> AbstractContextManager:
         """Context manager disabling capture (forward and backward behave as without gradproj)."""

@@ -66,7 +66,8 @@ class LayerBatch:
         names: qualified parameter names.
         params: the parameters.
         grads: their running gradients (``None`` = 0).
-        coefficients: float64 (k,) per-sequence loss coefficients.
+        coefficients: float64 (k,) per-sequence loss coefficients, or (L, k) once a per-layer
+            transform made them differ between members.
         k: number of sequences.
     """
 
@@ -113,7 +114,10 @@ class LayerBatch:
     def steps(self) -> list[LayerStep]:
         """Per-member :class:`LayerStep` views (for strategies without a batched implementation)."""
         seqs = self.sequence_grads
+        coeffs = self.coefficients
         return [
-            LayerStep(name, param, grad, self.coefficients, MaterializedGrads(seqs[i].view(self.k, *param.shape)))
+            LayerStep(
+                name, param, grad, coeffs if coeffs.dim() == 1 else coeffs[i], MaterializedGrads(seqs[i].view(self.k, *param.shape))
+            )
             for i, (name, param, grad) in enumerate(zip(self.names, self.params, self.grads))
         ]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from gradproj.capture.batching import BATCH_MAX_BYTES, BATCH_MAX_NUMEL, LayerBatch, ParamGroup
+from gradproj.capture.groups import StepGroups
 from gradproj.capture.handlers import compute_dtype
 from gradproj.capture.microbatch import Microbatch, sequence_coefficients
 from gradproj.config import GradProjConfig, ResolvedStrategies
@@ -77,6 +78,10 @@ class CaptureEngine:
         self.strategies = strategies
         self.registry = registry
         self.needs_capture = strategies.needs_capture
+        self._mb_transforms = strategies.microbatch_transforms
+        self._layer_transforms = strategies.layer_transforms
+        #: the step's prompt groups and rewards (``opt.set_groups``), cleared by ``end_step``
+        self.step_groups: StepGroups | None = None
         self.layers: list[LayerCapture] = []
         self.current: Microbatch | None = None
         self.attached = False
@@ -162,7 +167,7 @@ class CaptureEngine:
         self._plan_batching(plan)
         self._covered = covered
         self._covered_params = [param for layer in plan for _, param, _ in layer.params]
-        self._plain_when_no_grad = not self.strategies.transforms and self.strategies.accumulate.plain_when_no_grad
+        self._plain_when_no_grad = not self._layer_transforms and self.strategies.accumulate.plain_when_no_grad
         self._params = [p for _, p in named]
         setattr(self.model, _ENGINE_ATTR, self)
         self.attached = True
@@ -171,6 +176,9 @@ class CaptureEngine:
         """Group small parameters by (element count, compute dtype, device) within the memory budget."""
         groups: dict[tuple, ParamGroup] = {}
         budget = BATCH_MAX_BYTES
+        if self.strategies.needs_tokens:
+            self._groups = []
+            return  # batched rows would lose the token-level factors the strategy needs
         for layer in plan:
             if not layer.handler.supports_slots:
                 continue
@@ -234,7 +242,7 @@ class CaptureEngine:
 
     # -- microbatches ----------------------------------------------------------------------
     @contextmanager
-    def microbatch(self, logp: torch.Tensor, mask: torch.Tensor | None = None, cu_seqlens=None, position_ids=None):
+    def microbatch(self, logp: torch.Tensor, mask: torch.Tensor | None = None, cu_seqlens=None, position_ids=None, group_ids=None):
         """Context for one microbatch; see :meth:`GradProjOptimizer.microbatch`."""
         if not self.attached:
             raise ProtocolError("this gradproj optimizer was detached; wrap the optimizer again to capture")
@@ -245,7 +253,9 @@ class CaptureEngine:
             )
         if self._paused:
             raise ProtocolError("opt.microbatch() inside opt.paused(): leave the paused block first")
-        mb = Microbatch(logp, mask, self._mb_in_step, cu_seqlens, position_ids)
+        mb = Microbatch(logp, mask, self._mb_in_step, cu_seqlens, position_ids, group_ids, self.step_groups)
+        for transform in self.strategies.transforms:
+            transform.validate_microbatch(mb)
         if self.needs_capture:
             self._check_coverage(mb.where)
         handle = logp.register_hook(partial(self._on_logp_grad, mb))
@@ -271,19 +281,30 @@ class CaptureEngine:
                 "opt.microbatch() block (sum the losses first)"
             )
         mb.fired = True
-        if not self.needs_capture:
+        if not self.needs_capture and not self._mb_transforms:
             return None
         coefficients = sequence_coefficients(grad, mb.mask, mb.where)
         if coefficients is None:
             mb.drop()
             return mb.seed
+        for transform in self._mb_transforms:
+            coefficients = transform.transform_microbatch(coefficients, mb)
         mb.coefficients = coefficients
+        if not self.needs_capture:  # plain accumulation of transformed coefficients
+            mb.plain = True
+            return self._weights(mb, grad)
         if self._plain_when_no_grad and all(p.grad is None for p in self._covered_params):
             # First microbatch of a step: G = 0 everywhere, so the update is the plain gradient.
             # Keep the loss's weights and let every layer return ordinary gradients.
             mb.plain = True
-            return None
+            return self._weights(mb, grad)
         return mb.seed
+
+    def _weights(self, mb: Microbatch, grad: torch.Tensor):
+        """The loss weights for a plain backward: the loss's own, or ``mask * c'`` after transforms."""
+        if not self._mb_transforms:
+            return None
+        return (mb.seed * mb.coefficients.to(device=grad.device, dtype=grad.dtype)[:, None]).to(grad.dtype)
 
     def on_backward(self, layer: LayerCapture, use) -> None:
         """Called by a handler's backward with one use ``(inputs, output_grads)`` of ``layer``."""
@@ -343,6 +364,8 @@ class CaptureEngine:
             out = None
         start = perf_counter()
         step = LayerStep(qname, param, param.grad, mb.coefficients, seq, out)
+        for transform in self._layer_transforms:
+            step.coefficients = transform.transform_layer(step)
         update = self.strategies.accumulate.accumulate(step)
         self._strategy_seconds += perf_counter() - start
         mb.stage(param, update, step.finite)
@@ -374,6 +397,8 @@ class CaptureEngine:
         self._microbatches += 1
         self._sequences += mb.k
         self._mb_in_step += 1
+        if mb.plain and not self.needs_capture:
+            return  # nothing captured: autograd accumulated (transformed) ordinary gradients
         if mb.plain:  # autograd accumulated ordinary gradients into grads that were all None
             written = [p.grad for p in self._covered_params if p.grad is not None]
             if written and not self._all_finite(written):
@@ -410,6 +435,8 @@ class CaptureEngine:
         for group, indices in mb.filled.items():
             batch = LayerBatch(group, indices, mb.coefficients)
             start = perf_counter()
+            for transform in self._layer_transforms:
+                batch.coefficients = transform.transform_batch(batch)
             updates = rule.accumulate_batch(batch)
             self._strategy_seconds += perf_counter() - start
             for param, update in zip(batch.params, updates):
@@ -477,9 +504,25 @@ class CaptureEngine:
             out.update({f"gradproj/{k}": float(v) for k, v in strategy.step_metrics().items()})
         return out
 
+    def set_groups(self, group_ids, rewards) -> None:
+        """Record the step's prompt groups and rewards (see :meth:`GradProjOptimizer.set_groups`)."""
+        self.check_idle("opt.set_groups()")
+        self.step_groups = StepGroups(group_ids, rewards)
+
+    def check_step(self) -> None:
+        """Before the inner step: refuse a step whose transforms never saw a microbatch."""
+        if self._mb_transforms and self._microbatches == 0 and any(p.grad is not None for p in self._params):
+            names = ", ".join(type(t).__name__ for t in self._mb_transforms)
+            raise ProtocolError(
+                f"optimizer.step(): the gradients were computed outside opt.microbatch(...) blocks, so the "
+                f"coefficient transform(s) {names} never applied; run each microbatch's backward inside "
+                "`with opt.microbatch(logp, mask, group_ids=...):`"
+            )
+
     def end_step(self) -> None:
         """Close the optimizer step: snapshot its metrics and start counting anew."""
         self._last_metrics = self.running_metrics()
+        self.step_groups = None
         self._buffers.clear()
         self.steps += 1
         self._reset_counters()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from gradproj.capture.groups import as_group_ids
 from gradproj.capture.layout import make_layout
 from gradproj.errors import CoefficientError, InputError
 
@@ -118,14 +119,31 @@ class Microbatch:
         index: position of this microbatch in the current optimizer step (0-based).
         coefficients: ``c`` (float64, (k,)) once the backward reached ``logp``.
         dropped: True once a non-finite value was seen; nothing of it reaches ``.grad``.
+        group_ids: the prompt group of each row (``None`` if the pipeline gave none).
+        step_groups: the step's :class:`gradproj.capture.groups.StepGroups` (or ``None``).
     """
 
-    def __init__(self, logp: torch.Tensor, mask: torch.Tensor | None, index: int, cu_seqlens=None, position_ids=None) -> None:
+    def __init__(
+        self,
+        logp: torch.Tensor,
+        mask: torch.Tensor | None,
+        index: int,
+        cu_seqlens=None,
+        position_ids=None,
+        group_ids=None,
+        step_groups=None,
+    ) -> None:
         self.index = index
         self.where = f"opt.microbatch() #{index} of this step"
         self.mask, self.seed = validate_inputs(logp, mask, self.where)
         self.k = logp.shape[0]
         self.layout = make_layout(self.k, cu_seqlens, position_ids, self.where)
+        self.group_ids = None if group_ids is None else as_group_ids(group_ids, self.where)
+        if self.group_ids is not None and len(self.group_ids) != self.k:
+            raise InputError(
+                f"{self.where}: {len(self.group_ids)} group ids for {self.k} rows of logp; give one per row"
+            )
+        self.step_groups = step_groups
         self.coefficients: torch.Tensor | None = None
         self.fired = False
         self.dropped = False

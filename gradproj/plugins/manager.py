@@ -22,6 +22,8 @@ __all__ = ["get_plugin_manager", "get_registry", "refresh_registry", "reset_plug
 BUILTIN_PLUGINS = {
     "none": "gradproj.strategies.none",
     "proma": "gradproj.strategies.proma",
+    "variance_scaling": "gradproj.strategies.variance_scaling",
+    "isopo": "gradproj.strategies.isopo",
     "linear": "gradproj.capture.handlers",
     "norms": "gradproj.capture.norm_handlers",
     "embedding": "gradproj.capture.embedding_handler",

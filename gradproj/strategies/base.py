@@ -5,7 +5,11 @@ A strategy has a *role*:
 * ``"accumulate"`` -- the accumulation rule: given the running gradient ``G`` of one parameter
   tensor and the microbatch's sequence gradients and coefficients, return the update ``U`` so that
   ``G <- G + U``. Exactly one accumulation rule is active.
-* ``"transform"`` -- a coefficient transform applied before the accumulation rule (stacking).
+* ``"transform"`` -- a coefficient transform applied before the accumulation rule (stacking):
+  :class:`CoefficientTransform`. Microbatch-level transforms (``per_layer = False``) change the
+  per-sequence coefficients once per microbatch, from what the pipeline supplied (e.g. the step's
+  rewards and prompt groups); per-layer transforms (``per_layer = True``) change them per parameter
+  tensor from that tensor's sequence gradients (e.g. their norms).
 
 Strategies run inside backward hooks, once per parameter tensor and microbatch: they must not call
 pluggy or do Python work proportional to the model size there.
@@ -21,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gradproj.linalg.sequence_grads import SequenceGradients
 
-__all__ = ["StrategyOptions", "Strategy", "StrategySpec", "LayerStep"]
+__all__ = ["StrategyOptions", "Strategy", "CoefficientTransform", "StrategySpec", "LayerStep"]
 
 
 class StrategyOptions(BaseModel):
@@ -77,6 +81,10 @@ class Strategy:
     #: Whether, with ``G = 0`` everywhere (the first microbatch of a step), the update is just
     #: ``g_m``: the engine then lets autograd compute ordinary gradients for that microbatch.
     plain_when_no_grad: ClassVar[bool] = False
+    #: Whether the strategy needs the token-level factors of each layer (``step.seq.token_factors()``,
+    #: e.g. Intra-PROMA's input/output-gradient subspaces); the engine then does not batch small
+    #: parameters into per-sequence rows, which would lose the tokens.
+    needs_tokens: ClassVar[bool] = False
 
     def __init__(self, options: StrategyOptions) -> None:
         self.options = options
@@ -99,6 +107,42 @@ class Strategy:
 
     def reset_metrics(self) -> None:
         """Start gathering metrics for a new optimizer step."""
+
+
+class CoefficientTransform(Strategy):
+    """Base class of coefficient transforms (``role = "transform"``), stacked before the rule.
+
+    Override :meth:`transform_microbatch` (``per_layer = False``) or :meth:`transform_layer`
+    (and, for speed, :meth:`transform_batch`; ``per_layer = True``). Transforms return new
+    float64 coefficients and never touch gradients themselves.
+    """
+
+    role = "transform"
+    needs_capture = False
+    #: True when the new coefficients depend on the parameter tensor (its sequence gradients).
+    per_layer: ClassVar[bool] = False
+
+    def validate_microbatch(self, context) -> None:
+        """Check, when ``opt.microbatch(...)`` opens, that the pipeline supplied what is needed.
+
+        ``context`` is the :class:`gradproj.capture.microbatch.Microbatch` (``k``, ``group_ids``,
+        ``step_groups``, ``where``). Raise a :class:`gradproj.GradProjError` to refuse it.
+        """
+
+    def transform_microbatch(self, coefficients: torch.Tensor, context) -> torch.Tensor:
+        """New (k,) float64 coefficients for the whole microbatch (identity by default)."""
+        return coefficients
+
+    def transform_layer(self, step: LayerStep) -> torch.Tensor:
+        """New (k,) float64 coefficients for one parameter tensor (identity by default)."""
+        return step.coefficients
+
+    def transform_batch(self, batch) -> torch.Tensor:
+        """New (L, k) coefficients for a :class:`gradproj.capture.batching.LayerBatch`.
+
+        The default calls :meth:`transform_layer` per member.
+        """
+        return torch.stack([self.transform_layer(step) for step in batch.steps()])
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ class Proma(Strategy):
 
         Args:
             full: (L, k+1, k+1) Grams of ``[s_1..s_k, G]`` (float64).
-            coefficients: (k,) per-sequence coefficients ``c``.
+            coefficients: (k,) or (L, k) per-sequence coefficients ``c``.
             has_grad: (L,) bool, False where G was ``None`` (nothing to project, not counted).
         """
         k = full.shape[1] - 1
@@ -82,7 +82,8 @@ class Proma(Strategy):
             alpha = gram_schmidt_coefficients(gram, inner, opts.sweeps)
         proj_sq = np.maximum(np.einsum("li,lij,lj->l", alpha, gram, alpha), 0.0)
         if opts.relative_bound is not None:
-            g_sq = np.maximum(np.einsum("i,lij,j->l", coefficients, gram, coefficients), 0.0)
+            c = np.broadcast_to(coefficients, alpha.shape)
+            g_sq = np.maximum(np.einsum("li,lij,lj->l", c, gram, c), 0.0)
             limit = opts.relative_bound * np.sqrt(g_sq)
             norm = np.sqrt(proj_sq)
             hit = (norm > limit) & (proj_sq > 0.0)
@@ -148,7 +149,7 @@ class Proma(Strategy):
         host = coeffs.cpu().numpy()
         alpha = self.coefficients_removed(full, host, has_grad)
         batch.finite = bool(np.isfinite(alpha).all()) and bool(has_grad.all())
-        return batch.combine(torch.from_numpy(host[None, :] - self.options.shrinkage * alpha))
+        return batch.combine(torch.from_numpy(np.broadcast_to(host, alpha.shape) - self.options.shrinkage * alpha))
 
     def step_metrics(self) -> dict[str, float]:
         """``proma/projected_fraction`` = sqrt(sum ||proj||^2 / sum ||G||^2) over layers and microbatches."""
