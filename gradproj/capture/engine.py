@@ -151,6 +151,8 @@ class CaptureEngine:
                     "wrap(..., exclude=['<glob>']) (excluded parameters are frozen), or register a "
                     "handler for their module type."
                 )
+        if self.strategies.needs_tokens:
+            self._check_tokens(plan)
         for param in to_freeze:
             param.requires_grad_(False)
         self._frozen = to_freeze
@@ -171,6 +173,29 @@ class CaptureEngine:
         self._params = [p for _, p in named]
         setattr(self.model, _ENGINE_ATTR, self)
         self.attached = True
+
+    def _check_tokens(self, plan: list[LayerCapture]) -> None:
+        """Strategies that need token-level factors: every covered layer must provide them."""
+        rule = "+".join(s.name for s in self.strategies.specs)
+        bad = [f"{layer.name} ({type(layer.module).__name__})" for layer in plan if not layer.handler.provides_tokens]
+        if bad:
+            raise CoverageError(
+                f"strategy {rule} needs token-level factors (input and output-gradient subspaces), which "
+                f"the handler of {_list_names(bad)} does not provide; exclude those parameters "
+                "(wrap(..., exclude=['<glob>']) freezes them) or use strategy='proma'"
+            )
+        seen: dict[int, str] = {}
+        tied = []
+        for layer in plan:
+            for _attr, param, qname in layer.params:
+                if id(param) in seen and seen[id(param)] != layer.name:
+                    tied.append(qname)
+                seen[id(param)] = layer.name
+        if tied:
+            raise CoverageError(
+                f"strategy {rule} does not support a parameter shared by several modules (tied weights: "
+                f"{_list_names(sorted(set(tied)))}) yet; untie them, exclude them, or use strategy='proma'"
+            )
 
     def _plan_batching(self, plan: list[LayerCapture]) -> None:
         """Group small parameters by (element count, compute dtype, device) within the memory budget."""

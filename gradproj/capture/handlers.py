@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradproj.linalg.sequence_grads import MaterializedGrads, linear_weight_grads
+from gradproj.linalg.sequence_grads import TokenSumGrads, linear_weight_grads
 from gradproj.plugins.hookspecs import hookimpl
 
 __all__ = ["LayerHandler", "LinearHandler", "Conv1DHandler", "compute_dtype"]
@@ -44,6 +44,9 @@ class LayerHandler:
     parameter_names: ClassVar[tuple[str, ...]] = ()
     #: Whether ``sequence_gradients`` can write into ``slots`` (enables batching of small tensors).
     supports_slots: ClassVar[bool] = False
+    #: Whether the sequence gradients it returns offer ``token_factors()`` (needed by strategies
+    #: with ``needs_tokens``, e.g. ``intra_proma``).
+    provides_tokens: ClassVar[bool] = False
 
     def accepts(self, module: nn.Module) -> bool:
         """Whether this handler can capture this particular module (default: yes)."""
@@ -105,6 +108,7 @@ class LinearHandler(LayerHandler):
     module_types = (nn.Linear,)
     parameter_names = ("weight", "bias")
     supports_slots = True
+    provides_tokens = True
     #: The weight is stored (in, out) and ``s_i = A_i^T D_i`` (transformers' Conv1D) instead of
     #: (out, in) with ``s_i = D_i^T A_i``.
     weight_transposed = False
@@ -148,10 +152,12 @@ class LinearHandler(LayerHandler):
             torch.bmm(left.transpose(1, 2), right, out=slots["weight"])
         elif layer.module.weight.requires_grad:
             out["weight"] = linear_weight_grads(right, left, gram, workspace)
+            if self.weight_transposed:
+                out["weight"].out_side = "A"
         if "bias" in slots:
             torch.sum(d, dim=1, out=slots["bias"])
         elif layer.module.bias is not None and layer.module.bias.requires_grad:
-            out["bias"] = MaterializedGrads(d.sum(dim=1))
+            out["bias"] = TokenSumGrads(d)
         return out
 
 

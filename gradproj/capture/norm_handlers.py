@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradproj.capture.handlers import LayerHandler, compute_dtype
-from gradproj.linalg.sequence_grads import MaterializedGrads
+from gradproj.linalg.sequence_grads import TokenSumGrads
 from gradproj.plugins.hookspecs import hookimpl
 
 __all__ = ["LayerNormHandler", "RMSNormHandler", "GemmaRMSNormHandler"]
@@ -61,6 +61,7 @@ class _AffineHandler(LayerHandler):
 
     parameter_names = ("weight", "bias")
     supports_slots = True
+    provides_tokens = True
     offset = 0.0
 
     def normalise(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype | None]:
@@ -102,13 +103,13 @@ class _AffineHandler(LayerHandler):
             if "weight" in slots:
                 torch.sum(d * x, dim=1, out=slots["weight"])
             else:
-                out["weight"] = MaterializedGrads((d * x).sum(dim=1))
+                out["weight"] = TokenSumGrads(d * x, d)
         bias = getattr(module, "bias", None)
         if bias is not None and bias.requires_grad:
             if "bias" in slots:
                 torch.sum(d, dim=1, out=slots["bias"])
             else:
-                out["bias"] = MaterializedGrads(d.sum(dim=1))
+                out["bias"] = TokenSumGrads(d)
         return out
 
 

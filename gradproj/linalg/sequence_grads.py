@@ -15,11 +15,21 @@ cheaper one per layer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-__all__ = ["SequenceGradients", "MaterializedGrads", "GhostLinearGrads", "Workspace", "choose_linear_form", "row_gram"]
+__all__ = [
+    "SequenceGradients",
+    "MaterializedGrads",
+    "GhostLinearGrads",
+    "TokenFactors",
+    "TokenSumGrads",
+    "Workspace",
+    "choose_linear_form",
+    "row_gram",
+]
 
 
 class SequenceGradients(Protocol):
@@ -39,6 +49,27 @@ class SequenceGradients(Protocol):
 
     def gram_with(self, other: torch.Tensor) -> torch.Tensor:
         """The (k+1) x (k+1) float64 Gram of ``[s_1, ..., s_k, other]``: K, b and ``||other||^2`` at once."""
+
+
+@dataclass
+class TokenFactors:
+    """Token-level factors of one parameter tensor's gradient in one microbatch (padded layout).
+
+    For a matrix parameter, token u contributes ``outer(rows[u], cols[u])`` and
+    ``s_i = sum_{u in i} outer(rows[u], cols[u])``; for a vector parameter (``cols is None``) it
+    contributes ``rows[u]``. ``out_grads`` is the factor holding the layer's output gradients: its
+    all-zero positions (padding, tokens that influence no log-prob) carry no gradient and are
+    dropped by strategies that look at token subspaces.
+
+    Attributes:
+        rows: (k, T, p) factor on the parameter's first axis (or its per-token gradient rows).
+        cols: (k, T, q) factor on the second axis, or ``None`` for a vector parameter.
+        out_grads: (k, T, *) the output-gradient factor (one of the above, or its own tensor).
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor | None
+    out_grads: torch.Tensor
 
 
 def augmented_gram(seq, other: torch.Tensor) -> torch.Tensor:
@@ -138,6 +169,25 @@ class MaterializedGrads:
         return out
 
 
+class TokenSumGrads(MaterializedGrads):
+    """Sequence gradients that are per-sequence sums of per-token gradient rows (bias, norm weight).
+
+    Args:
+        tokens: (k, T, *shape) per-token gradients; ``s_i = tokens[i].sum(0)``.
+        out_grads: (k, T, d) the layer's output gradients at those positions (default: ``tokens``).
+    """
+
+    def __init__(self, tokens: torch.Tensor, out_grads: torch.Tensor | None = None) -> None:
+        super().__init__(tokens.sum(dim=1))
+        self._tokens = tokens
+        self._out_grads = tokens if out_grads is None else out_grads
+
+    def token_factors(self) -> TokenFactors:
+        """The per-token rows (a vector parameter's factors)."""
+        k, t = self._tokens.shape[:2]
+        return TokenFactors(self._tokens.reshape(k, t, -1), None, self._out_grads)
+
+
 class LinearFactors:
     """Token-level factors of a linear layer's weight gradient in padded layout.
 
@@ -160,6 +210,13 @@ class LinearFactors:
         else:
             left, right = (self.D * scale).reshape(-1, d_out), self.A.reshape(-1, d_in)
         return torch.mm(left.T, right, out=out)
+
+    #: which factor holds the output gradients: "D" (nn.Linear) or "A" (transposed storage, Conv1D)
+    out_side = "D"
+
+    def token_factors(self) -> TokenFactors:
+        """The (D, A) factors: ``s_i = sum_u outer(D_u, A_u)``."""
+        return TokenFactors(self.D, self.A, self.D if self.out_side == "D" else self.A)
 
 
 def _linear_rows(factors, ids: torch.Tensor) -> torch.Tensor:

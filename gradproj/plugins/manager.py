@@ -24,6 +24,7 @@ BUILTIN_PLUGINS = {
     "proma": "gradproj.strategies.proma",
     "variance_scaling": "gradproj.strategies.variance_scaling",
     "isopo": "gradproj.strategies.isopo",
+    "intra_proma": "gradproj.strategies.intra_proma",
     "linear": "gradproj.capture.handlers",
     "norms": "gradproj.capture.norm_handlers",
     "embedding": "gradproj.capture.embedding_handler",

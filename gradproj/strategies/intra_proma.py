@@ -1,0 +1,109 @@
+"""``intra_proma``: intra-microbatch, low-rank factored PROMA (SPEC 2.3; seed ``proma.md``).
+
+Per microbatch and layer, the microbatch gradient is projected off the dominant *factored*
+subspace of its own tokens before it is accumulated -- independent of every other microbatch, so
+it commutes with data-parallel all-reduce::
+
+    g_m' = g_m - U_D U_D^T g_m U_A U_A^T        (projector="complement", default)
+    g_m' = (I - U_D U_D^T) g_m (I - U_A U_A^T)  (projector="kron")
+    G <- G + g_m'
+
+``U_A`` / ``U_D``: top-``rank`` subspaces of the layer inputs / unweighted output gradients of the
+tokens that carry a gradient (see :mod:`gradproj.linalg.subspace` and :mod:`gradproj.linalg.factored`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from gradproj.errors import ProtocolError
+from gradproj.linalg.factored import project_factored
+from gradproj.plugins.hookspecs import hookimpl
+from gradproj.strategies.base import LayerStep, Strategy, StrategyOptions, StrategySpec
+
+
+class IntraPromaOptions(StrategyOptions):
+    """Options of ``intra_proma``.
+
+    Attributes:
+        rank: dimension r of each dominant subspace (capped by the tokens and the numerical rank);
+            with ``energy`` set, the largest rank allowed.
+        energy: if set, the smallest rank whose top singular values hold this fraction of the
+            factor's squared Frobenius norm (per side, per layer, per microbatch).
+        projector: ``"complement"`` (remove the factored rank-r block) or ``"kron"`` (project both
+            sides: ``(I - P_D) g (I - P_A)``).
+        solver: ``"auto"`` (exact while min(tokens, width) <= 128, else randomized), ``"exact"``
+            (eigendecomposition of the smaller Gram) or ``"randomized"`` (range finder).
+        oversample: extra columns of the randomized range finder.
+        niter: power iterations of the randomized range finder.
+    """
+
+    rank: int = Field(default=8, ge=1)
+    energy: float | None = Field(default=None, gt=0.0, le=1.0)
+    projector: Literal["complement", "kron"] = "complement"
+    solver: Literal["auto", "exact", "randomized"] = "auto"
+    oversample: int = Field(default=8, ge=0)
+    niter: int = Field(default=2, ge=0)
+
+
+class IntraProma(Strategy):
+    """Project each microbatch gradient off its own dominant factored subspace, then add it."""
+
+    role = "accumulate"
+    needs_tokens = True
+
+    def __init__(self, options: IntraPromaOptions) -> None:
+        super().__init__(options)
+        self.reset_metrics()
+
+    def reset_metrics(self) -> None:
+        """Zero the per-step sums behind ``projected_fraction`` and ``mean_rank``."""
+        self._removed_sq = 0.0
+        self._total_sq = 0.0
+        self._rank_sum = 0
+        self._sides = 0
+
+    def accumulate(self, step: LayerStep) -> torch.Tensor:
+        """``g_m'`` of one parameter tensor."""
+        factors = getattr(step.seq, "token_factors", None)
+        if factors is None:
+            raise ProtocolError(
+                f"intra_proma needs token-level factors of {step.name}, but its sequence gradients "
+                f"({type(step.seq).__name__}) do not provide them; exclude this parameter or use proma"
+            )
+        opts: IntraPromaOptions = self.options
+        g = step.combine(step.coefficients)
+        total_sq = float(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2)
+        g, removed_sq, ranks = project_factored(
+            g, factors(), step.coefficients, rank=opts.rank, energy=opts.energy, projector=opts.projector,
+            solver=opts.solver, oversample=opts.oversample, niter=opts.niter,
+        )
+        if math.isfinite(total_sq) and math.isfinite(removed_sq):
+            self._total_sq += total_sq
+            self._removed_sq += removed_sq
+        self._rank_sum += sum(ranks)
+        self._sides += len(ranks)
+        return g
+
+    def step_metrics(self) -> dict[str, float]:
+        """``intra_proma/projected_fraction`` = sqrt(sum ||g - g'||^2 / sum ||g||^2); mean rank used."""
+        fraction = math.sqrt(self._removed_sq / self._total_sq) if self._total_sq > 0 else 0.0
+        rank = self._rank_sum / self._sides if self._sides else 0.0
+        return {"intra_proma/projected_fraction": fraction, "intra_proma/mean_rank": rank}
+
+
+@hookimpl
+def gradproj_strategies():
+    """Register ``intra_proma``."""
+    return [
+        StrategySpec(
+            "intra_proma",
+            IntraProma,
+            IntraPromaOptions,
+            summary="low-rank factored projection inside each microbatch (data-parallel safe)",
+        )
+    ]
