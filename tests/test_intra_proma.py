@@ -177,8 +177,9 @@ def test_randomized_subspace_close_to_exact():
     n, d, r = 600, 300, 8
     low = torch.randn(n, r, generator=g, dtype=torch.float64) @ torch.diag(torch.linspace(10, 3, r, dtype=torch.float64))
     x = low @ torch.randn(r, d, generator=g, dtype=torch.float64) + 1e-3 * torch.randn(n, d, generator=g, dtype=torch.float64)
-    exact = top_subspace(x, r, solver="exact")
-    approx = top_subspace(x, r, solver="randomized", niter=2)
+    exact, _ = top_subspace(x, r, solver="exact")
+    approx, keep = top_subspace(x, r, solver="randomized", niter=2)
+    assert bool(keep.all())
     assert exact.shape == approx.shape == (d, r)
     assert torch.allclose(approx.T @ approx, torch.eye(r, dtype=x.dtype), atol=1e-10)
     assert float((exact @ exact.T - approx @ approx.T).norm()) < 1e-6
@@ -187,7 +188,15 @@ def test_randomized_subspace_close_to_exact():
     top_subspace(x, r, solver="randomized")
     assert torch.equal(state, torch.get_rng_state())
     # fp32 inputs give a basis in fp32
-    assert top_subspace(x.float(), r, solver="randomized").dtype == torch.float32
+    approx32, _ = top_subspace(x.float(), r, solver="randomized")
+    assert approx32.dtype == torch.float32
+    assert float((exact @ exact.T - approx32.double() @ approx32.double().T).norm()) < 1e-3
+    # rows outside `keep` do not count: a huge padding row does not enter the subspace
+    padded = torch.cat([x, 1e3 * torch.randn(5, d, generator=g, dtype=torch.float64)])
+    mask = torch.cat([torch.ones(n, 1, dtype=torch.bool), torch.zeros(5, 1, dtype=torch.bool)])
+    for solver in ("exact", "randomized"):
+        basis, _ = top_subspace(padded, r, solver=solver, niter=2, keep=mask)
+        assert float((exact @ exact.T - basis @ basis.T).norm()) < 1e-6, solver
 
 
 def test_stacked_variance_scaling_isopo_intra_proma():

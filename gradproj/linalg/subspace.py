@@ -6,8 +6,9 @@ singular vectors of ``X`` (N tokens x d features), i.e. the top-r left singular 
 * ``exact``: from the eigendecomposition of the smaller Gram, ``X X^T`` (N x N) or ``X^T X``
   (d x d), in float64; ``U = X^T V / sigma`` on the N x N route.
 * ``randomized``: a randomised range finder (Halko et al. 2011) with ``niter`` power iterations and
-  ``oversample`` extra columns. The test matrix is fixed per shape (no global RNG is touched, and the
-  result does not depend on the history of the run).
+  ``oversample`` extra columns; the sketch is orthonormalised through its q x q Gram in float64
+  (no tall QR, which is slow on CPU). The test matrix is fixed per shape (no global RNG is touched,
+  and the result does not depend on the history of the run).
 * ``auto``: exact while the smaller Gram side is at most :data:`EXACT_MAX`, randomized above.
 
 The rank is ``rank`` (capped by the numerical rank of X), or with ``energy`` the smallest r whose
@@ -16,12 +17,13 @@ top singular values hold that fraction of ``||X||_F^2`` (at most ``rank``).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 __all__ = ["top_subspace", "EXACT_MAX", "RANK_RTOL"]
 
 #: ``solver="auto"`` uses the exact route while min(N, d) is at most this.
-EXACT_MAX = 128
+EXACT_MAX = 64
 #: Singular values below ``RANK_RTOL * sigma_max`` count as zero (numerical rank).
 RANK_RTOL = 1e-6
 
@@ -40,50 +42,68 @@ def _test_matrix(d: int, q: int, dtype: torch.dtype, device: torch.device) -> to
     return omega
 
 
-def _choose_rank(values: torch.Tensor, total: float, rank: int, energy: float | None) -> int:
-    """Rank from descending singular values squared ``values`` (float64)."""
-    if values.numel() == 0 or float(values[0]) <= 0.0:
+def _choose_rank(values: np.ndarray, total: float, rank: int, energy: float | None) -> int:
+    """Rank from descending squared singular values ``values`` (float64)."""
+    if values.size == 0 or values[0] <= 0.0:
         return 0
     keep = int((values > (RANK_RTOL**2) * values[0]).sum())
     r = min(rank, keep)
     if energy is not None and total > 0.0:
-        cumulative = torch.cumsum(values, 0) / total
-        needed = int(torch.searchsorted(cumulative, torch.tensor([energy], dtype=torch.float64) - 1e-15)) + 1
-        r = min(r, needed)
+        cumulative = np.cumsum(values) / total
+        r = min(r, int(np.searchsorted(cumulative, energy - 1e-15)) + 1)
     return r
+
+
+def _descending_eigh(matrix: np.ndarray):
+    values, vectors = np.linalg.eigh(matrix)
+    return np.maximum(values[::-1], 0.0), vectors[:, ::-1]
 
 
 def _exact(x: torch.Tensor, rank: int, energy: float | None) -> torch.Tensor:
     n, d = x.shape
     x64 = x.double()
-    if n <= d:
-        values, vectors = torch.linalg.eigh(x64 @ x64.T)
-    else:
-        values, vectors = torch.linalg.eigh(x64.T @ x64)
-    values, vectors = values.flip(0).clamp(min=0.0), vectors.flip(1)
+    gram = (x64 @ x64.T) if n <= d else (x64.T @ x64)
+    values, vectors = _descending_eigh(gram.cpu().numpy())
     r = _choose_rank(values, float(values.sum()), rank, energy)
+    top = torch.from_numpy(np.ascontiguousarray(vectors[:, :r])).to(x.device)
     if n <= d:
-        basis = (x64.T @ vectors[:, :r]) / values[:r].sqrt()
-    else:
-        basis = vectors[:, :r]
-    return basis.to(x.dtype)
+        top = top / torch.from_numpy(np.sqrt(values[:r]).copy()).to(x.device)
+        return (x64.T @ top).to(x.dtype)
+    return top.to(x.dtype)
 
 
-def _randomized(x: torch.Tensor, rank: int, energy: float | None, oversample: int, niter: int) -> torch.Tensor:
+def _whitener(y: torch.Tensor) -> np.ndarray:
+    """T (q x q') with ``y @ T`` orthonormal: ``T = V diag(mu^-1/2)`` from ``y^T y = V diag(mu) V^T``."""
+    mu, v = _descending_eigh((y.T @ y).double().cpu().numpy())
+    keep = mu > 1e-12 * mu[0] if mu.size and mu[0] > 0 else np.zeros(mu.shape, dtype=bool)
+    return v[:, keep] / np.sqrt(mu[keep])
+
+
+def _randomized(x, rank, energy, oversample, niter, keep) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range finder without a tall QR (Cholesky-QR-like whitening of the q x q Gram, in float64)."""
     n, d = x.shape
     q = min(rank + oversample, n, d)
-    y = x @ _test_matrix(d, q, x.dtype, x.device)  # (N, q)
+    y = x @ _test_matrix(d, q, x.dtype, x.device)  # (N, q): sketch of the token space
+    if keep is None:
+        keep = (y != 0).any(dim=1, keepdim=True)  # a row is zero iff its sketch is (almost surely)
+    else:
+        y = y * keep
     for _ in range(niter):
-        y, _ = torch.linalg.qr(y)
-        z, _ = torch.linalg.qr(x.T @ y)  # (d, q)
-        y = x @ z
-    basis_n, _ = torch.linalg.qr(y)
-    small = basis_n.T @ x  # (q, d): X ~= basis_n @ small
-    _, s, vh = torch.linalg.svd(small.double(), full_matrices=False)
-    values = s * s
-    total = float(torch.linalg.vector_norm(x, dtype=torch.float64) ** 2)
+        z = y.T @ x  # (q, d)
+        t = torch.from_numpy(_whitener(y)).to(device=x.device, dtype=x.dtype)
+        y = (x @ (z.T @ t)) * keep
+    t = _whitener(y)
+    z = y.T @ x  # rows of X at dropped positions meet zero rows of y
+    b = (z.double().cpu().numpy().T @ t).T  # (q', d) = Q^T X with Q = y T orthonormal
+    values, vectors = _descending_eigh(b @ b.T)
+    total = float(torch.linalg.vector_norm(x * keep, dtype=torch.float64) ** 2) if energy is not None else 0.0
     r = _choose_rank(values, total, rank, energy)
-    return vh[:r].T.to(x.dtype)
+    mix = t @ (vectors[:, :r] / np.sqrt(values[:r]))  # (q, r)
+    basis = z.T @ torch.from_numpy(np.ascontiguousarray(mix)).to(device=x.device, dtype=x.dtype)
+    if r > 0 and x.dtype != torch.float64:  # re-orthonormalise the fp32 result (Cholesky-QR)
+        chol = np.linalg.cholesky((basis.T @ basis).double().cpu().numpy())
+        basis = basis @ torch.from_numpy(np.linalg.inv(chol).T.copy()).to(device=x.device, dtype=x.dtype)
+    return basis, keep
 
 
 def top_subspace(
@@ -91,13 +111,22 @@ def top_subspace(
     rank: int,
     energy: float | None = None,
     solver: str = "auto",
-    oversample: int = 8,
-    niter: int = 2,
-) -> torch.Tensor:
-    """Orthonormal (d, r) basis of the dominant row space of ``x`` (N, d); see the module doc."""
+    oversample: int = 4,
+    niter: int = 1,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal (d, r) basis of the dominant row space of ``x`` (N, d); see the module doc.
+
+    ``keep`` (N, 1) bool: the rows that count (others are treated as zero). Returns
+    ``(basis, keep)``; without ``keep`` given, the returned one marks the non-zero rows of ``x``.
+    """
     n, d = x.shape
     if n == 0 or d == 0 or rank <= 0:
-        return x.new_zeros(d, 0)
+        return x.new_zeros(d, 0), torch.ones(n, 1, dtype=torch.bool, device=x.device) if keep is None else keep
     if solver == "exact" or (solver == "auto" and min(n, d) <= EXACT_MAX):
-        return _exact(x, rank, energy)
-    return _randomized(x, rank, energy, oversample, niter)
+        if keep is None:
+            keep = (x != 0).any(dim=1, keepdim=True)
+        else:
+            x = x * keep
+        return _exact(x, rank, energy), keep
+    return _randomized(x, rank, energy, oversample, niter, keep)

@@ -36,7 +36,7 @@ class IntraPromaOptions(StrategyOptions):
             factor's squared Frobenius norm (per side, per layer, per microbatch).
         projector: ``"complement"`` (remove the factored rank-r block) or ``"kron"`` (project both
             sides: ``(I - P_D) g (I - P_A)``).
-        solver: ``"auto"`` (exact while min(tokens, width) <= 128, else randomized), ``"exact"``
+        solver: ``"auto"`` (exact while min(tokens, width) <= 64, else randomized), ``"exact"``
             (eigendecomposition of the smaller Gram) or ``"randomized"`` (range finder).
         oversample: extra columns of the randomized range finder.
         niter: power iterations of the randomized range finder.
@@ -46,8 +46,8 @@ class IntraPromaOptions(StrategyOptions):
     energy: float | None = Field(default=None, gt=0.0, le=1.0)
     projector: Literal["complement", "kron"] = "complement"
     solver: Literal["auto", "exact", "randomized"] = "auto"
-    oversample: int = Field(default=8, ge=0)
-    niter: int = Field(default=2, ge=0)
+    oversample: int = Field(default=4, ge=0)
+    niter: int = Field(default=1, ge=0)
 
 
 class IntraProma(Strategy):
@@ -79,7 +79,7 @@ class IntraProma(Strategy):
         g = step.combine(step.coefficients)
         total_sq = float(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2)
         g, removed_sq, ranks = project_factored(
-            g, factors(), step.coefficients, rank=opts.rank, energy=opts.energy, projector=opts.projector,
+            g, factors(), rank=opts.rank, energy=opts.energy, projector=opts.projector,
             solver=opts.solver, oversample=opts.oversample, niter=opts.niter,
         )
         if math.isfinite(total_sq) and math.isfinite(removed_sq):
