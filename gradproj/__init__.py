@@ -10,6 +10,7 @@
 """
 
 from gradproj.config import GradProjConfig
+from gradproj.diagnostics import policy_kl
 from gradproj.errors import (
     CheckpointError,
     CoefficientError,
@@ -21,7 +22,7 @@ from gradproj.errors import (
 )
 from gradproj.optimizer import GradProjOptimizer, wrap
 from gradproj.plugins import get_plugin_manager, get_registry, hookimpl, hookspec
-from gradproj.strategies import LayerStep, Strategy, StrategyOptions, StrategySpec
+from gradproj.strategies import CoefficientTransform, LayerStep, Strategy, StrategyOptions, StrategySpec
 
 __version__ = "0.1.0"
 
@@ -41,8 +42,10 @@ __all__ = [
     "get_plugin_manager",
     "get_registry",
     "Strategy",
+    "CoefficientTransform",
     "StrategyOptions",
     "StrategySpec",
     "LayerStep",
+    "policy_kl",
     "__version__",
 ]

@@ -79,6 +79,11 @@ class GradProjConfig(BaseModel):
             touch; matching trainable parameters are frozen by ``wrap`` and unfrozen by ``detach``.
         gram: how linear layers represent sequence gradients: ``"auto"`` (cost rule),
             ``"materialize"`` or ``"ghost"``.
+        diagnostics: report prompt-group gradient cosines, sequence-gradient norms and reward stds
+            under ``gradproj/diagnostics/...`` (costs a Gram per layer; with ``none`` it turns the
+            capture on).
+        lora_bound: report the LoRA rank KL bound mu(r) per adapter under ``gradproj/lora_bound/...``
+            (needs peft LoRA layers; adapters are snapshotted at ``wrap``).
         (any other field): an option of one of the selected strategies, e.g. ``damping``.
     """
 
@@ -87,6 +92,8 @@ class GradProjConfig(BaseModel):
     strategy: str | list[str] = "proma"
     exclude: list[str] = Field(default_factory=list)
     gram: Literal["auto", "materialize", "ghost"] = "auto"
+    diagnostics: bool = False
+    lora_bound: bool = False
 
     def __init__(self, **data: Any) -> None:
         try:

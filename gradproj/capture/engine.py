@@ -27,6 +27,8 @@ from gradproj.capture.groups import StepGroups
 from gradproj.capture.handlers import compute_dtype
 from gradproj.capture.microbatch import Microbatch, sequence_coefficients
 from gradproj.config import GradProjConfig, ResolvedStrategies
+from gradproj.diagnostics.gradients import GradientDiagnostics
+from gradproj.diagnostics.lora import LoraKLBound
 from gradproj.errors import CheckpointError, CoverageError, ProtocolError
 from gradproj.linalg.sequence_grads import Workspace
 from gradproj.linalg.sum_grads import SumGrads
@@ -77,7 +79,9 @@ class CaptureEngine:
         self.config = config
         self.strategies = strategies
         self.registry = registry
-        self.needs_capture = strategies.needs_capture
+        self.needs_capture = strategies.needs_capture or config.diagnostics
+        self.diagnostics = GradientDiagnostics() if config.diagnostics else None
+        self.lora_bound: LoraKLBound | None = None
         self._mb_transforms = strategies.microbatch_transforms
         self._layer_transforms = strategies.layer_transforms
         #: the step's prompt groups and rewards (``opt.set_groups``), cleared by ``end_step``
@@ -120,6 +124,7 @@ class CaptureEngine:
                 "this model is already wrapped by a gradproj optimizer; call .detach() on that one "
                 "before wrapping the model again"
             )
+        lora_bound = LoraKLBound(self.model) if self.config.lora_bound else None
         named = list(self.model.named_parameters())
         to_freeze = [p for n, p in named if p.requires_grad and self._excluded(n)]
         frozen_ids = {id(p) for p in to_freeze}
@@ -169,7 +174,10 @@ class CaptureEngine:
         self._plan_batching(plan)
         self._covered = covered
         self._covered_params = [param for layer in plan for _, param, _ in layer.params]
-        self._plain_when_no_grad = not self._layer_transforms and self.strategies.accumulate.plain_when_no_grad
+        self._plain_when_no_grad = (
+            not self._layer_transforms and self.diagnostics is None and self.strategies.accumulate.plain_when_no_grad
+        )
+        self.lora_bound = lora_bound
         self._params = [p for _, p in named]
         setattr(self.model, _ENGINE_ATTR, self)
         self.attached = True
@@ -391,6 +399,8 @@ class CaptureEngine:
         step = LayerStep(qname, param, param.grad, mb.coefficients, seq, out)
         for transform in self._layer_transforms:
             step.coefficients = transform.transform_layer(step)
+        if self.diagnostics is not None:
+            self.diagnostics.observe(qname, seq.gram().cpu().numpy(), step.host_coefficients(), mb.group_ids)
         update = self.strategies.accumulate.accumulate(step)
         self._strategy_seconds += perf_counter() - start
         mb.stage(param, update, step.finite)
@@ -462,11 +472,20 @@ class CaptureEngine:
             start = perf_counter()
             for transform in self._layer_transforms:
                 batch.coefficients = transform.transform_batch(batch)
+            if self.diagnostics is not None:
+                self._observe_batch(batch, mb)
             updates = rule.accumulate_batch(batch)
             self._strategy_seconds += perf_counter() - start
             for param, update in zip(batch.params, updates):
                 mb.stage(param, update.view(param.shape), batch.finite)
         mb.filled.clear()
+
+    def _observe_batch(self, batch: LayerBatch, mb: Microbatch) -> None:
+        seqs = batch.sequence_grads
+        grams = torch.bmm(seqs, seqs.transpose(1, 2)).double().cpu().numpy()
+        coeffs = batch.coefficients.cpu().numpy()
+        for index, name in enumerate(batch.names):
+            self.diagnostics.observe(name, grams[index], coeffs if coeffs.ndim == 1 else coeffs[index], mb.group_ids)
 
     @staticmethod
     def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -515,6 +534,8 @@ class CaptureEngine:
         self._strategy_seconds = 0.0
         for strategy in self.strategies.all:
             strategy.reset_metrics()
+        if self.diagnostics is not None:
+            self.diagnostics.reset()
 
     def running_metrics(self) -> dict[str, float]:
         """Metrics of the step in progress."""
@@ -527,6 +548,10 @@ class CaptureEngine:
         }
         for strategy in self.strategies.all:
             out.update({f"gradproj/{k}": float(v) for k, v in strategy.step_metrics().items()})
+        if self.diagnostics is not None:
+            out.update({f"gradproj/{k}": float(v) for k, v in self.diagnostics.metrics(self.step_groups).items()})
+        if self.lora_bound is not None:
+            out.update({f"gradproj/{k}": float(v) for k, v in self.lora_bound.metrics().items()})
         return out
 
     def set_groups(self, group_ids, rewards) -> None:

@@ -1,10 +1,12 @@
 """Strategies: how a microbatch's sequence gradients change the running gradient.
 
 A strategy is a class described by a :class:`StrategySpec` that a plugin returns from its
-``gradproj_strategies`` hook. Built-ins: ``none`` (plain accumulation), ``proma`` (exact PROMA)
-and the ``proma_reference`` preset.
+``gradproj_strategies`` hook. Built-ins: the accumulation rules ``none`` (plain accumulation),
+``proma`` (exact PROMA, and the ``proma_reference`` preset) and ``intra_proma`` (factored
+low-rank projection inside each microbatch); the coefficient transforms ``variance_scaling``
+(GRPO's std normalisation as a step size) and ``isopo`` (per-layer normalised sequence gradients).
 """
 
-from gradproj.strategies.base import LayerStep, Strategy, StrategyOptions, StrategySpec
+from gradproj.strategies.base import CoefficientTransform, LayerStep, Strategy, StrategyOptions, StrategySpec
 
-__all__ = ["Strategy", "StrategyOptions", "StrategySpec", "LayerStep"]
+__all__ = ["Strategy", "CoefficientTransform", "StrategyOptions", "StrategySpec", "LayerStep"]
