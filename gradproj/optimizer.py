@@ -10,6 +10,7 @@ The wrapper is a real :class:`torch.optim.Optimizer` that *shares* the inner opt
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Hashable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -160,7 +161,7 @@ class GradProjOptimizer(torch.optim.Optimizer):
         *,
         cu_seqlens: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        group_ids=None,
+        group_ids: torch.Tensor | Sequence[Hashable] | None = None,
     ) -> AbstractContextManager:
         """Context manager around one microbatch's loss and backward.
 
@@ -182,7 +183,7 @@ class GradProjOptimizer(torch.optim.Optimizer):
         """
         return self._engine.microbatch(logp, mask, cu_seqlens, position_ids, group_ids)
 
-    def set_groups(self, group_ids, rewards) -> None:
+    def set_groups(self, group_ids: torch.Tensor | Sequence[Hashable], rewards: torch.Tensor | Sequence[float]) -> None:
         """Give the step's prompt groups and rewards, once per step, before its first microbatch.
 
         Args:

@@ -9,7 +9,7 @@ groups its rows belong to.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 
@@ -45,7 +45,7 @@ class StepGroups:
         rewards: one finite reward per sequence (a 1-D tensor or sequence of numbers).
     """
 
-    def __init__(self, group_ids, rewards) -> None:
+    def __init__(self, group_ids: torch.Tensor | Sequence[Hashable], rewards: torch.Tensor | Sequence[float]) -> None:
         where = "opt.set_groups()"
         ids = as_group_ids(group_ids, where)
         r = torch.as_tensor(rewards.detach().cpu() if isinstance(rewards, torch.Tensor) else rewards, dtype=torch.float64)
