@@ -178,7 +178,7 @@ def peak_memory(argv, setup: str, variant: str) -> float:
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setups", nargs="+", default=["lora", "linear"], choices=["lora", "linear"])
-    p.add_argument("--strategies", nargs="+", default=["proma"])
+    p.add_argument("--strategies", nargs="+", default=["proma", "intra_proma"])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=1376)
     p.add_argument("--layers", type=int, default=4)
