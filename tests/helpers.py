@@ -285,3 +285,19 @@ def tiny_full(arch: str, seed: int = 0, train_embeddings: bool = False, tie: boo
             with torch.no_grad():
                 p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def tiny_char_model(tok, seed: int = 0, hidden: int = 16):
+    """A tiny random Llama over the demo's character tokenizer (fast CLI and rollout tests)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    cfg._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model

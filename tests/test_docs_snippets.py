@@ -33,6 +33,14 @@ def test_every_page_includes_its_snippet():
         assert '--8<-- "docs/snippets/setup.py"' in text, page
 
 
+def test_plain_pytorch_guide_loop_runs(capsys):
+    page = (ROOT / "docs" / "guides" / "plain-pytorch.md").read_text()
+    assert '--8<-- "docs/snippets/plain_pytorch_loop.py"' in page
+    code = (SNIPPETS / "plain_pytorch_loop.py").read_text()
+    exec(compile(code, "docs/snippets/plain_pytorch_loop.py", "exec"), {"__name__": "__main__"})
+    assert capsys.readouterr().out.count("step ") == 3
+
+
 @pytest.mark.parametrize("name", [n for n in PAGES if n != "plugin"])
 def test_strategy_page_snippet_runs(name, capsys):
     exec(compile(program(name), f"docs/snippets/{name}.py", "exec"), {"__name__": "__main__"})

