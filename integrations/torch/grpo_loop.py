@@ -41,12 +41,12 @@ METHODS = {"grpo": ("none", "clip"), "reinforce": ("none", "reinforce")}
 class GRPOLoopConfig:
     """Settings shared by every method of a comparison."""
 
-    steps: int = 40
+    steps: int = 100
     prompts_per_step: int = 16
     group_size: int = 8
     microbatches: int = 4
     updates_per_rollout: int = 2
-    lr: float = 3e-4
+    lr: float = 1e-4
     clip_eps: float = 0.2
     normalize_std: bool = True
     temperature: float = 1.0
