@@ -41,6 +41,14 @@ def test_plain_pytorch_guide_loop_runs(capsys):
     assert capsys.readouterr().out.count("step ") == 3
 
 
+def test_trl_guide_example_runs(tmp_path):
+    page = (ROOT / "docs" / "guides" / "trl.md").read_text()
+    assert '--8<-- "docs/snippets/trl_example.py"' in page
+    result = subprocess.run([sys.executable, str(SNIPPETS / "trl_example.py")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "gradproj/proma/projected_fraction" in result.stdout
+
+
 @pytest.mark.parametrize("name", [n for n in PAGES if n != "plugin"])
 def test_strategy_page_snippet_runs(name, capsys):
     exec(compile(program(name), f"docs/snippets/{name}.py", "exec"), {"__name__": "__main__"})

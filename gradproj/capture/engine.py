@@ -262,6 +262,10 @@ class CaptureEngine:
             )
         return None
 
+    def covers(self, param: torch.Tensor) -> bool:
+        """Whether gradproj captures this parameter's gradient (a covered, trainable parameter)."""
+        return id(param) in self._covered
+
     def _check_coverage(self, where: str) -> None:
         covered = self._covered
         if all(id(p) in covered for p in self._params if p.requires_grad):

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,11 +91,20 @@ def _smollm2_folder(progress: bool) -> Path:
         print("converting SmolLM2-135M-Instruct from GGUF (once, about 20 s)...", flush=True)
     tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):
+    if hasattr(model.config, "quantization_config"):  # save as a plain float32 checkpoint
         del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                delattr(model, attr)
+            except AttributeError:
+                pass
     model.is_quantized = False
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(folder)
     return folder
 
 

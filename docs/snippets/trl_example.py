@@ -1,0 +1,38 @@
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import transformers
+from datasets import Dataset
+
+from gradproj.integrations.torch.adder import addition_problems, build_tokenizer
+from gradproj.integrations.trl import GradProjGRPOTrainer, kl_free_lora_grpo
+
+# An offline tiny policy and task (use your own model, tokenizer and dataset instead)
+tok = build_tokenizer()
+model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+    vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+))
+model.generation_config.pad_token_id = tok.pad_token_id
+problems = addition_problems(32, seed=0, max_digits=1)
+train = Dataset.from_dict({"prompt": [p for p, _ in problems], "answer": [a for _, a in problems]})
+
+
+def exact_match(completions, answer, **kwargs):
+    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+
+
+# KL-free LoRA GRPO (beta=0: no reference model) with PROMA on top, as configuration
+preset = kl_free_lora_grpo(
+    tempfile.mkdtemp(), rank=8, proma=True, strategy_options={"relative_bound": 0.5},
+    learning_rate=1e-3, per_device_train_batch_size=8, gradient_accumulation_steps=2, num_generations=4,
+    max_completion_length=4, max_steps=2, logging_steps=1, use_cpu=True, bf16=False,
+    gradient_checkpointing=False, report_to="none", save_strategy="no", disable_tqdm=True,
+)
+trainer = GradProjGRPOTrainer(model=model, reward_funcs=exact_match, train_dataset=train, processing_class=tok,
+                              **preset.trainer_kwargs())
+assert trainer.ref_model is None
+trainer.train()
+print({k: v for k, v in trainer.state.log_history[-2].items() if k.startswith("gradproj/")})

@@ -1,0 +1,23 @@
+"""TRL integration: PROMA and KL-free LoRA GRPO as ``GRPOTrainer`` configuration.
+
+    from gradproj.integrations.trl import GradProjGRPOTrainer, kl_free_lora_grpo
+
+Supported TRL: :data:`SUPPORTED_TRL` (checked at import, with a clear message otherwise).
+"""
+
+from gradproj.integrations.trl.version import SUPPORTED_TRL, check_trl_version
+
+check_trl_version()
+
+from gradproj.integrations.trl.presets import KLFreeLoRAGRPO, kl_free_lora_grpo  # noqa: E402
+from gradproj.integrations.trl.trainer import GradProjGRPOMixin, GradProjGRPOTrainer, check_grpo_config  # noqa: E402
+
+__all__ = [
+    "GradProjGRPOMixin",
+    "GradProjGRPOTrainer",
+    "check_grpo_config",
+    "kl_free_lora_grpo",
+    "KLFreeLoRAGRPO",
+    "SUPPORTED_TRL",
+    "check_trl_version",
+]

@@ -1,0 +1,206 @@
+"""``GradProjGRPOTrainer``: TRL's GRPOTrainer with a gradproj strategy accumulating the microbatches.
+
+How it plugs in (TRL 1.16, see ``../shared/notes/trl``):
+
+* ``create_optimizer`` wraps the optimizer TRL builds (or the one passed as ``optimizers=``) with
+  :func:`gradproj.wrap`, *after* PEFT has been applied, around the model TRL trains;
+* ``_get_per_token_logps_and_entropies`` keeps the log-prob tensor of the training forward;
+  ``compute_loss`` opens ``opt.microbatch(logp, completion_mask)`` around TRL's own loss, and
+  ``training_step`` closes it after TRL's backward. Every ``loss_type`` TRL offers is on-policy
+  ``sum_i c_i sum_t logp[i, t]`` when the likelihood ratio is 1, so the per-sequence coefficients
+  are read from the loss's own gradient (and checked to be constant per row) -- no loss-type table;
+* when the output embedding is trained (full fine-tuning), TRL's fused LM head -- which multiplies
+  by ``lm_head.weight`` outside the module -- is replaced by an ordinary forward for the training
+  log-probs, so the covered ``lm_head`` sees its gradient;
+* gradproj's metrics are appended to TRL's (``gradproj/...``) at every optimizer step; the wrapped
+  optimizer's state rides in TRL checkpoints (``optimizer.pt``, loaded with ``weights_only=True``).
+
+``gradproj=None`` leaves GRPOTrainer unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from trl import GRPOTrainer
+
+import gradproj
+from gradproj.config import GradProjConfig
+from gradproj.errors import ConfigError, ProtocolError
+from gradproj.optimizer import GradProjOptimizer
+
+__all__ = ["GradProjGRPOMixin", "GradProjGRPOTrainer", "check_grpo_config", "as_gradproj_config"]
+
+
+def as_gradproj_config(value: Any) -> GradProjConfig | None:
+    """``None``, a :class:`GradProjConfig`, a strategy name/list, or a dict -> a config (or ``None``)."""
+    if value is None or isinstance(value, GradProjConfig):
+        return value
+    if isinstance(value, (str, list, tuple)):
+        return GradProjConfig(strategy=list(value) if isinstance(value, tuple) else value)
+    if isinstance(value, dict):
+        return GradProjConfig.from_dict(value)
+    raise ConfigError(f"gradproj= must be a GradProjConfig, a strategy name or a dict, got {type(value).__name__}")
+
+
+def check_grpo_config(args, config: GradProjConfig) -> None:
+    """Refuse GRPO settings under which the strategy's assumptions fail (one coefficient per sequence).
+
+    Raises:
+        ConfigError: naming the setting and the fix.
+    """
+    resolved = config.resolve()
+    if not resolved.needs_capture and not resolved.microbatch_transforms:
+        return  # plain accumulation accepts any loss
+    name = "+".join(config.strategies)
+    problems = []
+    if args.beta != 0.0:
+        problems.append(
+            f"beta={args.beta} adds a per-token KL penalty to the loss; set beta=0.0 (KL-free: no reference model, "
+            "the strategy is the proximal term)"
+        )
+    if args.num_iterations != 1:
+        problems.append(
+            f"num_iterations={args.num_iterations} reuses rollouts after an update, so the likelihood ratio is not 1 "
+            "and clipping varies per token; set num_iterations=1"
+        )
+    spg = args.steps_per_generation or args.gradient_accumulation_steps
+    if spg > args.gradient_accumulation_steps:
+        problems.append(
+            f"steps_per_generation={spg} > gradient_accumulation_steps={args.gradient_accumulation_steps} takes "
+            "several optimizer steps per generation (off-policy, ratio != 1); keep steps_per_generation <= "
+            "gradient_accumulation_steps"
+        )
+    if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
+        problems.append("an entropy bonus (entropy_coef / use_adaptive_entropy) adds a gradient outside the log-probs; disable it")
+    if args.top_entropy_quantile < 1.0:
+        problems.append(
+            f"top_entropy_quantile={args.top_entropy_quantile} masks tokens inside a completion; set it to 1.0"
+        )
+    if args.use_vllm and args.vllm_importance_sampling_correction:
+        problems.append("vLLM importance-sampling correction weights tokens individually; set vllm_importance_sampling_correction=False")
+    if resolved.transforms:
+        problems.append(
+            f"coefficient transforms ({', '.join(s.name for s in resolved.specs if s.role == 'transform')}) are not "
+            "wired into TRL yet; use TRL's scale_rewards for the std normalisation"
+        )
+    if problems:
+        raise ConfigError(f"GRPOConfig is incompatible with gradproj strategy {name!r}: " + "; ".join(problems))
+
+
+class GradProjGRPOMixin:
+    """Mixin for ``GRPOTrainer`` (put it first): ``gradproj=`` selects the strategy."""
+
+    def __init__(self, *args, gradproj: GradProjConfig | str | list | dict | None = None, **kwargs) -> None:
+        self._gp_config = as_gradproj_config(gradproj)
+        self._gp_optimizer: GradProjOptimizer | None = None
+        self._gp_block = None
+        self._gp_logps: torch.Tensor | None = None
+        self._gp_unfused = False
+        grpo_args = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if self._gp_config is not None and grpo_args is not None:
+            check_grpo_config(grpo_args, self._gp_config)
+        super().__init__(*args, **kwargs)
+        if self._gp_config is None:
+            return
+        check_grpo_config(self.args, self._gp_config)
+        if self.beta == 0.0 and self.ref_model is not None:
+            raise ConfigError("beta=0 but TRL built a reference model; this TRL version is not supported")
+        if self.aux_loss_enabled and self._gp_config.resolve().needs_capture:
+            raise ConfigError(
+                "the model adds a MoE router load-balancing loss outside the log-probs; set router_aux_loss_coef=0.0"
+            )
+
+    # -- optimizer -------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """TRL's optimizer (or the one passed as ``optimizers=``), wrapped by gradproj."""
+        optimizer = super().create_optimizer(model)
+        if self._gp_config is None:
+            return optimizer
+        if not isinstance(self.optimizer, GradProjOptimizer):
+            self.optimizer = gradproj.wrap(self.optimizer, self.model, self._gp_config)
+        self._gp_optimizer = self.optimizer
+        head = self.model.get_output_embeddings()
+        self._gp_unfused = head is not None and self._gp_optimizer.engine.covers(head.weight)
+        return self.optimizer
+
+    @property
+    def gradproj_optimizer(self) -> GradProjOptimizer | None:
+        """The :class:`gradproj.GradProjOptimizer` (``None`` before training starts or without gradproj)."""
+        return self._gp_optimizer
+
+    # -- log-probs and the microbatch block --------------------------------------------------
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **kwargs):
+        if self._gp_unfused and torch.is_grad_enabled() and not any(v is not None for v in kwargs.values()):
+            logps, entropies, aux = self._gp_unfused_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy)
+        else:
+            logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size, compute_entropy=compute_entropy,
+                compute_aux_loss=compute_aux_loss, **kwargs,
+            )
+        if torch.is_grad_enabled():
+            self._gp_logps = logps
+        return logps, entropies, aux
+
+    def _gp_unfused_logps(self, model, input_ids, attention_mask, logits_to_keep, compute_entropy):
+        """Completion log-probs through the ordinary forward (the LM head module runs, so it is captured)."""
+        with self.accelerator.autocast():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep + 1).logits
+        logits = logits[:, :-1] / self.temperature
+        logp_all = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1)
+        logps = logp_all.gather(-1, input_ids[:, -logits_to_keep:, None]).squeeze(-1)
+        logps = logps.masked_fill(attention_mask[:, -logits_to_keep:] == 0, 0.0)
+        entropies = -(logp_all.exp() * logp_all).sum(-1).detach() if compute_entropy else None
+        return logps, entropies, None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss; with gradproj, the microbatch block is opened around its backward."""
+        self._gp_logps = None
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        opt = self._gp_optimizer
+        if opt is not None and model.training and torch.is_grad_enabled():
+            if self._gp_logps is None:
+                raise ProtocolError("gradproj: TRL computed the loss without the training log-probs (unsupported TRL code path)")
+            mask = inputs["completion_mask"]
+            if "tool_mask" in inputs:
+                mask = mask * inputs["tool_mask"]
+            block = opt.microbatch(self._gp_logps, mask.bool())
+            block.__enter__()
+            self._gp_block = block
+        self._gp_logps = None
+        return loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """TRL's step (compute_loss + backward), then the microbatch block closes: ``.grad`` is updated."""
+        if self._gp_optimizer is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        try:
+            output = super().training_step(model, inputs, num_items_in_batch)
+        except BaseException as err:
+            block, self._gp_block = self._gp_block, None
+            if block is not None:
+                try:
+                    block.__exit__(type(err), err, err.__traceback__)
+                except BaseException:  # noqa: BLE001 - the original error is the one to report
+                    pass
+            raise
+        block, self._gp_block = self._gp_block, None
+        if block is not None:
+            block.__exit__(None, None, None)
+        if self.accelerator.sync_gradients:  # the last microbatch of the optimizer step
+            for key, value in self._gp_optimizer.engine.running_metrics().items():
+                self._metrics["train"][key].append(value)
+        return output
+
+
+class GradProjGRPOTrainer(GradProjGRPOMixin, GRPOTrainer):
+    """``GRPOTrainer(..., gradproj=GradProjConfig(strategy="proma"))``.
+
+    Every GRPOTrainer argument works as usual (``peft_config=`` included: the optimizer is wrapped
+    after PEFT is applied). Settings that break the single-pass capture (``beta > 0``,
+    ``num_iterations > 1``, off-policy steps, entropy bonuses, token masks) are refused with a
+    :class:`gradproj.ConfigError` naming the fix; ``gradproj=None`` is plain GRPOTrainer.
+    """
