@@ -169,7 +169,10 @@ def _plot(records: dict[str, list[dict]], key: str, ylabel: str, path: Path, log
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    else:  # e.g. a KL of exactly 0 everywhere cannot be drawn on a log scale
+        ax.text(0.5, 0.5, "no non-zero values to plot", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -272,9 +275,9 @@ def run_demo(options: DemoOptions) -> dict[str, dict]:
     held_out = task.eval_problems()
 
     def evaluate(model) -> float:
-        if options.task == "addition":
+        if not pretrained:  # the default policy ends its answers with EOS: whole-completion exact match
             return greedy_accuracy(model, tok, held_out, max_new_tokens=task.max_new_tokens)
-        return _greedy_reward(model, tok, task, held_out)
+        return _greedy_reward(model, tok, task, held_out)  # pretrained models: the task's own parser
 
     records: dict[str, list[dict]] = {}
     with (out / "metrics.jsonl").open("w", encoding="utf-8") as log, tqdm(
