@@ -78,6 +78,7 @@ class GradProjOptimizer(torch.optim.Optimizer):
         """
         self._engine.check_idle("optimizer.step()")
         self._engine.check_step()
+        self._engine.sync_gradients()  # DDP: average over the ranks, unless sync_gradients() already did
         result = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         self._engine.end_step()
         return result
@@ -196,6 +197,16 @@ class GradProjOptimizer(torch.optim.Optimizer):
         ``opt.microbatch(..., group_ids=...)`` names the groups of its rows. Cleared by ``step()``.
         """
         self._engine.set_groups(group_ids, rewards)
+
+    def sync_gradients(self) -> None:
+        """With a ``DistributedDataParallel`` model: average ``.grad`` over the ranks now.
+
+        gradproj runs DDP in ``no_sync`` mode (captured layers hand their gradients to the strategy,
+        which DDP's reducer cannot see) and averages once per step. ``step()`` does it if you did not;
+        call it yourself after the last microbatch when something must see the averaged gradient
+        first (``clip_grad_norm_``, grad-norm logging). A no-op without DDP.
+        """
+        self._engine.sync_gradients()
 
     def paused(self) -> AbstractContextManager:
         """Context manager disabling capture (forward and backward behave as without gradproj)."""

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from gradproj.capture.batching import BATCH_MAX_BYTES, BATCH_MAX_NUMEL, LayerBatch, ParamGroup
+from gradproj.capture.data_parallel import DataParallelSync, is_ddp
 from gradproj.capture.groups import StepGroups
 from gradproj.capture.handlers import compute_dtype
 from gradproj.capture.microbatch import Microbatch, sequence_coefficients
@@ -82,6 +83,8 @@ class CaptureEngine:
         self.needs_capture = strategies.needs_capture or config.diagnostics
         self.diagnostics = GradientDiagnostics() if config.diagnostics else None
         self.lora_bound: LoraKLBound | None = None
+        #: gradient synchronisation of a DDP model, taken over from DDP while capturing
+        self.data_parallel: DataParallelSync | None = None
         self._mb_transforms = strategies.microbatch_transforms
         self._layer_transforms = strategies.layer_transforms
         #: the step's prompt groups and rewards (``opt.set_groups``), cleared by ``end_step``
@@ -178,6 +181,8 @@ class CaptureEngine:
             not self._layer_transforms and self.diagnostics is None and self.strategies.accumulate.plain_when_no_grad
         )
         self.lora_bound = lora_bound
+        if self.needs_capture and is_ddp(self.model):
+            self.data_parallel = DataParallelSync(self.model)
         self._params = [p for _, p in named]
         setattr(self.model, _ENGINE_ATTR, self)
         self.attached = True
@@ -243,6 +248,9 @@ class CaptureEngine:
             handle.remove()
         for param in self._frozen:
             param.requires_grad_(True)
+        if self.data_parallel is not None:
+            self.data_parallel.release()
+            self.data_parallel = None
         self._guards, self._frozen, self.layers = [], [], []
         self._batched, self._groups, self._shared = {}, [], {}
         self._workspace.clear()
@@ -291,6 +299,8 @@ class CaptureEngine:
         if self._paused:
             raise ProtocolError("opt.microbatch() inside opt.paused(): leave the paused block first")
         mb = Microbatch(logp, mask, self._mb_in_step, cu_seqlens, position_ids, group_ids, self.step_groups)
+        if self.data_parallel is not None:
+            self.data_parallel.check_not_synced(mb.where)
         for transform in self.strategies.transforms:
             transform.validate_microbatch(mb)
         if self.needs_capture:
@@ -573,8 +583,16 @@ class CaptureEngine:
                 "`with opt.microbatch(logp, mask, group_ids=...):`"
             )
 
+    def sync_gradients(self) -> None:
+        """Average the accumulated gradients over the data-parallel ranks (no-op without DDP)."""
+        self.check_idle("opt.sync_gradients()")
+        if self.data_parallel is not None:
+            self.data_parallel.sync([p for p in self._params if p.requires_grad])
+
     def end_step(self) -> None:
         """Close the optimizer step: snapshot its metrics and start counting anew."""
+        if self.data_parallel is not None:
+            self.data_parallel.reset()
         self._last_metrics = self.running_metrics()
         self.step_groups = None
         self._buffers.clear()
