@@ -84,6 +84,10 @@ class GradProjConfig(BaseModel):
             capture on).
         lora_bound: report the LoRA rank KL bound mu(r) per adapter under ``gradproj/lora_bound/...``
             (needs peft LoRA layers; adapters are snapshotted at ``wrap``).
+        nonfinite: what a microbatch with NaN/inf does: ``"drop"`` (default; it changes no gradient and
+            is counted in ``gradproj/dropped_microbatches``) or ``"propagate"`` (every covered gradient
+            becomes NaN, as with plain autograd, so ``torch.amp.GradScaler`` skips the step and lowers
+            its scale -- use it with fp16 loss scaling).
         (any other field): an option of one of the selected strategies, e.g. ``damping``.
     """
 
@@ -94,6 +98,7 @@ class GradProjConfig(BaseModel):
     gram: Literal["auto", "materialize", "ghost"] = "auto"
     diagnostics: bool = False
     lora_bound: bool = False
+    nonfinite: Literal["drop", "propagate"] = "drop"
 
     def __init__(self, **data: Any) -> None:
         try:

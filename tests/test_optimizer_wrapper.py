@@ -192,3 +192,30 @@ def test_grad_scaler_matches_unscaled_run():
         scaler.step(opt)
         scaler.update()
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("nonfinite", ["drop", "propagate"])
+def test_grad_scaler_sees_overflow_only_when_propagated(nonfinite):
+    """fp16-style loss scaling: an overflowing microbatch is dropped (the step goes on with the
+    others, the scale stays) or propagated (NaN gradients: GradScaler skips the step, halves the scale)."""
+    batches = make_microbatches(count=3, k=4, seed=13)
+    model = TinyLM(seed=9, dtype=torch.float32)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", nonfinite=nonfinite)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for _, p in trainable(model)]
+    for index, (ids, attn, mask, adv) in enumerate(batches):
+        logp = token_logprobs(model, ids, attn)
+        if index == 1:
+            adv = adv * 1e38  # the scaled loss overflows float32 in this microbatch only
+        with opt.microbatch(logp, mask):
+            scaler.scale(grpo_loss(logp, mask, adv.float(), 1 / 3)).backward()
+    # propagated, the NaN running gradient makes the next microbatch non-finite too
+    dropped = opt.engine.running_metrics()["gradproj/dropped_microbatches"]
+    assert dropped == (1.0 if nonfinite == "drop" else 2.0)
+    scaler.step(opt)
+    scaler.update()
+    moved = any(not torch.equal(a, p) for a, (_, p) in zip(before, trainable(model)))
+    if nonfinite == "drop":
+        assert moved and scaler.get_scale() == 2.0**10
+    else:
+        assert not moved and scaler.get_scale() == 2.0**9

@@ -451,9 +451,12 @@ class CaptureEngine:
         if mb.plain:  # autograd accumulated ordinary gradients into grads that were all None
             written = [p.grad for p in self._covered_params if p.grad is not None]
             if written and not self._all_finite(written):
+                self._dropped += 1
+                if self.config.nonfinite == "propagate":
+                    self._poison()
+                    return
                 for param in self._covered_params:
                     param.grad = None  # exactly the state before the microbatch
-                self._dropped += 1
             return
         start = perf_counter()
         for layer, uses in list(mb.uses.items()):  # layers whose forward count exceeded their backward
@@ -472,6 +475,8 @@ class CaptureEngine:
             mb.drop()
         if mb.dropped:
             self._dropped += 1
+            if self.config.nonfinite == "propagate":
+                self._poison()
         else:
             self._apply(mb)
         mb.staged.clear()
@@ -500,6 +505,15 @@ class CaptureEngine:
         coeffs = batch.coefficients.cpu().numpy()
         for index, name in enumerate(batch.names):
             self.diagnostics.observe(name, grams[index], coeffs if coeffs.ndim == 1 else coeffs[index], mb.group_ids)
+
+    def _poison(self) -> None:
+        """``nonfinite="propagate"``: make every covered gradient NaN, as plain autograd would leave
+        non-finite gradients, so a GradScaler (or any finiteness check) skips the optimizer step."""
+        for param in self._covered_params:
+            if param.grad is None:
+                param.grad = torch.full_like(param, float("nan"))
+            else:
+                param.grad.fill_(float("nan"))
 
     @staticmethod
     def _all_finite(tensors: list[torch.Tensor]) -> bool:
