@@ -87,6 +87,8 @@ class GradProjOptimizer(torch.optim.Optimizer):
         """Zero (or drop) the gradients: the next microbatch starts a new running gradient."""
         self._engine.check_idle("optimizer.zero_grad()")
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        if self._engine.sharded is not None:  # FSDP2: the rank-local running gradients start anew
+            self._engine.sharded.reset()
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a parameter group to the inner optimizer (its parameters must be covered)."""

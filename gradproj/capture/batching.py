@@ -65,13 +65,13 @@ class LayerBatch:
     Attributes:
         names: qualified parameter names.
         params: the parameters.
-        grads: their running gradients (``None`` = 0).
+        grads: their running gradients (``None`` = 0; ``grad_of(param)`` reads them, default ``.grad``).
         coefficients: float64 (k,) per-sequence loss coefficients, or (L, k) once a per-layer
             transform made them differ between members.
         k: number of sequences.
     """
 
-    def __init__(self, group: ParamGroup, indices: list[int], coefficients: torch.Tensor) -> None:
+    def __init__(self, group: ParamGroup, indices: list[int], coefficients: torch.Tensor, grad_of=None) -> None:
         k = coefficients.shape[0]
         rows = group.rows(k)
         indices = sorted(indices)  # the backward fills rows in reverse layer order
@@ -80,7 +80,7 @@ class LayerBatch:
         self._rows = rows
         self.names = [group.members[i][1] for i in indices]
         self.params = [group.members[i][0] for i in indices]
-        self.grads = [p.grad for p in self.params]
+        self.grads = [p.grad if grad_of is None else grad_of(p) for p in self.params]
         self.coefficients = coefficients
         self.k = k
         #: set by a strategy that has established its updates are finite (see ``LayerStep.finite``)

@@ -25,6 +25,7 @@ from torch import nn
 from gradproj.capture.batching import BATCH_MAX_BYTES, BATCH_MAX_NUMEL, LayerBatch, ParamGroup
 from gradproj.capture.data_parallel import DataParallelSync, is_ddp
 from gradproj.capture.groups import StepGroups
+from gradproj.capture.sharded import ShardedGradients, is_sharded
 from gradproj.capture.handlers import compute_dtype
 from gradproj.capture.microbatch import Microbatch, sequence_coefficients
 from gradproj.config import GradProjConfig, ResolvedStrategies
@@ -85,6 +86,8 @@ class CaptureEngine:
         self.lora_bound: LoraKLBound | None = None
         #: gradient synchronisation of a DDP model, taken over from DDP while capturing
         self.data_parallel: DataParallelSync | None = None
+        #: FSDP2: rank-local running gradients of the (sharded) covered parameters
+        self.sharded: ShardedGradients | None = None
         self._mb_transforms = strategies.microbatch_transforms
         self._layer_transforms = strategies.layer_transforms
         #: the step's prompt groups and rewards (``opt.set_groups``), cleared by ``end_step``
@@ -183,6 +186,9 @@ class CaptureEngine:
         self.lora_bound = lora_bound
         if self.needs_capture and is_ddp(self.model):
             self.data_parallel = DataParallelSync(self.model)
+        if self.needs_capture and is_sharded(self._covered_params):
+            self.sharded = ShardedGradients(self._covered_params)
+            self._plain_when_no_grad = False  # every microbatch goes through the rank-local gradients
         self._params = [p for _, p in named]
         setattr(self.model, _ENGINE_ATTR, self)
         self.attached = True
@@ -251,6 +257,7 @@ class CaptureEngine:
         if self.data_parallel is not None:
             self.data_parallel.release()
             self.data_parallel = None
+        self.sharded = None
         self._guards, self._frozen, self.layers = [], [], []
         self._batched, self._groups, self._shared = {}, [], {}
         self._workspace.clear()
@@ -301,6 +308,11 @@ class CaptureEngine:
         mb = Microbatch(logp, mask, self._mb_in_step, cu_seqlens, position_ids, group_ids, self.step_groups)
         if self.data_parallel is not None:
             self.data_parallel.check_not_synced(mb.where)
+        if self.sharded is not None and self.sharded.synced:
+            raise ProtocolError(
+                f"{mb.where}: the gradients of this step were already averaged and sharded "
+                "(opt.sync_gradients()); call it after the last microbatch"
+            )
         for transform in self.strategies.transforms:
             transform.validate_microbatch(mb)
         if self.needs_capture:
@@ -410,7 +422,7 @@ class CaptureEngine:
         if out is not None and out.shape != param.shape:
             out = None
         start = perf_counter()
-        step = LayerStep(qname, param, param.grad, mb.coefficients, seq, out)
+        step = LayerStep(qname, param, self.running_grad(param), mb.coefficients, seq, out)
         for transform in self._layer_transforms:
             step.coefficients = transform.transform_layer(step)
         if self.diagnostics is not None:
@@ -487,7 +499,7 @@ class CaptureEngine:
         """Run the strategy once per group of small parameters filled in this microbatch."""
         rule = self.strategies.accumulate
         for group, indices in mb.filled.items():
-            batch = LayerBatch(group, indices, mb.coefficients)
+            batch = LayerBatch(group, indices, mb.coefficients, self.running_grad)
             start = perf_counter()
             for transform in self._layer_transforms:
                 batch.coefficients = transform.transform_batch(batch)
@@ -506,9 +518,18 @@ class CaptureEngine:
         for index, name in enumerate(batch.names):
             self.diagnostics.observe(name, grams[index], coeffs if coeffs.ndim == 1 else coeffs[index], mb.group_ids)
 
+    def running_grad(self, param: torch.Tensor) -> torch.Tensor | None:
+        """The running gradient ``G`` of a covered parameter: ``param.grad``, or under FSDP2 the
+        rank-local full-size one (``None`` = 0)."""
+        return param.grad if self.sharded is None else self.sharded.get(param)
+
     def _poison(self) -> None:
         """``nonfinite="propagate"``: make every covered gradient NaN, as plain autograd would leave
         non-finite gradients, so a GradScaler (or any finiteness check) skips the optimizer step."""
+        if self.sharded is not None:
+            for param in self._covered_params:
+                self.sharded.set(param, torch.full(param.shape, float("nan"), dtype=param.dtype, device=param.device))
+            return
         for param in self._covered_params:
             if param.grad is None:
                 param.grad = torch.full_like(param, float("nan"))
@@ -523,6 +544,17 @@ class CaptureEngine:
 
     def _apply(self, mb: Microbatch) -> None:
         """``.grad <- .grad + U`` for every staged update (``.grad = U`` where it was None)."""
+        if self.sharded is not None:
+            for key, (param, update) in mb.staged.items():
+                current = self.sharded.get(param)
+                if current is None:
+                    self.sharded.set(param, update if update.dtype == param.dtype else update.to(param.dtype))
+                    self._buffers.pop(key, None)
+                else:
+                    current.add_(update)
+                    if key not in self._batched and update.dtype in (torch.float32, torch.float64):
+                        self._buffers[key] = update
+            return
         grads, updates = [], []
         for key, (param, update) in mb.staged.items():
             if param.grad is None:
@@ -602,11 +634,15 @@ class CaptureEngine:
         self.check_idle("opt.sync_gradients()")
         if self.data_parallel is not None:
             self.data_parallel.sync([p for p in self._params if p.requires_grad])
+        if self.sharded is not None:
+            self.sharded.sync()
 
     def end_step(self) -> None:
         """Close the optimizer step: snapshot its metrics and start counting anew."""
         if self.data_parallel is not None:
             self.data_parallel.reset()
+        if self.sharded is not None:
+            self.sharded.reset()
         self._last_metrics = self.running_metrics()
         self.step_groups = None
         self._buffers.clear()
