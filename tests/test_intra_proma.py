@@ -35,7 +35,7 @@ def svd_basis(x: torch.Tensor, rank: int, energy=None) -> torch.Tensor:
     return vh[:r].T
 
 
-def token_data(model, ids, attn, mask):
+def token_data(model, ids, attn, mask, logp_fn=None):
     """Per covered module: inputs, outputs and unweighted output gradients (one plain backward)."""
     inputs, outputs = {}, {}
     hooks = []
@@ -45,7 +45,7 @@ def token_data(model, ids, attn, mask):
                 inputs[name] = args[0]
                 outputs[name] = out
             hooks.append(module.register_forward_hook(hook))
-    logp = token_logprobs(model, ids, attn)
+    logp = token_logprobs(model, ids, attn) if logp_fn is None else logp_fn(model)
     for h in hooks:
         h.remove()
     names = list(outputs)
@@ -53,12 +53,12 @@ def token_data(model, ids, attn, mask):
     return logp, inputs, outputs, dict(zip(names, grads))
 
 
-def brute_intra(model, ids, attn, mask, c, *, rank=8, energy=None, projector="complement", layer_c=None):
+def brute_intra(model, ids, attn, mask, c, *, rank=8, energy=None, projector="complement", layer_c=None, logp_fn=None):
     """{param name: g_m'} for one microbatch, from explicit token matrices and projectors.
 
     ``layer_c(S_name, c)``: per-layer coefficient transform (stacked isopo), applied to ``c``.
     """
-    logp, inputs, outputs, deltas = token_data(model, ids, attn, mask)
+    logp, inputs, outputs, deltas = token_data(model, ids, attn, mask, logp_fn)
     S = sequence_gradients(model, logp, mask)
     out = {}
     c_all = c
@@ -69,6 +69,45 @@ def brute_intra(model, ids, attn, mask, c, *, rank=8, energy=None, projector="co
         delta = deltas[mod_name].reshape(-1, deltas[mod_name].shape[-1])
         keep = delta.abs().amax(1) > 0
         g = (c @ S[name]).reshape(param.shape)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if isinstance(module, nn.Embedding) and head is not None and head.weight is param:
+            # tied: the tokens of both uses, concatenated (embedding rows one-hot, materialised)
+            head_name = next(n for n, m in model.named_modules() if m is head)
+            r1, c1 = deltas[head_name].reshape(-1, param.shape[0]), inputs[head_name].reshape(-1, param.shape[1])
+            r2, c2 = embedding_factors(module, inputs[mod_name], deltas[mod_name])
+            rows, cols = torch.cat([r1, r2]), torch.cat([c1, c2])
+            k2 = torch.cat([r1.abs().amax(1) > 0, c2.abs().amax(1) > 0])
+            pd = projector_of(svd_basis(rows[k2], rank, energy))
+            pa = projector_of(svd_basis(cols[k2], rank, energy))
+            out[name] = apply_projector(g, pd, pa, projector)
+            continue
+        if isinstance(module, nn.Embedding):
+            rows, cols = embedding_factors(module, inputs[mod_name], deltas[mod_name])
+            kept = cols.abs().amax(1) > 0
+            ids = inputs[mod_name].reshape(-1)[kept]
+            distinct, counts = torch.unique(ids, return_counts=True)
+            order = sorted(range(len(distinct)), key=lambda j: (-int(counts[j]), int(distinct[j])))
+            r = min(rank, len(order))
+            if energy is not None:
+                total, acc, r_e = int(counts.sum()), 0, 0
+                for j in order:
+                    acc += int(counts[j])
+                    r_e += 1
+                    if acc / total >= energy - 1e-15:
+                        break
+                r = min(r, r_e)
+            pd = torch.zeros(param.shape[0], param.shape[0], dtype=g.dtype)
+            for j in order[:r]:
+                pd[int(distinct[j]), int(distinct[j])] = 1.0
+            pa = projector_of(svd_basis(cols[kept], rank, energy))
+            out[name] = apply_projector(g, pd, pa, projector)
+            continue
+        if type(module).__name__ == "Conv1D" and attr == "weight":  # GPT-2: weight stored (in, out)
+            a = inputs[mod_name].reshape(-1, param.shape[0])[keep]
+            pd = projector_of(svd_basis(a, rank, energy))
+            pa = projector_of(svd_basis(delta[keep], rank, energy))
+            out[name] = apply_projector(g, pd, pa, projector)
+            continue
         if isinstance(module, nn.Linear) and attr == "weight":
             a = inputs[mod_name].reshape(-1, param.shape[1])[keep]
             d = delta[keep]
@@ -79,19 +118,40 @@ def brute_intra(model, ids, attn, mask, c, *, rank=8, energy=None, projector="co
             else:
                 out[name] = (torch.eye(pd.shape[0], dtype=g.dtype) - pd) @ g @ (torch.eye(pa.shape[0], dtype=g.dtype) - pa)
             continue
-        # vector parameters: per-token gradient rows, one autograd.grad per token
-        y = outputs[mod_name]
-        dy = deltas[mod_name]
+        # vector parameters: per-row gradient rows (every leading index of the layer's output is a
+        # row, e.g. (token, head) for Qwen3's q_norm), one autograd.grad per row
+        y = outputs[mod_name].reshape(-1, outputs[mod_name].shape[-1])
+        dy = deltas[mod_name].reshape(-1, deltas[mod_name].shape[-1])
         rows = []
-        k, t = dy.shape[:2]
-        for i in range(k):
-            for u in range(t):
-                (row,) = torch.autograd.grad((y[i, u] * dy[i, u]).sum(), param, retain_graph=True)
-                rows.append(row.reshape(-1))
+        for r in range(dy.shape[0]):
+            (row,) = torch.autograd.grad((y[r] * dy[r]).sum(), param, retain_graph=True)
+            rows.append(row.reshape(-1))
         rows = torch.stack(rows)[keep]
         u_basis = svd_basis(rows, rank, energy)
         out[name] = (g.reshape(-1) - u_basis @ (u_basis.T @ g.reshape(-1))).reshape(param.shape)
     return out
+
+
+def projector_of(basis):
+    return basis @ basis.T
+
+
+def apply_projector(g, pd, pa, projector):
+    if projector == "complement":
+        return g - pd @ g @ pa
+    return (torch.eye(pd.shape[0], dtype=g.dtype) - pd) @ g @ (torch.eye(pa.shape[0], dtype=g.dtype) - pa)
+
+
+def embedding_factors(module, ids, delta):
+    """One-hot rows and the lookups' weight-gradient rows (Gemma3's scale and padding_idx applied)."""
+    ids = ids.reshape(-1)
+    cols = delta.reshape(ids.numel(), -1)
+    if hasattr(module, "embed_scale"):
+        cols = cols * module.embed_scale.to(cols.dtype)
+    if module.padding_idx is not None:
+        cols = cols * (ids != module.padding_idx)[:, None].to(cols.dtype)
+    rows = torch.nn.functional.one_hot(ids, module.num_embeddings).to(cols.dtype)
+    return rows, cols
 
 
 def run(model, opt, microbatches, **brute):
@@ -159,17 +219,63 @@ def test_intra_proma_full_finetuning_with_norms():
         opt.detach()
 
 
-def test_intra_proma_refuses_what_it_cannot_project():
-    model = tiny_full("qwen2", seed=0, train_embeddings=True)
-    with pytest.raises(gradproj.CoverageError, match="embed_tokens"):
-        wrapped(model)
-    assert all(p.requires_grad for _, p in model.named_parameters())  # nothing frozen or installed
-    opt = wrapped(model, exclude=["model.embed_tokens.*"])
-    assert not model.model.embed_tokens.weight.requires_grad
-    opt.detach()
-    tied = tiny_full("qwen2", seed=0, train_embeddings=True, tie=True)
-    with pytest.raises(gradproj.CoverageError, match="embed_tokens"):
-        wrapped(tied)
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "gemma3", "gpt2"])
+def test_intra_proma_full_finetuning_with_embeddings(arch, tie):
+    """Every parameter trained: embeddings (one-hot row factor; Gemma3's scaled one; GPT-2's wte/wpe
+    and Conv1D), norms, Linears, tied embedding <-> lm_head (the tokens of both uses concatenated)."""
+    from test_full_finetuning import tiny_gpt2
+
+    with float64_exact_norms():
+        model = tiny_gpt2(seed=3, tie=tie) if arch == "gpt2" else tiny_full(arch, seed=3, train_embeddings=True, tie=tie)
+        opt = wrapped(model, rank=3)
+        errors, changed = run(model, opt, make_microbatches(count=2, k=3, seed=7), rank=3)
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= 1e-10, (worst, errors[worst])
+        assert max(changed.values()) > 1e-3
+        opt.detach()
+
+
+def test_intra_proma_packed_layout():
+    """Packed (1, total, d) activations: the same tokens, so the same subspaces (brute force on the packed run)."""
+    from test_packed_layout import PackedLM, pack, packed_logprobs
+
+    model = PackedLM(seed=2)
+    opt = wrapped(model, rank=3)
+    expected = {n: torch.zeros_like(p) for n, p in trainable(model)}
+    for ids, attn, mask, adv in make_microbatches(count=2, k=4, seed=5):
+        packed, cu, resp = pack(ids, attn, mask)
+        c = grpo_coefficients(adv, resp, 0.5)
+        with opt.paused():
+            for n, gm in brute_intra(model, packed, None, resp, c, rank=3,
+                                     logp_fn=lambda m, packed=packed, cu=cu: packed_logprobs(m, packed, cu)).items():
+                expected[n] += gm
+        logp = packed_logprobs(model, packed, cu)
+        with opt.microbatch(logp, resp, cu_seqlens=cu):
+            grpo_loss(logp, resp, adv, 0.5).backward()
+    for n, p in trainable(model):
+        assert rel_err(p.grad.detach().reshape(-1), expected[n].detach().reshape(-1)) <= 1e-10, n
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_intra_proma_gradient_checkpointing(reentrant):
+    """HF gradient checkpointing: equals the brute force of a non-checkpointed twin."""
+    with float64_exact_norms():
+        model, twin = tiny_full("llama", seed=4), tiny_full("llama", seed=4)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        opt = wrapped(model, rank=3)
+        expected = {n: torch.zeros_like(p) for n, p in trainable(twin)}
+        for ids, attn, mask, adv in make_microbatches(count=2, k=3, seed=8):
+            c = grpo_coefficients(adv, mask, 0.5)
+            for n, gm in brute_intra(twin, ids, attn, mask, c, rank=3).items():
+                expected[n] += gm
+            logp = token_logprobs(model, ids, attn)
+            with opt.microbatch(logp, mask):
+                grpo_loss(logp, mask, adv, 0.5).backward()
+        for n, p in trainable(model):
+            assert rel_err(p.grad.detach().reshape(-1), expected[n].detach().reshape(-1)) <= 1e-10, n
+        opt.detach()
 
 
 def test_randomized_subspace_close_to_exact():

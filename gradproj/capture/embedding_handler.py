@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradproj.capture.handlers import LayerHandler, compute_dtype
-from gradproj.linalg.sequence_grads import row_gram
+from gradproj.linalg.sequence_grads import IndexTokenFactors, row_gram
 from gradproj.plugins.hookspecs import hookimpl
 
 __all__ = ["EmbeddingHandler", "EmbeddingGrads"]
@@ -62,9 +62,16 @@ class EmbeddingGrads:
         seq = torch.arange(k, device=ids.device).repeat_interleave(ids.reshape(k, -1).shape[1])
         slots = seq * self.ids.numel() + inverse
         self.M = flat.new_zeros(k * self.ids.numel(), d).index_add_(0, slots, flat).view(k, -1, d)
+        self._tokens = (flat_ids, flat)  # per-token factors, for strategies that need them
+        self.num_embeddings = num_embeddings
         self.k = k
         self.shape = torch.Size((num_embeddings, d))
         self._gram: torch.Tensor | None = None
+
+    def token_factors(self) -> IndexTokenFactors:
+        """Per-token factors: each lookup contributes ``outer(e_id, delta)`` (padding_idx rows zeroed)."""
+        ids, flat = self._tokens
+        return IndexTokenFactors(ids, flat, self.num_embeddings)
 
     def sparse_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids, M)``: the only non-zero rows of every ``s_i`` (for tied-weight cross terms)."""
@@ -104,6 +111,7 @@ class EmbeddingHandler(LayerHandler):
 
     module_types = (nn.Embedding,)
     parameter_names = ("weight",)
+    provides_tokens = True
 
     def __init__(self, scaled_types: tuple[type, ...] = ()) -> None:
         self.scaled_types = scaled_types

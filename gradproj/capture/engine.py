@@ -203,18 +203,6 @@ class CaptureEngine:
                 f"the handler of {_list_names(bad)} does not provide; exclude those parameters "
                 "(wrap(..., exclude=['<glob>']) freezes them) or use strategy='proma'"
             )
-        seen: dict[int, str] = {}
-        tied = []
-        for layer in plan:
-            for _attr, param, qname in layer.params:
-                if id(param) in seen and seen[id(param)] != layer.name:
-                    tied.append(qname)
-                seen[id(param)] = layer.name
-        if tied:
-            raise CoverageError(
-                f"strategy {rule} does not support a parameter shared by several modules (tied weights: "
-                f"{_list_names(sorted(set(tied)))}) yet; untie them, exclude them, or use strategy='proma'"
-            )
 
     def _plan_batching(self, plan: list[LayerCapture]) -> None:
         """Group small parameters by (element count, compute dtype, device) within the memory budget."""

@@ -8,7 +8,11 @@ With token factors ``R`` (N x p) and ``C`` (N x q) of a matrix parameter (token 
     kron:        g' = (I - U_R U_R^T) g (I - U_C U_C^T)
 
 Vector parameters (biases, norm weights) have per-token rows only: ``g' = (I - U U^T) g`` for both
-projectors. Only skinny products with ``g`` and the factors are formed, and no d x d
+projectors. An embedding table's row factor is one-hot (token u contributes ``e_{id_u} delta_u^T``):
+the dominant row subspace is spanned by the rows of the ``r`` most frequent ids among the tokens
+that carry a gradient (ties: lower id first -- the one-hot Gram is diagonal, so this *is* its top-r
+eigenspace, with a deterministic choice inside tied eigenvalues). A tied parameter (embedding and
+lm_head) concatenates the tokens of all its uses, one-hot rows materialised. Only skinny products with ``g`` and the factors are formed, and no d x d
 eigendecomposition (subspaces from :func:`gradproj.linalg.subspace.top_subspace`).
 """
 
@@ -16,23 +20,61 @@ from __future__ import annotations
 
 import torch
 
-from gradproj.linalg.sequence_grads import TokenFactors
+from gradproj.linalg.sequence_grads import IndexTokenFactors, TokenFactors, dense_token_factors
 from gradproj.linalg.subspace import top_subspace
 
-__all__ = ["project_factored"]
+__all__ = ["project_factored", "top_ids"]
 
 
-def project_factored(g: torch.Tensor, factors: TokenFactors, *, rank: int, energy: float | None,
+def top_ids(ids: torch.Tensor, keep: torch.Tensor, rank: int, energy: float | None) -> torch.Tensor:
+    """The ``rank`` most frequent ids among the kept tokens (ties: lower id first), or fewer with ``energy``."""
+    kept = ids[keep.reshape(-1)]
+    if kept.numel() == 0:
+        return kept
+    distinct, counts = torch.unique(kept, return_counts=True)  # ids ascending
+    order = torch.sort(-counts, stable=True).indices  # count descending, ties keep ascending ids
+    r = min(rank, distinct.numel())
+    if energy is not None:
+        cumulative = torch.cumsum(counts[order].double(), 0) / kept.numel()
+        r = min(r, int((cumulative < energy - 1e-15).sum()) + 1)
+    return distinct[order[:r]]
+
+
+def _project_embedding(g, factors: IndexTokenFactors, projector: str, options: dict):
+    keep = (factors.cols != 0).any(dim=1, keepdim=True)
+    selected = top_ids(factors.ids, keep, options["rank"], options["energy"])
+    basis_c, _ = top_subspace(factors.cols, keep=keep, **options)
+    ranks = (selected.numel(), basis_c.shape[1])
+    if projector == "complement":  # U_R = one-hot columns of the selected ids
+        core = g.index_select(0, selected) @ basis_c
+        g.index_add_(0, selected, -(core @ basis_c.T))
+        return g, float(core.double().square().sum()), ranks
+    before = torch.linalg.vector_norm(g, dtype=torch.float64)
+    g.index_fill_(0, selected, 0.0)  # (I - P_R) g
+    g.sub_((g @ basis_c) @ basis_c.T)  # ... (I - P_C)
+    after = torch.linalg.vector_norm(g, dtype=torch.float64)
+    return g, max(float(before**2 - after**2), 0.0), ranks
+
+
+def project_factored(g: torch.Tensor, factors, *, rank: int, energy: float | None,
                      projector: str, solver: str, oversample: int, niter: int):
     """Project ``g = sum_i c_i s_i`` in place; returns ``(g', removed_sq, ranks)``.
 
-    ``removed_sq`` is ``||g - g'||^2`` (float), ``ranks`` the subspace dimension of each side.
-    Token positions whose output-gradient row is zero (padding) are left out of both subspaces.
+    ``factors``: :class:`TokenFactors`, :class:`IndexTokenFactors`, or a list of them (the uses of
+    a tied parameter). ``removed_sq`` is ``||g - g'||^2`` (float), ``ranks`` the subspace dimension of
+    each side. Token positions whose output-gradient row is zero (padding) are left out of both subspaces.
     """
+    options = dict(rank=rank, energy=energy, solver=solver, oversample=oversample, niter=niter)
+    if isinstance(factors, IndexTokenFactors):
+        return _project_embedding(g, factors, projector, options)
+    if isinstance(factors, list):
+        rows, cols, keep = dense_token_factors(factors)
+        basis_r, _ = top_subspace(rows, keep=keep, **options)
+        basis_c, _ = top_subspace(cols, keep=keep, **options)
+        return _project_matrix(g, rows.shape[1], cols.shape[1], basis_r, basis_c, projector)
     k, t = factors.rows.shape[:2]
     rows = factors.rows.reshape(k * t, -1)
     cols = None if factors.cols is None else factors.cols.reshape(k * t, -1)
-    options = dict(rank=rank, energy=energy, solver=solver, oversample=oversample, niter=niter)
     if factors.out_grads is factors.rows:
         basis_r, keep = top_subspace(rows, **options)
         basis_c = None if cols is None else top_subspace(cols, keep=keep, **options)[0]
@@ -48,7 +90,11 @@ def project_factored(g: torch.Tensor, factors: TokenFactors, *, rank: int, energ
         inner = basis_r.T @ flat
         flat.sub_(basis_r @ inner)
         return g, float(inner.double().square().sum()), (basis_r.shape[1],)
-    g2 = g.view(rows.shape[1], cols.shape[1])
+    return _project_matrix(g, rows.shape[1], cols.shape[1], basis_r, basis_c, projector)
+
+
+def _project_matrix(g, p: int, q: int, basis_r, basis_c, projector: str):
+    g2 = g.view(p, q)
     if projector == "complement":
         core = (basis_r.T @ g2) @ basis_c  # U_R^T g U_C  (r1 x r2)
         g2.sub_(basis_r @ (core @ basis_c.T))

@@ -25,6 +25,8 @@ __all__ = [
     "MaterializedGrads",
     "GhostLinearGrads",
     "TokenFactors",
+    "IndexTokenFactors",
+    "dense_token_factors",
     "TokenSumGrads",
     "Workspace",
     "choose_linear_form",
@@ -70,6 +72,44 @@ class TokenFactors:
     rows: torch.Tensor
     cols: torch.Tensor | None
     out_grads: torch.Tensor
+
+
+@dataclass
+class IndexTokenFactors:
+    """Token factors of an embedding table: token u contributes ``outer(e_{ids[u]}, cols[u])``.
+
+    Attributes:
+        ids: (N,) row index of each token (its one-hot row factor, never materialised).
+        cols: (N, d) the output gradients of the lookups (zero rows: no gradient, e.g. padding_idx).
+        num_rows: number of rows of the table.
+    """
+
+    ids: torch.Tensor
+    cols: torch.Tensor
+    num_rows: int
+
+    def dense(self):
+        """``(rows (N, num_rows) one-hot, cols (N, d), keep (N, 1))`` -- materialised (tied weights)."""
+        rows = torch.zeros(self.ids.numel(), self.num_rows, dtype=self.cols.dtype, device=self.cols.device)
+        rows[torch.arange(self.ids.numel(), device=self.ids.device), self.ids] = 1.0
+        return rows, self.cols, (self.cols != 0).any(dim=1, keepdim=True)
+
+
+def dense_token_factors(factors):
+    """``(rows (N, p), cols (N, q) or None, keep (N, 1))`` of :class:`TokenFactors` or
+    :class:`IndexTokenFactors`; a list of them (pieces of a tied parameter) is concatenated."""
+    if isinstance(factors, list):
+        parts = [dense_token_factors(f) for f in factors]
+        if any(cols is None for _, cols, _ in parts):
+            raise ValueError("tied pieces must all be matrix factors")
+        return (torch.cat([r for r, _, _ in parts]), torch.cat([c for _, c, _ in parts]), torch.cat([k for _, _, k in parts]))
+    if isinstance(factors, IndexTokenFactors):
+        return factors.dense()
+    k, t = factors.rows.shape[:2]
+    rows = factors.rows.reshape(k * t, -1)
+    cols = None if factors.cols is None else factors.cols.reshape(k * t, -1)
+    keep = (factors.out_grads.reshape(k * t, -1) != 0).any(dim=1, keepdim=True)
+    return rows, cols, keep
 
 
 def augmented_gram(seq, other: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,10 @@ class SumGrads:
         """Gram of ``[s_1..s_k, other]``."""
         return augmented_gram(self, other)
 
+    def token_factors(self) -> list:
+        """The pieces' token factors (a list: strategies concatenate the tokens of all uses)."""
+        return [piece.token_factors() for piece in self.pieces]
+
     def combine(self, gamma: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``sum_p sum_i gamma_i s_i^(p)``."""
         total = self.pieces[0].combine(gamma, out)
