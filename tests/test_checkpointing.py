@@ -34,3 +34,32 @@ def test_checkpointing_exact(reentrant, params):
             grpo_loss(logp, mask, adv, 1 / 3).backward()
     for n, p in trainable(model):
         torch.testing.assert_close(p.grad.reshape(-1).double(), G[n], rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("strategy", ["none", "proma"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+def test_checkpointing_full_finetuning_tied(arch, strategy):
+    """Every parameter trained (tied embeddings, norms) with non-reentrant checkpointing."""
+    from helpers import float64_exact_norms, tiny_full
+    from test_full_finetuning import tiny_gpt2
+
+    def build():
+        return tiny_gpt2(seed=6, tie=True) if arch == "gpt2" else tiny_full(arch, seed=6, train_embeddings=True, tie=True)
+
+    with float64_exact_norms():
+        model, twin = build(), build()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy)
+        G = {n: None for n, _ in trainable(twin)}
+        for ids, attn, mask, adv in make_microbatches(count=3, k=3, seed=9):
+            S = sequence_gradients(twin, token_logprobs(twin, ids, attn), mask)
+            c = grpo_coefficients(adv, mask, 1 / 3)
+            for n in G:
+                G[n] = reference_update(G[n], S[n], c, strategy=strategy)
+            logp = token_logprobs(model, ids, attn)
+            with opt.microbatch(logp, mask):
+                grpo_loss(logp, mask, adv, 1 / 3).backward()
+        for n, p in trainable(model):
+            torch.testing.assert_close(p.grad.reshape(-1).double(), G[n], rtol=1e-10, atol=1e-14)
+        opt.detach()

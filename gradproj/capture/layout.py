@@ -68,11 +68,28 @@ class PackedLayout:
             )
         return tensor.reshape(self.total, -1) if feature_dim else tensor.reshape(self.total)
 
+    def _token_major(self, tensor: torch.Tensor, layer, what: str) -> torch.Tensor:
+        """``tensor`` as (total, rows per token, features): the token axis is found among the leading
+        axes, so per-head activations -- (1, total, heads, d) or (1, heads, total, d) -- work too."""
+        lead = list(tensor.shape[:-1])
+        if lead and lead[0] == 1 and len(lead) > 1:
+            tensor, lead = tensor.squeeze(0), lead[1:]
+        axes = [i for i, n in enumerate(lead) if n == self.total]
+        if len(axes) != 1 or tensor.dim() < 2:
+            raise InputError(
+                f"layer {layer.name!r} saw {what} of shape {tuple(tensor.shape)} but cu_seqlens describes a packed batch "
+                f"of {self.total} tokens in {self.k} sequences: expected (1, {self.total}, ...) or ({self.total}, ...)"
+                + (" (several axes have that length; cannot tell which one is the token axis)" if len(axes) > 1 else "")
+            )
+        moved = tensor.movedim(axes[0], 0)
+        return moved.reshape(self.total, -1, moved.shape[-1])
+
     def rows(self, tensor: torch.Tensor, layer, what: str) -> torch.Tensor:
-        """(k, max_len, features) zero-padded copy of a packed ``tensor``."""
-        flat = self._flat(tensor, layer, what, True)
-        out = flat.new_zeros(self.k * self.max_len, flat.shape[-1])
-        return out.index_copy_(0, self._dest, flat).view(self.k, self.max_len, -1)
+        """(k, max_len * rows per token, features) zero-padded copy of a packed ``tensor``."""
+        flat = self._token_major(tensor, layer, what)
+        per_token = flat.shape[1]
+        out = flat.new_zeros(self.k * self.max_len, per_token, flat.shape[-1])
+        return out.index_copy_(0, self._dest, flat).view(self.k, self.max_len * per_token, -1)
 
     def ids(self, ids: torch.Tensor, layer) -> torch.Tensor:
         """(k, max_len) ids, padded with the first id of the batch (those positions carry no gradient)."""
