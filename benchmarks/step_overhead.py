@@ -5,7 +5,9 @@
 
 Setups (Qwen2-shaped random model, float32, AdamW):
 * ``lora``   -- peft LoRA r=16 on every projection, base frozen;
-* ``linear`` -- every nn.Linear of the decoder trainable (embeddings, norms, lm_head frozen).
+* ``linear`` -- every nn.Linear of the decoder trainable (embeddings, norms, lm_head frozen);
+* ``full``   -- full fine-tuning: every parameter (embeddings, norms, Linears, untied lm_head).
+``--checkpointing`` turns HF gradient checkpointing (non-reentrant) on in every variant.
 
 For each setup it times, over the same microbatches, interleaved and repeated:
 * ``plain``          -- ordinary ``loss.backward()`` per microbatch + ``optimizer.step()``;
@@ -48,11 +50,15 @@ def build_model(args, setup: str, seed: int = 0):
             r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, init_lora_weights=False,
             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         ))
-    else:
+    elif setup == "linear":
         for module in model.modules():
             trainable = isinstance(module, torch.nn.Linear) and module is not model.lm_head
             for p in module.parameters(recurse=False):
                 p.requires_grad_(trainable)
+    # "full": every parameter trains (embeddings, norms, every Linear, the untied lm_head)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     return model
 
 
@@ -177,7 +183,8 @@ def peak_memory(argv, setup: str, variant: str) -> float:
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--setups", nargs="+", default=["lora", "linear"], choices=["lora", "linear"])
+    p.add_argument("--setups", nargs="+", default=["lora", "linear"], choices=["lora", "linear", "full"])
+    p.add_argument("--checkpointing", action="store_true", help="HF gradient checkpointing (non-reentrant) on")
     p.add_argument("--strategies", nargs="+", default=["proma", "intra_proma"])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=1376)
@@ -209,7 +216,9 @@ def write_markdown(results, path) -> None:
     lines = [
         f"Shape: Qwen2-shaped, hidden {a['hidden']}, intermediate {a['intermediate']}, {a['layers']} layers, "
         f"vocab {a['vocab']}; {a['microbatches']} microbatches x {a['k']} sequences x {a['tokens']} tokens; "
-        f"LoRA rank {a['rank']}; AdamW; float32; {a['threads']} threads; median of {a['repeats']} interleaved "
+        + (f"LoRA rank {a['rank']}; " if "lora" in a["setups"] else "")
+        + ("gradient checkpointing on; " if a.get("checkpointing") else "")
+        + f"AdamW; float32; {a['threads']} threads; median of {a['repeats']} interleaved "
         f"repeats; torch {results['torch']}; run {results['date']}.",
         "",
         "| setup | variant | step (s) | x plain step |" + (" peak growth (MiB) | x plain |" if a["memory"] else ""),

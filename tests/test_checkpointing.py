@@ -37,7 +37,7 @@ def test_checkpointing_exact(reentrant, params):
 
 
 @pytest.mark.parametrize("strategy", ["none", "proma"])
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "qwen3", "gemma3"])
 def test_checkpointing_full_finetuning_tied(arch, strategy):
     """Every parameter trained (tied embeddings, norms) with non-reentrant checkpointing."""
     from helpers import float64_exact_norms, tiny_full

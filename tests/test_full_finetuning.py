@@ -33,7 +33,7 @@ def test_trainable_embedding_small_model(projector):
     assert max(errors.values()) <= 1e-10
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "gemma3"])
 @pytest.mark.parametrize("gram", ["auto", "materialize", "ghost"])
 def test_tied_embeddings_exact(gram, arch):
     """Tied embedding <-> lm_head: both modules' sequence gradients are summed (with cross terms)

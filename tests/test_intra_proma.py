@@ -258,10 +258,17 @@ def test_intra_proma_packed_layout():
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_intra_proma_gradient_checkpointing(reentrant):
-    """HF gradient checkpointing: equals the brute force of a non-checkpointed twin."""
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2", "qwen3", "gemma3"])
+def test_intra_proma_gradient_checkpointing(arch, reentrant):
+    """HF gradient checkpointing, full fine-tuning with tied embeddings: equals the brute force of a
+    non-checkpointed twin."""
+    from test_full_finetuning import tiny_gpt2
+
+    def build():
+        return tiny_gpt2(seed=4, tie=True) if arch == "gpt2" else tiny_full(arch, seed=4, train_embeddings=True, tie=True)
+
     with float64_exact_norms():
-        model, twin = tiny_full("llama", seed=4), tiny_full("llama", seed=4)
+        model, twin = build(), build()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         model.train()
         opt = wrapped(model, rank=3)
