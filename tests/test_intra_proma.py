@@ -340,3 +340,35 @@ def test_stacked_variance_scaling_isopo_intra_proma():
             grpo_loss(logp, mask, centred, 0.5).backward()
     for n, p in trainable(model):
         assert rel_err(p.grad.detach().reshape(-1), expected[n].detach().reshape(-1)) <= 1e-10, n
+
+
+def test_input_subspace_shared_between_layers_fed_the_same_tensor(monkeypatch):
+    """q/k/v (and gate/up) see the same input tensor: its subspace is computed once per microbatch,
+    with the same result as computing it for each layer."""
+    import gradproj.linalg.factored as factored
+
+    calls = {"n": 0}
+    real = factored.top_subspace
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(factored, "top_subspace", counting)
+    grads = []
+    for share in (True, False):
+        if not share:
+            monkeypatch.setattr(factored.InputSubspaceCache, "get", lambda self, x, keep: None)
+        model = linear_only(tiny_hf("qwen2", seed=3))
+        opt = wrapped(model, rank=3)
+        calls["n"] = 0
+        ids, attn, mask, adv = make_microbatches(count=1, k=4, seed=1)[0]
+        logp = token_logprobs(model, ids, attn)
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 1.0).backward()
+        grads.append((calls["n"], [p.grad.clone() for _, p in trainable(model)]))
+    (shared_calls, a), (separate_calls, b) = grads
+    # at most 2 layers x (q,k,v -> 1 and gate,up -> 1) = 6 fewer; fewer when a layer drops other
+    # positions (e.g. keys/values no later query attends to carry no gradient)
+    assert 0 < separate_calls - shared_calls <= 6
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

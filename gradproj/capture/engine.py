@@ -308,6 +308,8 @@ class CaptureEngine:
         handle = logp.register_hook(partial(self._on_logp_grad, mb))
         self.current = mb
         completed = False
+        for strategy in self.strategies.all:
+            strategy.start_microbatch()
         try:
             yield mb
             completed = True
@@ -320,6 +322,8 @@ class CaptureEngine:
             finally:
                 for layer in self.layers:
                     layer.forward_uses = 0
+                for strategy in self.strategies.all:
+                    strategy.end_microbatch()
 
     def _on_logp_grad(self, mb: Microbatch, grad: torch.Tensor):
         if mb.fired:

@@ -23,7 +23,7 @@ import torch
 from gradproj.linalg.sequence_grads import IndexTokenFactors, TokenFactors, dense_token_factors
 from gradproj.linalg.subspace import top_subspace
 
-__all__ = ["project_factored", "top_ids"]
+__all__ = ["project_factored", "top_ids", "InputSubspaceCache"]
 
 
 def top_ids(ids: torch.Tensor, keep: torch.Tensor, rank: int, energy: float | None) -> torch.Tensor:
@@ -56,12 +56,57 @@ def _project_embedding(g, factors: IndexTokenFactors, projector: str, options: d
     return g, max(float(before**2 - after**2), 0.0), ranks
 
 
+class InputSubspaceCache:
+    """Input-side subspaces already computed in this microbatch, by input tensor.
+
+    Layers fed the same tensor (q/k/v projections, gate/up, LoRA ``lora_A`` of those) share their
+    input subspace when they also drop the same positions. Entries hold a reference to their tensor,
+    so its memory cannot be reused by another activation while the entry lives (clear it per
+    microbatch).
+    """
+
+    def __init__(self) -> None:
+        self._entries: list = []
+
+    @staticmethod
+    def _key(x: torch.Tensor):
+        return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+
+    def get(self, x: torch.Tensor, keep: torch.Tensor):
+        """The cached basis of ``x`` with the same kept positions, or ``None``."""
+        key = self._key(x)
+        for entry_key, entry_keep, basis, _ref in self._entries:
+            if entry_key == key and torch.equal(entry_keep, keep):
+                return basis
+        return None
+
+    def put(self, x: torch.Tensor, keep: torch.Tensor, basis: torch.Tensor) -> None:
+        """Remember the basis of ``x`` for these kept positions."""
+        self._entries.append((self._key(x), keep, basis, x))
+
+    def clear(self) -> None:
+        """Forget everything (end of the microbatch)."""
+        self._entries.clear()
+
+
+def _input_side(x: torch.Tensor, keep: torch.Tensor, options: dict, cache: InputSubspaceCache | None):
+    if cache is not None:
+        basis = cache.get(x, keep)
+        if basis is not None:
+            return basis
+    basis = top_subspace(x, keep=keep, **options)[0]
+    if cache is not None:
+        cache.put(x, keep, basis)
+    return basis
+
+
 def project_factored(g: torch.Tensor, factors, *, rank: int, energy: float | None,
-                     projector: str, solver: str, oversample: int, niter: int):
+                     projector: str, solver: str, oversample: int, niter: int,
+                     cache: InputSubspaceCache | None = None):
     """Project ``g = sum_i c_i s_i`` in place; returns ``(g', removed_sq, ranks)``.
 
     ``factors``: :class:`TokenFactors`, :class:`IndexTokenFactors`, or a list of them (the uses of
-    a tied parameter). ``removed_sq`` is ``||g - g'||^2`` (float), ``ranks`` the subspace dimension of
+    a tied parameter). ``cache``: share input-side subspaces between layers fed the same tensor. ``removed_sq`` is ``||g - g'||^2`` (float), ``ranks`` the subspace dimension of
     each side. Token positions whose output-gradient row is zero (padding) are left out of both subspaces.
     """
     options = dict(rank=rank, energy=energy, solver=solver, oversample=oversample, niter=niter)
@@ -77,10 +122,10 @@ def project_factored(g: torch.Tensor, factors, *, rank: int, energy: float | Non
     cols = None if factors.cols is None else factors.cols.reshape(k * t, -1)
     if factors.out_grads is factors.rows:
         basis_r, keep = top_subspace(rows, **options)
-        basis_c = None if cols is None else top_subspace(cols, keep=keep, **options)[0]
+        basis_c = None if cols is None else _input_side(cols, keep, options, cache)
     elif factors.out_grads is factors.cols:
         basis_c, keep = top_subspace(cols, **options)
-        basis_r = top_subspace(rows, keep=keep, **options)[0]
+        basis_r = _input_side(rows, keep, options, cache)
     else:
         keep = (factors.out_grads.reshape(k * t, -1) != 0).any(dim=1, keepdim=True)
         basis_r = top_subspace(rows, keep=keep, **options)[0]

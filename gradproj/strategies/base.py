@@ -101,6 +101,12 @@ class Strategy:
         """
         return torch.stack([self.accumulate(step).reshape(-1) for step in batch.steps()])
 
+    def start_microbatch(self) -> None:
+        """Called when a microbatch block opens (per-microbatch caches start here)."""
+
+    def end_microbatch(self) -> None:
+        """Called when a microbatch block closes, whatever happened (release per-microbatch caches)."""
+
     def step_metrics(self) -> dict[str, float]:
         """Metrics gathered since the last optimizer step (keys without the ``gradproj/`` prefix)."""
         return {}

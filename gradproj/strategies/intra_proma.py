@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from gradproj.errors import ProtocolError
-from gradproj.linalg.factored import project_factored
+from gradproj.linalg.factored import InputSubspaceCache, project_factored
 from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import LayerStep, Strategy, StrategyOptions, StrategySpec
 
@@ -58,7 +58,16 @@ class IntraProma(Strategy):
 
     def __init__(self, options: IntraPromaOptions) -> None:
         super().__init__(options)
+        self._cache = InputSubspaceCache()
         self.reset_metrics()
+
+    def start_microbatch(self) -> None:
+        """Input subspaces are shared within a microbatch only."""
+        self._cache.clear()
+
+    def end_microbatch(self) -> None:
+        """Release the cached subspaces (and the references to their input tensors)."""
+        self._cache.clear()
 
     def reset_metrics(self) -> None:
         """Zero the per-step sums behind ``projected_fraction`` and ``mean_rank``."""
@@ -80,7 +89,7 @@ class IntraProma(Strategy):
         total_sq = float(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2)
         g, removed_sq, ranks = project_factored(
             g, factors(), rank=opts.rank, energy=opts.energy, projector=opts.projector,
-            solver=opts.solver, oversample=opts.oversample, niter=opts.niter,
+            solver=opts.solver, oversample=opts.oversample, niter=opts.niter, cache=self._cache,
         )
         if math.isfinite(total_sq) and math.isfinite(removed_sq):
             self._total_sq += total_sq
