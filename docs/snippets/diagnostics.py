@@ -1,18 +1,10 @@
 opt = gradproj.wrap(inner, model, "proma", diagnostics=True)
 opt.set_groups(group_ids, rewards)  # enables the per-group reward std
-advantages = group_advantages(rewards, group_size=4)
-before = []
-for rows in microbatches:
-    logp = token_logprobs(model, ids[rows])
-    before.append(logp.detach())
-    with opt.microbatch(logp, mask[rows], group_ids=group_ids[rows]):
-        policy_loss(logp, mask[rows], advantages[rows], scale=0.5).backward()
-opt.step()
-opt.zero_grad()
+with torch.no_grad():  # the policy before the update, for the per-step KL
+    before = token_logprobs(model, ids)
+run_step(opt, group_advantages(rewards, group_size=4), group_ids)
 metrics = opt.metrics()
 print({k: round(v, 4) for k, v in metrics.items() if k.startswith("gradproj/diagnostics/") and "/layer/" not in k})
-
-with torch.no_grad():  # per-step KL between the policy before and after the update
-    after = [token_logprobs(model, ids[rows]) for rows in microbatches]
-kl = gradproj.policy_kl(torch.cat(before), torch.cat(after), torch.cat([mask[rows] for rows in microbatches]))
-print(f"step KL {kl:.2e}")
+with torch.no_grad():
+    after = token_logprobs(model, ids)
+print(f"step KL {gradproj.policy_kl(before, after, mask):.2e}")

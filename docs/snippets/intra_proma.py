@@ -1,11 +1,5 @@
 opt = gradproj.wrap(inner, model, "intra_proma", rank=4, projector="complement")
-advantages = group_advantages(rewards, group_size=4)
-for rows in microbatches:
-    logp = token_logprobs(model, ids[rows])
-    with opt.microbatch(logp, mask[rows]):
-        policy_loss(logp, mask[rows], advantages[rows], scale=0.5).backward()
-opt.step()
-opt.zero_grad()
+run_step(opt, group_advantages(rewards, group_size=4))
 metrics = opt.metrics()
 print(f"projected fraction {metrics['gradproj/intra_proma/projected_fraction']:.3f}, "
       f"mean rank {metrics['gradproj/intra_proma/mean_rank']:.1f}")

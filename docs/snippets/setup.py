@@ -20,3 +20,14 @@ rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0])
 group_ids = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
 microbatches = [torch.tensor([0, 4, 1, 5]), torch.tensor([2, 6, 3, 7])]  # groups span microbatches
 inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+
+def run_step(opt, advantages, group_ids=None):
+    """One optimizer step: each microbatch's backward inside opt.microbatch(...)."""
+    for rows in microbatches:
+        logp = token_logprobs(model, ids[rows])  # (4, 11) log-probs, gradients on
+        groups = None if group_ids is None else group_ids[rows]
+        with opt.microbatch(logp, mask[rows], group_ids=groups):
+            policy_loss(logp, mask[rows], advantages[rows], scale=1 / len(microbatches)).backward()
+    opt.step()
+    opt.zero_grad()
