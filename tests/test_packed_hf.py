@@ -12,7 +12,7 @@ from helpers import (
 )
 from test_full_finetuning import tiny_gpt2
 from test_intra_proma import brute_intra
-from test_packed_layout import pack
+from test_packed_layout import pack, packed_rows
 
 
 def packed_inputs(cu):
@@ -27,13 +27,8 @@ def packed_inputs(cu):
 def packed_logprobs(model, packed, cu):
     """(k, T-1) rows: row i scores sequence i's tokens 1.. (right-padded with zeros)."""
     position_ids, mask = packed_inputs(cu)
-    logp_all = torch.log_softmax(model(input_ids=packed, attention_mask=mask, position_ids=position_ids).logits[0], -1)
-    T = int((cu[1:] - cu[:-1]).max())
-    rows = []
-    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        lp = logp_all[s : e - 1].gather(-1, packed[0, s + 1 : e, None]).squeeze(-1)
-        rows.append(torch.nn.functional.pad(lp, (0, T - 1 - lp.numel())))
-    return torch.stack(rows)
+    logits = model(input_ids=packed, attention_mask=mask, position_ids=position_ids).logits[0]
+    return packed_rows(torch.log_softmax(logits, -1), packed, cu)
 
 
 @pytest.mark.parametrize("strategy", ["none", "proma", "intra_proma"])

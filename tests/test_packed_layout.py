@@ -50,7 +50,11 @@ def pack(ids, attn, mask):
 
 
 def packed_logprobs(model, packed, cu):
-    logp_all = torch.log_softmax(model(packed, cu).logits[0], -1)  # (total, V)
+    return packed_rows(torch.log_softmax(model(packed, cu).logits[0], -1), packed, cu)
+
+
+def packed_rows(logp_all, packed, cu):
+    """(k, T-1) log-probs of each packed sequence's tokens 1.. from (total, V) log-distributions."""
     T = int((cu[1:] - cu[:-1]).max())
     rows = []
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
