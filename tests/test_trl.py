@@ -203,6 +203,15 @@ def one_step_against_brute_force(loss_type, setup, tmp_path, strategy="proma", t
         assert all("lora_" in n for n in names)
 
 
+def test_training_twice_keeps_one_wrapper(tmp_path):
+    t = trainer(tmp_path, args=grpo_args(tmp_path, max_steps=1))
+    t.train()
+    first = t.gradproj_optimizer
+    t.args.max_steps = 2
+    t.train()
+    assert t.gradproj_optimizer is first
+
+
 def test_lora_via_peft_config_trains_every_adapter(tmp_path):
     from peft import LoraConfig
 

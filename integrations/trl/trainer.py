@@ -90,6 +90,15 @@ def check_grpo_config(args, config: GradProjConfig) -> None:
         raise ConfigError(f"GRPOConfig is incompatible with gradproj strategy {name!r}: " + "; ".join(problems))
 
 
+def _find_gradproj(optimizer) -> GradProjOptimizer | None:
+    """The GradProjOptimizer in a chain of optimizer wrappers (``.optimizer``), if any."""
+    for _ in range(4):
+        if optimizer is None or isinstance(optimizer, GradProjOptimizer):
+            return optimizer
+        optimizer = optimizer.__dict__.get("optimizer")
+    return None
+
+
 class GradProjGRPOMixin:
     """Mixin for ``GRPOTrainer`` (put it first): ``gradproj=`` selects the strategy."""
 
@@ -119,9 +128,10 @@ class GradProjGRPOMixin:
         optimizer = super().create_optimizer(model)
         if self._gp_config is None:
             return optimizer
-        if not isinstance(self.optimizer, GradProjOptimizer):
-            self.optimizer = gradproj.wrap(self.optimizer, self.model, self._gp_config)
-        self._gp_optimizer = self.optimizer
+        existing = _find_gradproj(self.optimizer)  # e.g. inside accelerate's AcceleratedOptimizer on a second train()
+        if existing is None:
+            self.optimizer = existing = gradproj.wrap(self.optimizer, self.model, self._gp_config)
+        self._gp_optimizer = existing
         head = self.model.get_output_embeddings()
         self._gp_unfused = head is not None and self._gp_optimizer.engine.covers(head.weight)
         return self.optimizer
