@@ -53,16 +53,19 @@ class AdditionTask(Task):
     max_new_tokens: int = field(default=6, init=False)
 
     def train_problems(self, step: int, count: int, seed: int) -> list[tuple[str, str]]:
+        """Fresh random problems, seeded by (seed, step)."""
         rng = random.Random(seed * 1_000_003 + step)
         return [self._prompted(sample_problem(rng, self.max_digits)) for _ in range(count)]
 
     def eval_problems(self) -> list[tuple[str, str]]:
+        """``eval_count`` fixed held-out problems (seed 12345)."""
         return [self._prompted(p) for p in addition_problems(self.eval_count, seed=12_345, max_digits=self.max_digits)]
 
     def _prompted(self, problem: tuple[str, str]) -> tuple[str, str]:
         return self.prefix + problem[0], problem[1]
 
     def reward(self, completion: str, answer: str) -> float:
+        """1.0 when the completion's first line is exactly the sum."""
         first_line = completion.strip().split("\n", 1)[0].strip()
         return 1.0 if first_line == answer else 0.0
 
@@ -101,13 +104,16 @@ class GSM8KTask(Task):
         ]
 
     def train_problems(self, step: int, count: int, seed: int) -> list[tuple[str, str]]:
+        """Problems drawn from the train split, seeded by (seed, step)."""
         rng = random.Random(seed * 1_000_003 + step)
         return [self._train[rng.randrange(len(self._train))] for _ in range(count)]
 
     def eval_problems(self) -> list[tuple[str, str]]:
+        """The first ``eval_count`` test problems."""
         return self._test[: self.eval_count]
 
     def reward(self, completion: str, answer: str) -> float:
+        """1.0 when the last number (after ``####`` if present) equals the reference answer."""
         numbers = _NUMBER.findall(completion.split("####")[-1] if "####" in completion else completion)
         if not numbers:
             return 0.0
