@@ -1,0 +1,92 @@
+"""Optimizer factories for ``actor_rollout_ref.actor.optim.optimizer_impl=gradproj.integrations.verl``.
+
+verl builds the actor's optimizer as ``getattr(import_module(optimizer_impl), optimizer)(params, lr=...,
+weight_decay=..., [betas=...], **override_optimizer_config)``. The factories here build the inner
+optimizer and tag it with the gradproj config taken from ``override_optimizer_config.gradproj``;
+the engine patch (:mod:`gradproj.integrations.verl.patches`) then wraps it around the FSDP module
+with :func:`gradproj.wrap` -- the factory alone cannot, verl gives it parameters, not the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from gradproj.config import GradProjConfig
+from gradproj.errors import ConfigError
+
+__all__ = ["AdamW", "Adam", "SGD", "Optimizer", "requested_config", "CONFIG_ATTR"]
+
+#: attribute of the inner optimizer that carries its :class:`GradProjConfig` until it is wrapped
+CONFIG_ATTR = "_gradproj_verl_config"
+
+
+def _gradproj_config(gradproj: Any) -> GradProjConfig:
+    if gradproj is None:
+        raise ConfigError(
+            "optim.optimizer_impl=gradproj.integrations.verl needs the strategy: add "
+            "'+actor_rollout_ref.actor.optim.override_optimizer_config.gradproj.strategy=proma' (options next to "
+            "it, e.g. ...gradproj.damping=1e-6)"
+        )
+    if isinstance(gradproj, GradProjConfig):
+        return gradproj
+    if isinstance(gradproj, str):
+        return GradProjConfig(strategy=gradproj)
+    try:  # an OmegaConf DictConfig from Hydra, or a plain mapping
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(gradproj):
+            gradproj = OmegaConf.to_container(gradproj, resolve=True)
+    except ImportError:  # pragma: no cover - verl depends on omegaconf
+        pass
+    if not isinstance(gradproj, dict):
+        raise ConfigError(
+            f"override_optimizer_config.gradproj must be a strategy name or a mapping like "
+            f"{{strategy: proma, damping: 1e-6}}, got {type(gradproj).__name__}"
+        )
+    return GradProjConfig.from_dict(dict(gradproj))
+
+
+def _tagged(inner: torch.optim.Optimizer, gradproj: Any) -> torch.optim.Optimizer:
+    setattr(inner, CONFIG_ATTR, _gradproj_config(gradproj))
+    return inner
+
+
+def AdamW(params, *, gradproj: Any = None, **kwargs: Any) -> torch.optim.Optimizer:  # noqa: N802 - verl looks up this name
+    """``torch.optim.AdamW(params, **kwargs)`` to be wrapped by gradproj with the ``gradproj`` config."""
+    return _tagged(torch.optim.AdamW(params, **kwargs), gradproj)
+
+
+def Adam(params, *, gradproj: Any = None, **kwargs: Any) -> torch.optim.Optimizer:  # noqa: N802
+    """``torch.optim.Adam(params, **kwargs)`` to be wrapped by gradproj with the ``gradproj`` config."""
+    return _tagged(torch.optim.Adam(params, **kwargs), gradproj)
+
+
+def SGD(params, *, gradproj: Any = None, **kwargs: Any) -> torch.optim.Optimizer:  # noqa: N802
+    """``torch.optim.SGD(params, **kwargs)`` to be wrapped by gradproj with the ``gradproj`` config."""
+    return _tagged(torch.optim.SGD(params, **kwargs), gradproj)
+
+
+def Optimizer(params, *, inner: str = "torch.optim.AdamW", gradproj: Any = None, **kwargs: Any) -> torch.optim.Optimizer:  # noqa: N802
+    """Any optimizer class by dotted path (``inner="torch_optimizer.Lamb"``), wrapped by gradproj.
+
+    verl passes ``betas`` only when the name ``optimizer`` contains "adam"; give them in
+    ``override_optimizer_config`` for this generic factory.
+    """
+    module_name, _, cls_name = inner.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(
+            f"override_optimizer_config.inner={inner!r} is not an importable optimizer class "
+            f"(module.Class, e.g. torch.optim.AdamW): {err}"
+        ) from None
+    return _tagged(cls(params, **kwargs), gradproj)
+
+
+def requested_config(optimizer_config) -> bool:
+    """Whether verl's ``optim`` config selects a gradproj optimizer (``optimizer_impl`` is this package)."""
+    impl = getattr(optimizer_config, "optimizer_impl", None) or ""
+    return impl == "gradproj.integrations.verl" or impl.startswith("gradproj.integrations.verl.")
