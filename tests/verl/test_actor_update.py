@@ -1,0 +1,163 @@
+"""verl's real actor update (ActorRolloutRefWorker, FSDP2, gloo) with gradproj enabled by config only.
+
+The gradient verl hands its optimizer at the step equals the core's brute force: one backward per
+sequence (each sequence alone, unpadded, float64) and the PROMA update of SPEC 2.2 written
+independently in tests/helpers.py, over the micro-batches verl actually formed.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from helpers import float64_exact_norms, reference_update, rel_err
+
+from gradproj.integrations.verl_cpu import smoke
+
+SMOKE = smoke.load_overrides(smoke.DEFAULT_OVERRIDES)
+
+
+@contextlib.contextmanager
+def float64_engine():
+    """verl knows fp32/bf16/fp16 only; teach its precision table fp64 so that the engine runs in float64."""
+    from verl.utils.torch_dtypes import PrecisionType
+
+    original = PrecisionType.to_dtype
+
+    def to_dtype(precision):
+        return torch.float64 if precision in ("fp64", "float64", torch.float64) else original(precision)
+
+    PrecisionType.to_dtype = staticmethod(to_dtype)
+    try:
+        with float64_exact_norms():
+            yield
+    finally:
+        PrecisionType.to_dtype = staticmethod(original)
+
+
+FP64 = [
+    "actor_rollout_ref.actor.fsdp_config.model_dtype=fp64",
+    "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp64",
+    "+actor_rollout_ref.actor.fsdp_config.mixed_precision.reduce_dtype=fp64",
+    "+actor_rollout_ref.actor.fsdp_config.mixed_precision.buffer_dtype=fp64",
+]
+
+
+def cpu_overrides(fp64: bool):
+    if not fp64:
+        return smoke.CPU_OVERRIDES
+    return [o for o in smoke.CPU_OVERRIDES if "mixed_precision" not in o] + FP64
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class Recorder:
+    """Spies on verl: the micro-batches of each forward_backward_batch, and the gradients at the step."""
+
+    def __init__(self, worker, monkeypatch):
+        import verl.workers.engine.fsdp.transformer_impl as impl
+
+        self.calls = []
+        original = impl.prepare_micro_batches
+
+        def prepare(data, *args, **kwargs):
+            micro_batches, indices = original(data, *args, **kwargs)
+            self.calls.append([
+                [(ids.clone(), int(mask.sum()), float(adv[0])) for ids, mask, adv in
+                 zip(mb["input_ids"].unbind(), mb["response_mask"].unbind(), mb["advantages"].unbind())]
+                for mb in micro_batches
+            ])
+            return micro_batches, indices
+
+        monkeypatch.setattr(impl, "prepare_micro_batches", prepare)
+        self.engine = worker.actor.engine
+        self.state = {}
+        inner = self.engine.optimizer.optimizer
+
+        def pre_step(*_):
+            module = self.engine.module
+            self.state["params"] = {n: full(p.detach()).clone() for n, p in module.named_parameters()}
+            self.state["grads"] = {n: full(p.grad).clone() for n, p in module.named_parameters() if p.grad is not None}
+
+        inner.register_step_pre_hook(pre_step)
+
+
+def build(tmp_path, extra, fp64=True):
+    folder = smoke.tiny_model(tmp_path / "model", dtype=torch.float64 if fp64 else torch.float32)
+    config = smoke.compose(SMOKE + cpu_overrides(fp64) + [f"actor_rollout_ref.model.path={folder}",
+                                                          "actor_rollout_ref.actor.optim.clip_grad=1e9"] + extra)
+    return folder, config, smoke.actor_worker(config)
+
+
+def brute_force(folder, recorder, lora, dtype=torch.float64, strategy="proma"):
+    """One backward per sequence on a plain HF copy holding the pre-step parameters; SPEC 2.2 update."""
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        net = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", bias="none"))
+    named = dict(net.named_parameters())
+    params_at_step = recorder.state["params"]
+    assert set(params_at_step) == set(named), sorted(set(params_at_step) ^ set(named))[:5]
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(params_at_step[n].to(dtype))
+            p.requires_grad_(n in recorder.state["grads"])
+    names = [n for n, p in named.items() if p.requires_grad]
+    params = [named[n] for n in names]
+    micro_batches = recorder.calls[-1]
+    tokens = sum(resp for mb in micro_batches for _, resp, _ in mb)
+    G = {n: None for n in names}
+    for mb in micro_batches:
+        rows, coefficients = [], []
+        for ids, resp, adv in mb:
+            logits = net(input_ids=ids[None]).logits[0, :-1]
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0][-resp:]
+            grads = torch.autograd.grad(logp.sum(), params, allow_unused=True)
+            rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+            coefficients.append(-adv / tokens)  # token-mean over the mini-batch (dp_size 1)
+        c = torch.tensor(coefficients, dtype=torch.float64)
+        for j, n in enumerate(names):
+            S = torch.stack([r[j].reshape(-1).double() for r in rows])
+            G[n] = reference_update(G[n], S, c, strategy=strategy)
+    return {n: G[n] for n in names}
+
+
+CASES = {
+    "packed": [],
+    "padded": ["actor_rollout_ref.model.use_remove_padding=False"],
+    "packed-dynamic-bsz": [
+        "actor_rollout_ref.actor.use_dynamic_bsz=True",
+        "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=40",
+        "actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True",
+        "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=40",
+    ],
+    "packed-no-checkpointing": ["actor_rollout_ref.model.enable_gradient_checkpointing=False"],
+    "padded-lora": ["actor_rollout_ref.model.use_remove_padding=False", "actor_rollout_ref.model.lora_rank=4",
+                    "actor_rollout_ref.model.lora_alpha=8"],
+    "packed-lora": ["actor_rollout_ref.model.lora_rank=4", "actor_rollout_ref.model.lora_alpha=8"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_update_equals_brute_force(case, tmp_path, monkeypatch):
+    lora = "lora" in case
+    with float64_engine():
+        folder, config, worker = build(tmp_path, CASES[case])
+        recorder = Recorder(worker, monkeypatch)
+        batch = smoke.rollout_batch(worker.actor.engine.module.config.vocab_size, seed=3)
+        metrics = smoke.update_actor(worker, batch, config)
+        expected = brute_force(folder, recorder, lora)
+    assert len(recorder.calls[-1]) >= 2, "the case must accumulate several micro-batches"
+    grads = recorder.state["grads"]
+    assert set(grads) == set(expected)
+    if lora:
+        assert all("lora_" in n for n in grads)
+    worst = max((rel_err(grads[n].reshape(-1).double(), expected[n]), n) for n in expected)
+    assert worst[0] <= 1e-10, worst
+    assert metrics["gradproj/proma/projected_fraction"][0] > 0
+    assert metrics["gradproj/sequences"] == [8.0]
