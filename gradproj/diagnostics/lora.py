@@ -37,7 +37,10 @@ def lora_layers(model: nn.Module):
 
 
 def _spectral(matrix: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(matrix.detach().double(), ord=2))
+    matrix = matrix.detach()
+    if hasattr(matrix, "full_tensor"):  # a DTensor (FSDP2): the norm of the whole matrix
+        matrix = matrix.full_tensor()
+    return float(torch.linalg.matrix_norm(matrix.double(), ord=2))
 
 
 class LoraKLBound:

@@ -37,8 +37,20 @@ def check_engine_config(engine_config, model_config=None) -> None:
         )
 
 
-def check_actor_config(actor_config, gradproj_config: GradProjConfig) -> None:
-    """The actor's loss must be the ``gradproj`` policy loss, with nothing whose gradient varies per token."""
+def check_actor_config(actor_config, gradproj_config: GradProjConfig, needs_capture: bool = True) -> None:
+    """The actor's loss must be the ``gradproj`` policy loss, with nothing whose gradient varies per token.
+
+    With ``needs_capture=False`` (strategy ``none`` without diagnostics, e.g. only the LoRA bound
+    monitor) gradproj does not split the gradient per sequence, so any verl loss is accepted.
+    """
+    needs_groups = [name for name in gradproj_config.strategies if name == "variance_scaling"]
+    if needs_groups:
+        raise ConfigError(
+            "variance_scaling needs the prompt groups and rewards of the whole step, which verl's loss does not "
+            "see; verl's GRPO advantage (algorithm.norm_adv_by_std_in_grpo=True) applies the same 1/std per group"
+        )
+    if not needs_capture:
+        return
     policy_loss = getattr(actor_config, "policy_loss", None)
     loss_mode = policy_loss.get("loss_mode", "vanilla") if policy_loss is not None else "vanilla"
     if loss_mode != LOSS_MODE:
@@ -58,10 +70,4 @@ def check_actor_config(actor_config, gradproj_config: GradProjConfig) -> None:
         raise ConfigError(
             f"{_ACTOR}.entropy_coeff={entropy} adds an entropy-bonus gradient that gradproj cannot split per "
             "sequence; set entropy_coeff=0"
-        )
-    needs_groups = [name for name in gradproj_config.strategies if name == "variance_scaling"]
-    if needs_groups:
-        raise ConfigError(
-            "variance_scaling needs the prompt groups and rewards of the whole step, which verl's loss does not "
-            "see; verl's GRPO advantage (algorithm.norm_adv_by_std_in_grpo=True) applies the same 1/std per group"
         )

@@ -31,6 +31,8 @@ class MicroBatchSlot:
         self.engine = engine
         self.optimizer = optimizer
         self.is_last = is_last
+        #: whether the strategy needs per-sequence gradients (else the micro-batch runs plainly)
+        self.capture = bool(optimizer.engine.needs_capture)
         self.cu_seqlens: torch.Tensor | None = None
         self.described = False
         self.block: AbstractContextManager | None = None
@@ -61,6 +63,8 @@ class MicroBatchSlot:
 
     def open(self, log_prob: torch.Tensor, response_mask: torch.Tensor) -> None:
         """Open ``opt.microbatch(log_prob, response_mask)`` (called by the policy loss)."""
+        if not self.capture:
+            return
         if self.block is not None:
             raise ProtocolError(
                 "verl computed the 'gradproj' policy loss twice in one micro-batch; gradproj needs exactly one "
@@ -79,11 +83,11 @@ class MicroBatchSlot:
         """Close the block after the backward (or abort it when the micro-batch raised)."""
         block, self.block = self.block, None
         if block is None:
-            if exc is None:
+            if self.capture and (exc is None or isinstance(exc, ProtocolError)):
                 raise ProtocolError(
                     "a verl training micro-batch ran without the 'gradproj' policy loss, so gradproj saw no "
                     "log-probs: set actor_rollout_ref.actor.policy_loss.loss_mode=gradproj"
-                )
+                ) from exc
             return
         if exc is None:
             block.__exit__(None, None, None)

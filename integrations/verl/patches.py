@@ -3,7 +3,7 @@
 verl 0.9 builds the actor's optimizer from parameters alone and runs each micro-batch's forward,
 loss and backward inside its FSDP engine. gradproj wraps (never replaces) six methods:
 
-* ``FSDPEngine.initialize`` -- start-up checks of the engine config when a gradproj optimizer is
+* ``FSDPEngine.__init__`` -- start-up checks of the engine config when a gradproj optimizer is
   configured (FSDP2, no sequence parallelism, no packed-length padding), before anything is built;
 * ``FSDPEngine._build_optimizer`` -- wraps the optimizer the factory built around the FSDP module
   (:func:`gradproj.wrap`);
@@ -19,6 +19,7 @@ A verl release without one of them fails at import with the supported version ra
 from __future__ import annotations
 
 import functools
+import inspect
 from contextlib import contextmanager
 
 from gradproj.errors import ConfigError
@@ -32,7 +33,7 @@ __all__ = ["install", "installed", "TARGETS"]
 
 #: (module, class, method) wrapped by :func:`install`
 TARGETS = (
-    ("verl.workers.engine.fsdp.transformer_impl", "FSDPEngine", "initialize"),
+    ("verl.workers.engine.fsdp.transformer_impl", "FSDPEngine", "__init__"),
     ("verl.workers.engine.fsdp.transformer_impl", "FSDPEngine", "_build_optimizer"),
     ("verl.workers.engine.fsdp.transformer_impl", "FSDPEngine", "_gradient_sync_context"),
     ("verl.workers.engine.fsdp.transformer_impl", "FSDPEngine", "train_batch"),
@@ -89,13 +90,17 @@ def _wrap_method(cls, name: str, make):
     setattr(cls, name, wrapper)
 
 
-def _initialize(original):
-    def initialize(self, *args, **kwargs):
-        if requested_config(getattr(self, "optimizer_config", None)) and not self.engine_config.forward_only:
-            check_engine_config(self.engine_config)
-        return original(self, *args, **kwargs)
+def _init(original):
+    signature = inspect.signature(original)
 
-    return initialize
+    def __init__(self, *args, **kwargs):
+        given = signature.bind_partial(self, *args, **kwargs).arguments
+        engine_config, optimizer_config = given.get("engine_config"), given.get("optimizer_config")
+        if requested_config(optimizer_config) and not getattr(engine_config, "forward_only", False):
+            check_engine_config(engine_config)
+        original(self, *args, **kwargs)
+
+    return __init__
 
 
 def _build_optimizer(original):
@@ -135,7 +140,7 @@ def _gradient_sync_context(original):
                 slot.close(None)
         finally:
             pop_slot(slot)
-        if is_last_micro_batch:
+        if is_last_micro_batch and slot.capture:
             opt.sync_gradients()  # before verl clips and logs the gradient norm
 
     return _gradient_sync_context
@@ -170,7 +175,7 @@ def _set_loss_fn(original):
         opt = _gradproj_optimizer(getattr(self, "engine", None))
         actor_config = getattr(loss_fn, "keywords", {}).get("config") if loss_fn is not None else None
         if opt is not None and actor_config is not None:
-            check_actor_config(actor_config, opt.engine.config)
+            check_actor_config(actor_config, opt.engine.config, needs_capture=opt.engine.needs_capture)
         return result
 
     return set_loss_fn
@@ -183,7 +188,7 @@ def install() -> None:
         return
     classes = _resolve()
     makers = {
-        ("FSDPEngine", "initialize"): _initialize,
+        ("FSDPEngine", "__init__"): _init,
         ("FSDPEngine", "_build_optimizer"): _build_optimizer,
         ("FSDPEngine", "_gradient_sync_context"): _gradient_sync_context,
         ("FSDPEngine", "train_batch"): _train_batch,
