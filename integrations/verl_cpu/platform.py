@@ -58,6 +58,12 @@ class _CpuDeviceModule:
     def manual_seed_all(self, seed):
         torch.manual_seed(seed)
 
+    def get_rng_state(self, *a, **k):  # verl's checkpoints save the device RNG state
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state, *a, **k):
+        torch.set_rng_state(state)
+
 
 _CPU_DEVICE_MODULE = _CpuDeviceModule()
 
