@@ -1,4 +1,4 @@
-import importlib.util
+import importlib.metadata
 import os
 import sys
 
@@ -13,7 +13,15 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # verl pins transformers<5.11, so tests/verl run in their own environment (.venv-verl); the README's
 # test command (scripts/test.sh) runs both suites.
-VERL_ENV = importlib.util.find_spec("verl") is not None
+def _installed(distribution: str) -> bool:
+    try:  # (not find_spec: tests/ is on sys.path, so tests/verl would pass for a namespace package)
+        importlib.metadata.version(distribution)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+VERL_ENV = _installed("verl")
 collect_ignore = [] if VERL_ENV else ["verl"]
 
 

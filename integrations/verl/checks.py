@@ -35,6 +35,11 @@ def check_engine_config(engine_config, model_config=None) -> None:
         raise ConfigError(
             f"gradproj needs the packed tokens unpadded: set {_ACTOR}.fsdp_config.pad_to_length=False"
         )
+    if model_config is not None and getattr(model_config, "use_fused_kernels", False):
+        raise ConfigError(
+            "verl's fused LM-head kernels (actor_rollout_ref.model.use_fused_kernels=True) compute the log-probs "
+            "without running the output layer's forward, which gradproj's capture needs; set use_fused_kernels=False"
+        )
 
 
 def check_actor_config(actor_config, gradproj_config: GradProjConfig, needs_capture: bool = True) -> None:

@@ -97,7 +97,7 @@ def _init(original):
         given = signature.bind_partial(self, *args, **kwargs).arguments
         engine_config, optimizer_config = given.get("engine_config"), given.get("optimizer_config")
         if requested_config(optimizer_config) and not getattr(engine_config, "forward_only", False):
-            check_engine_config(engine_config)
+            check_engine_config(engine_config, given.get("model_config"))
         original(self, *args, **kwargs)
 
     return __init__

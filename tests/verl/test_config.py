@@ -102,9 +102,11 @@ def make_worker(tmp_path, extra):
          "norm_adv_by_std_in_grpo"),
         (["actor_rollout_ref.actor.optim.override_optimizer_config=null"], "override_optimizer_config.gradproj.strategy"),
         (["actor_rollout_ref.actor.optim.optimizer=Lion"], "AdamW"),
+        (["actor_rollout_ref.model.use_fused_kernels=True"], "use_fused_kernels=False"),
+        (["actor_rollout_ref.actor.fsdp_config.pad_to_length=True"], "pad_to_length=False"),
     ],
     ids=["fsdp1", "ppo-clip", "kl-loss", "entropy", "ulysses", "unknown-strategy", "variance-scaling", "no-strategy",
-         "unknown-optimizer"],
+         "unknown-optimizer", "fused-kernels", "pad-to-length"],
 )
 def test_misconfigurations_fail_at_start_up(extra, needle, tmp_path):
     with pytest.raises((ConfigError, AttributeError)) as info:
