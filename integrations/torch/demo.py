@@ -24,7 +24,7 @@ from gradproj.integrations.torch.adder import adder_policy, cache_dir, greedy_ac
 from gradproj.integrations.torch.grpo_loop import GRPOLoopConfig, method_spec, run_method
 from gradproj.integrations.torch.tasks import check_task_name, make_task
 
-__all__ = ["DemoOptions", "load_policy", "run_demo", "summarise", "write_report"]
+__all__ = ["DemoOptions", "load_policy", "make_evaluator", "run_demo", "summarise", "write_report"]
 
 DEFAULT_METHODS = ["grpo", "reinforce", "proma", "intra_proma"]
 
@@ -272,12 +272,8 @@ def run_demo(options: DemoOptions) -> dict[str, dict]:
     factory, tok, description = load_policy(options)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
-    held_out = task.eval_problems()
 
-    def evaluate(model) -> float:
-        if not pretrained:  # the default policy ends its answers with EOS: whole-completion exact match
-            return greedy_accuracy(model, tok, held_out, max_new_tokens=task.max_new_tokens)
-        return _greedy_reward(model, tok, task, held_out)  # pretrained models: the task's own parser
+    evaluate = make_evaluator(tok, task, pretrained)
 
     records: dict[str, list[dict]] = {}
     with (out / "metrics.jsonl").open("w", encoding="utf-8") as log, tqdm(
@@ -302,6 +298,22 @@ def run_demo(options: DemoOptions) -> dict[str, dict]:
     _plot(records, "reward", "mean reward of the step's samples", out / "reward.png")
     write_report(out, summary, options, description)
     return summary
+
+
+def make_evaluator(tok, task, pretrained: bool):
+    """``evaluate(model) -> accuracy`` on the task's held-out problems (greedy decoding).
+
+    The default policy ends its answers with EOS, so it is scored by whole-completion exact match;
+    pretrained models by the task's own answer parser.
+    """
+    held_out = task.eval_problems()
+
+    def evaluate(model) -> float:
+        if not pretrained:
+            return greedy_accuracy(model, tok, held_out, max_new_tokens=task.max_new_tokens)
+        return _greedy_reward(model, tok, task, held_out)
+
+    return evaluate
 
 
 @torch.no_grad()

@@ -11,10 +11,18 @@ strategy differ (:data:`METHODS`):
 * ``reinforce`` -- the REINFORCE/GRPO policy gradient, no ratio, no clipping, plain accumulation;
 * any gradproj strategy name (``proma``, ``intra_proma``, ``proma_reference``, ...) -- the
   REINFORCE loss with that strategy accumulating the microbatches.
+
+Options for the reproductions (``benchmarks/reproduce.py``): ``kl_coef`` adds the usual per-token
+KL penalty (k3) to the initial policy; ``track_initial_kl`` records KL(policy ‖ initial policy) on
+each step's samples; ``diagnostics`` records gradproj's prompt-gradient cosines; ``lora_bound``
+records the LoRA rank KL bound mu(r). The initial policy is the base model with the adapters
+disabled under LoRA, else a frozen copy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -31,7 +39,7 @@ from gradproj.integrations.torch.logprobs import token_logprobs
 from gradproj.integrations.torch.rollout import Rollout, sample_rollout
 from gradproj.integrations.torch.tasks import Task
 
-__all__ = ["GRPOLoopConfig", "METHODS", "method_spec", "run_method", "clipped_loss", "step_kl"]
+__all__ = ["GRPOLoopConfig", "METHODS", "method_spec", "run_method", "clipped_loss", "kl_penalty", "step_kl", "InitialPolicy"]
 
 #: name -> (gradproj strategy, loss): the baselines; other names are gradproj strategies.
 METHODS = {"grpo": ("none", "clip"), "reinforce": ("none", "reinforce")}
@@ -54,6 +62,10 @@ class GRPOLoopConfig:
     seed: int = 0
     lora: bool = False
     lora_rank: int = 8
+    kl_coef: float = 0.0
+    track_initial_kl: bool = False
+    diagnostics: bool = False
+    lora_bound: bool = False
 
     def validate(self) -> None:
         """Refuse impossible sizes with a message saying what to change."""
@@ -67,6 +79,8 @@ class GRPOLoopConfig:
             (self.updates_per_rollout >= 1, "--updates must be at least 1"),
             (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
             (self.eval_every >= 1, "--eval-every must be at least 1"),
+            (self.kl_coef >= 0 and math.isfinite(self.kl_coef), "--kl-coef must be a non-negative number"),
+            (not self.lora_bound or self.lora, "lora_bound needs LoRA (lora=True)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -95,6 +109,60 @@ def clipped_loss(logp, logp_old, mask, advantages, clip_eps: float, scale: float
 def _reinforce_loss(logp, mask, advantages, scale: float):
     mask = mask.to(logp.dtype)
     return -(advantages[:, None].to(logp.dtype) * logp * mask).sum() / mask.sum().clamp(min=1) * scale
+
+
+def kl_penalty(logp, ref_logp, mask, scale: float):
+    """Token-mean k3 KL penalty to the reference, ``exp(ref - logp) - (ref - logp) - 1`` (GRPO's)."""
+    diff = ref_logp.to(logp.dtype) - logp
+    per_token = torch.exp(diff) - diff - 1
+    mask = mask.to(logp.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1) * scale
+
+
+class InitialPolicy:
+    """The policy at the start of training: the base model with LoRA adapters disabled, else a copy."""
+
+    def __init__(self, model: torch.nn.Module, lora: bool) -> None:
+        self.model = model
+        self.copy = None
+        if not lora:
+            self.copy = copy.deepcopy(model).eval()
+            for p in self.copy.parameters():
+                p.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def active(self):
+        """Context in which :attr:`module` computes the initial policy."""
+        if self.copy is not None:
+            yield self.copy
+            return
+        with self.model.disable_adapter():
+            yield self.model
+
+    @torch.no_grad()
+    def logprobs(self, ids, attention_mask):
+        """Token log-probs of the initial policy (no grad)."""
+        with self.active() as module:
+            return token_logprobs(module, ids, attention_mask)
+
+    @torch.no_grad()
+    def kl_from(self, model, roll: Rollout, chunks) -> float:
+        """KL(policy ‖ initial policy) per response token on ``roll`` (exact over the vocabulary
+        up to :data:`EXACT_KL_MAX_VOCAB`, else the k3 estimator on the sampled tokens)."""
+        exact = model.get_output_embeddings().weight.shape[0] <= EXACT_KL_MAX_VOCAB
+        total, count = 0.0, 0
+        for rows in chunks:
+            ids, attn, mask = roll.ids[rows], roll.attention_mask[rows], roll.response_mask[rows]
+            if exact:
+                logp = F.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1][mask].double(), -1)
+                with self.active() as module:
+                    logq = F.log_softmax(module(input_ids=ids, attention_mask=attn).logits[:, :-1][mask].double(), -1)
+                total += float((logp.exp() * (logp - logq)).sum())
+            else:
+                now = token_logprobs(model, ids, attn)
+                total += gradproj.policy_kl(self.logprobs(ids, attn), now, mask, "k3") * int(mask.sum())
+            count += int(mask.sum())
+        return total / max(count, 1)
 
 
 #: Up to this vocabulary size the per-step KL is exact over the full distributions; above it, the
@@ -143,9 +211,13 @@ def _build(model_factory, config: GRPOLoopConfig, strategy: str):
         model = get_peft_model(model, LoraConfig(r=config.lora_rank, lora_alpha=2 * config.lora_rank, lora_dropout=0.0, target_modules=targets))
     else:  # full fine-tuning of every block; embeddings stay frozen (the same for every method)
         model.get_input_embeddings().weight.requires_grad_(False)
+    initial = InitialPolicy(model, config.lora) if (config.kl_coef > 0 or config.track_initial_kl) else None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = gradproj.wrap(torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0), model, strategy)
-    return model, opt
+    options = {"diagnostics": True} if config.diagnostics else {}
+    if config.lora_bound:
+        options["lora_bound"] = True
+    opt = gradproj.wrap(torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0), model, strategy, **options)
+    return model, opt, initial
 
 
 def run_method(
@@ -168,7 +240,7 @@ def run_method(
     """
     config.validate()
     strategy, loss_kind = method_spec(name)
-    model, opt = _build(model_factory, config, strategy)
+    model, opt, initial = _build(model_factory, config, strategy)
     model.train()
     records = []
     accuracy = evaluate(model)
@@ -184,20 +256,29 @@ def run_method(
         before, entropy = _distribution_stats(model, roll, chunks, keep=exact)
         with torch.no_grad():
             old = [token_logprobs(model, roll.ids[rows], roll.attention_mask[rows]) for rows in chunks]
+        timed = time.perf_counter() - start
+        initial_kl = initial.kl_from(model, roll, chunks) if config.track_initial_kl else None
+        start = time.perf_counter()
         scale = 1.0 / len(chunks)
+        group_ids = torch.arange(roll.ids.shape[0]) // config.group_size
+        if config.diagnostics:
+            opt.set_groups(group_ids, roll.rewards)
         for _update in range(config.updates_per_rollout):
             for index, rows in enumerate(chunks):
                 mask = roll.response_mask[rows]
+                ref = initial.logprobs(roll.ids[rows], roll.attention_mask[rows]) if config.kl_coef > 0 else None
                 logp = token_logprobs(model, roll.ids[rows], roll.attention_mask[rows])
-                with opt.microbatch(logp, mask):
+                with opt.microbatch(logp, mask, group_ids=group_ids[rows] if config.diagnostics else None):
                     if loss_kind == "clip":
                         loss = clipped_loss(logp, old[index], mask, advantages[rows], config.clip_eps, scale)
                     else:
                         loss = _reinforce_loss(logp, mask, advantages[rows], scale)
+                    if ref is not None:
+                        loss = loss + config.kl_coef * kl_penalty(logp, ref, mask, scale)
                     loss.backward()
             opt.step()
             opt.zero_grad()
-        seconds = time.perf_counter() - start
+        seconds = timed + time.perf_counter() - start
         kl = step_kl(model, roll, chunks, before, old)
         metrics = opt.metrics()
         record = {
@@ -206,6 +287,13 @@ def run_method(
             "projected_fraction": metrics.get(f"gradproj/{strategy}/projected_fraction",
                                               metrics.get("gradproj/proma/projected_fraction", 0.0)),
         }
+        if initial_kl is not None:
+            record["initial_kl"] = initial_kl
+        for key in ("group_cos_abs_mean", "group_cos_below_0.15", "reward_std_mean"):
+            if f"gradproj/diagnostics/{key}" in metrics:
+                record[key] = metrics[f"gradproj/diagnostics/{key}"]
+        if "gradproj/lora_bound/mu_mean" in metrics:
+            record["lora_bound_mu_mean"] = metrics["gradproj/lora_bound/mu_mean"]
         if step % config.eval_every == 0 or step == config.steps:
             record["accuracy"] = evaluate(model)
         records.append(record)
