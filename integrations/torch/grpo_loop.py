@@ -240,6 +240,12 @@ def run_method(
     """
     config.validate()
     strategy, loss_kind = method_spec(name)
+    if config.kl_coef > 0 and (strategy != "none" or config.diagnostics):
+        raise ConfigError(
+            f"kl_coef={config.kl_coef} adds a per-token KL penalty, which gradproj cannot split per sequence "
+            f"(method {name!r}{' with diagnostics' if config.diagnostics else ''}); use a baseline method "
+            "(reinforce, grpo) without diagnostics, or kl_coef=0"
+        )
     model, opt, initial = _build(model_factory, config, strategy)
     model.train()
     records = []
