@@ -78,7 +78,7 @@ def plan(name: str, args) -> list[Run]:
                     config = _base(args, steps=50, eval_every=10, lr=lr, seed=seed, track_initial_kl=True)
                     runs.append(Run(name, f"{method} lr={lr:g}", method, seed, config, {"lr": lr}))
     elif name == "lora-rank":
-        ranks = [1, 4] if args.quick else [1, 4, 16, 64]
+        ranks = args.ranks or ([1, 4] if args.quick else [1, 4, 16, 64])
         for rank in ranks:
             for kl_coef in (0.0, 0.04):
                 for seed in args.seeds:
@@ -302,15 +302,25 @@ def _verdict(held: bool | None) -> str:
     return "**held**" if held else "**not held**" if held is not None else "**inconclusive**"
 
 
-def _partial(flags: list[bool], names: list[str]) -> str:
-    """``**held**`` when every case holds, ``**partly held** (at ..., not at ...)``, or ``**not held**``."""
-    if all(flags):
+def _partial(flags: list[bool | None], names: list[str]) -> str:
+    """Combine per-case outcomes (True, False, or None = within the noise) into one verdict."""
+    if flags and all(f is True for f in flags):
         return "**held**"
-    if not any(flags):
+    if flags and all(f is False for f in flags):
         return "**not held**"
-    yes = ", ".join(n for n, f in zip(names, flags) if f)
-    no = ", ".join(n for n, f in zip(names, flags) if not f)
-    return f"**partly held** (at {yes}; not at {no})"
+    if all(f is None for f in flags):
+        return "**inconclusive** (within the seed spread)"
+    parts = [(label, [n for n, f in zip(names, flags) if f is value])
+             for label, value in (("held at", True), ("not at", False), ("within the seed spread at", None))]
+    detail = "; ".join(f"{label} {', '.join(group)}" for label, group in parts if group)
+    return f"**partly held** ({detail})"
+
+
+def _beyond(a: tuple[float, float], b: tuple[float, float], floor: float = 0.01) -> bool | None:
+    """True if mean a exceeds mean b by more than the larger seed std (or ``floor``), False if the
+    reverse, None if the difference is within that spread."""
+    noise = max(a[1], b[1], floor)
+    return True if a[0] - b[0] > noise else False if b[0] - a[0] > noise else None
 
 
 def report_proma(records, settings, out: Path) -> str:
@@ -353,9 +363,10 @@ def report_proma(records, settings, out: Path) -> str:
                         f"{_partial([r < 0.8 for r in ratios], names)}.")
         verdicts.append(f"- *... and the global drift* (KL to the initial policy, last quarter; ratio below 0.8): ratio "
                         f"{', '.join(f'{r:.2f}' for r in drift_ratios)}. {_partial([r < 0.8 for r in drift_ratios], names)}.")
-        ent = [(at("proma", lr)["entropy_last_quarter"][0], at("reinforce", lr)["entropy_last_quarter"][0]) for lr in lrs]
-        verdicts.append(f"- *PROMA preserves entropy longer*: last-quarter entropy proma vs REINFORCE "
-                        f"{'; '.join(f'{a:.3f} vs {b:.3f}' for a, b in ent)}. {_partial([a > b for a, b in ent], names)}.")
+        ent = [(at("proma", lr)["entropy_last_quarter"], at("reinforce", lr)["entropy_last_quarter"]) for lr in lrs]
+        verdicts.append(f"- *PROMA preserves entropy longer* (last-quarter entropy above REINFORCE's beyond the seed "
+                        f"spread): proma vs REINFORCE {'; '.join(f'{_fmt(a)} vs {_fmt(b)}' for a, b in ent)}. "
+                        f"{_partial([_beyond(a, b) for a, b in ent], names)}.")
     if "proma" in methods and "grpo" in methods:
         pairs = [(at("proma", lr)["final_accuracy"], at("grpo", lr)["final_accuracy"]) for lr in lrs]
         ok = [a[0] >= b[0] - max(a[1], b[1], 0.01) for a, b in pairs]
@@ -365,14 +376,15 @@ def report_proma(records, settings, out: Path) -> str:
         spread = {m: max(at(m, lr)["final_accuracy"][0] for lr in lrs) - min(at(m, lr)["final_accuracy"][0] for lr in lrs) for m in methods}
         verdicts.append("- *Robustness across learning rates* (spread of final accuracy over the learning rates, smaller is "
                         f"more robust): {', '.join(f'{m} {v:.3f}' for m, v in spread.items())}. "
-                        f"{_verdict(spread.get('proma', 1) <= spread.get('reinforce', 0))} (proma's spread ≤ REINFORCE's).")
+                        f"{_verdict(spread.get('proma', 1) <= spread.get('reinforce', 0) if len(lrs) > 1 else None)} "
+                        f"(proma's spread ≤ REINFORCE's{'; one learning rate only' if len(lrs) < 2 else ''}).")
     text = _header("Reproduction: PROMA (per-step KL, drift, entropy, accuracy)",
                    "PROMA achieves validation performance comparable to or better than GRPO while keeping global KL drift "
                    "far lower than unclipped REINFORCE and preserving policy entropy longer (Qwen3-0.6B, GSM8K).",
                    settings, records)
     text += ["## Results (mean ± std over seeds)", "", *rows, "", "## Verdicts", "", *verdicts, "",
              "Per-step KL: KL(policy before the step ‖ after), per response token on the step's samples (exact over the "
-             "vocabulary). KL to the initial policy: KL(policy ‖ initial) on each step's samples, before its update. "
+             "vocabulary up to 4096 tokens, else the k3 estimator on the sampled tokens). KL to the initial policy: KL(policy ‖ initial) on each step's samples, before its update. "
              "Accuracy: greedy decoding on held-out problems. Curves are seed means with a 5-step moving mean.", "",
              "![per-step KL](step_kl.png)", "", "![KL to the initial policy](initial_kl.png)", "",
              "![entropy](entropy.png)", "", "![accuracy](accuracy.png)", "", "![learning-rate robustness](lr_robustness.png)", ""]
@@ -435,7 +447,7 @@ def report_lora(records, settings, out: Path) -> str:
                    settings, records)
     text += ["## Results (mean ± std over seeds)", "", *rows, "", "## Verdicts", "", *verdicts, "",
              "KL to the initial policy: KL(policy ‖ initial policy) per response token on each step's samples (exact "
-             "over the vocabulary); the initial policy is the base model with the adapters disabled. KL penalty: GRPO's "
+             "over the vocabulary up to 4096 tokens, else the k3 estimator); the initial policy is the base model with the adapters disabled. KL penalty: GRPO's "
              "per-token k3 estimator, coefficient 0.04. mu(r) = sqrt(r k)(‖B0‖‖ΔA‖ + ‖A0‖‖ΔB‖) per adapter "
              "(gradproj's `lora_bound` monitor), averaged over the adapters. Wall time: the training part of a step "
              "(sampling, reference forward when penalised, backward, optimizer), without the diagnostics. Curves: mean over "
@@ -517,6 +529,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--steps", type=int, default=None, help="GRPO steps per run (default per experiment)")
     parser.add_argument("--lr", type=float, default=None,
                         help="one learning rate for every configuration (proma: instead of its sweep); e.g. 3e-6 for --smollm2")
+    parser.add_argument("--ranks", type=int, nargs="+", default=None, help="lora-rank: the LoRA ranks (default 1 4 16 64)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default 16)")
     parser.add_argument("--group-size", type=int, default=None, help="samples per prompt (default 8)")
     parser.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default 4)")
