@@ -221,6 +221,8 @@ def _fig(path: Path, panels: list[tuple[str, dict, str, bool]], smooth: int = 5)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from gradproj.integrations.torch.demo import finish_axes
+
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, (title, data, ylabel, log) in zip(axes[0], panels):
         for index, (label, (xs, ys)) in enumerate(sorted(data.items())):
@@ -233,13 +235,7 @@ def _fig(path: Path, panels: list[tuple[str, dict, str, bool]], smooth: int = 5)
             sm = [statistics.fmean(ys[max(0, i - w + 1) : i + 1]) for i in range(len(ys))]
             ax.plot(xs, sm, color=f"C{index % 10}", label=label, marker="o" if len(xs) < 15 else None, markersize=3)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("GRPO step")
-        ax.set_ylabel(ylabel)
-        if log:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        finish_axes(ax, ylabel, log, legend_size=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

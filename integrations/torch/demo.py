@@ -24,7 +24,7 @@ from gradproj.integrations.torch.adder import adder_policy, cache_dir, greedy_ac
 from gradproj.integrations.torch.grpo_loop import GRPOLoopConfig, method_spec, run_method
 from gradproj.integrations.torch.tasks import check_task_name, make_task
 
-__all__ = ["DemoOptions", "load_policy", "make_evaluator", "run_demo", "summarise", "write_report"]
+__all__ = ["DemoOptions", "finish_axes", "load_policy", "make_evaluator", "run_demo", "summarise", "write_report"]
 
 DEFAULT_METHODS = ["grpo", "reinforce", "proma", "intra_proma"]
 
@@ -144,6 +144,20 @@ def summarise(records: list[dict]) -> dict:
     }
 
 
+def finish_axes(ax, ylabel: str, log: bool = False, legend_size: float | None = None) -> bool:
+    """Axis labels ("GRPO step", ``ylabel``), log scale, grid and legend of a training-curve panel;
+    returns whether anything was drawn (a legend entry exists)."""
+    ax.set_xlabel("GRPO step")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    drawn = bool(ax.get_legend_handles_labels()[0])
+    if drawn:
+        ax.legend(fontsize=legend_size)
+    return drawn
+
+
 def _plot(records: dict[str, list[dict]], key: str, ylabel: str, path: Path, log: bool = False) -> None:
     import matplotlib
 
@@ -164,14 +178,7 @@ def _plot(records: dict[str, list[dict]], key: str, ylabel: str, path: Path, log
         window = max(1, min(10, len(values) // 5))
         smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
         ax.plot(steps, smooth, color=color, label=f"{name} ({window}-step mean)" if window > 1 else name)
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel(ylabel)
-    if log:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    else:  # e.g. a KL of exactly 0 everywhere cannot be drawn on a log scale
+    if not finish_axes(ax, ylabel, log):  # e.g. a KL of exactly 0 everywhere cannot be drawn on a log scale
         ax.text(0.5, 0.5, "no non-zero values to plot", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
