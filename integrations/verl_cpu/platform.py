@@ -70,6 +70,9 @@ _CPU_DEVICE_MODULE = _CpuDeviceModule()
 
 @PlatformRegistry.register(platform="cpu")
 class PlatformCPU(PlatformBase):
+    """verl's ``PlatformBase`` for the CPU: each method implements the base class's method of the same
+    name (device "cpu", communication backend gloo; memory, RNG and profiler calls are CPU no-ops)."""
+
     device_name = property(lambda self: "cpu")
     vendor_name = property(lambda self: "cpu")
     device_module = property(lambda self: _CPU_DEVICE_MODULE)
