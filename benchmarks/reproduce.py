@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -214,6 +215,11 @@ def curves(records: list[dict], key: str) -> dict[str, tuple[list[int], list[flo
 # figures and reports
 
 
+def _natural(label: str) -> list:
+    """Sort key ordering numbers inside labels by value ("r=4" before "r=16")."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", label)]
+
+
 def _fig(path: Path, panels: list[tuple[str, dict, str, bool]], smooth: int = 5) -> None:
     """One row of panels: (title, label -> (x, y), y label, log scale)."""
     import matplotlib
@@ -225,7 +231,7 @@ def _fig(path: Path, panels: list[tuple[str, dict, str, bool]], smooth: int = 5)
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, (title, data, ylabel, log) in zip(axes[0], panels):
-        for index, (label, (xs, ys)) in enumerate(sorted(data.items())):
+        for index, (label, (xs, ys)) in enumerate(sorted(data.items(), key=lambda item: _natural(item[0]))):
             if log:
                 pts = [(x, y) for x, y in zip(xs, ys) if y > 0]
                 if not pts:

@@ -142,11 +142,11 @@ def _project_matrix(g, p: int, q: int, basis_r, basis_c, projector: str):
     g2 = g.view(p, q)
     if projector == "complement":
         core = (basis_r.T @ g2) @ basis_c  # U_R^T g U_C  (r1 x r2)
-        g2.sub_(basis_r @ (core @ basis_c.T))
+        g2.addmm_(basis_r, core @ basis_c.T, alpha=-1.0)  # one pass over g
         return g, float(core.double().square().sum()), (basis_r.shape[1], basis_c.shape[1])
     before = torch.linalg.vector_norm(g2, dtype=torch.float64)
-    g2.sub_(basis_r @ (basis_r.T @ g2))  # (I - P_R) g
-    g2.sub_((g2 @ basis_c) @ basis_c.T)  # ... (I - P_C)
+    g2.addmm_(basis_r, basis_r.T @ g2, alpha=-1.0)  # (I - P_R) g
+    g2.addmm_(g2 @ basis_c, basis_c.T, alpha=-1.0)  # ... (I - P_C)
     after = torch.linalg.vector_norm(g2, dtype=torch.float64)
     # g' is orthogonal to g - g' (both projectors are orthogonal), so ||g - g'||^2 = ||g||^2 - ||g'||^2
     return g, max(float(before**2 - after**2), 0.0), (basis_r.shape[1], basis_c.shape[1])

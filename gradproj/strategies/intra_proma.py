@@ -94,6 +94,9 @@ class IntraProma(Strategy):
         if math.isfinite(total_sq) and math.isfinite(removed_sq):
             self._total_sq += total_sq
             self._removed_sq += removed_sq
+            # g finite (its norm is) and the removed block finite (so are the bases) => g' finite:
+            # both projectors are orthogonal, ||g'|| <= ||g||; the engine can skip its own check
+            step.finite = True
         self._rank_sum += sum(ranks)
         self._sides += len(ranks)
         return g
