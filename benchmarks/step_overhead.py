@@ -126,8 +126,22 @@ def variants(args, setup, only=None):
         if name in ("plain", "per_sequence"):
             out[name] = (model, inner, step_plain if name == "plain" else step_per_sequence)
         else:
-            out[name] = (model, gradproj.wrap(inner, model, name), step_wrapped)
+            strategy, options = parse_variant(name)
+            out[name] = (model, gradproj.wrap(inner, model, strategy, **options), step_wrapped)
     return out
+
+
+def parse_variant(variant: str) -> tuple[str, dict]:
+    """``"intra_proma:niter=0,rank=4"`` -> ``("intra_proma", {"niter": 0, "rank": 4})``."""
+    name, _, rest = variant.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
 
 
 def time_setup(args, setup):
@@ -185,7 +199,8 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setups", nargs="+", default=["lora", "linear"], choices=["lora", "linear", "full"])
     p.add_argument("--checkpointing", action="store_true", help="HF gradient checkpointing (non-reentrant) on")
-    p.add_argument("--strategies", nargs="+", default=["proma", "intra_proma"])
+    p.add_argument("--strategies", nargs="+", default=["proma", "intra_proma"],
+                   help="strategies to time, with options as NAME:KEY=VALUE,... (e.g. intra_proma:niter=0)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=1376)
     p.add_argument("--layers", type=int, default=4)

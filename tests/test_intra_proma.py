@@ -342,9 +342,9 @@ def test_stacked_variance_scaling_isopo_intra_proma():
         assert rel_err(p.grad.detach().reshape(-1), expected[n].detach().reshape(-1)) <= 1e-10, n
 
 
-def test_input_subspace_shared_between_layers_fed_the_same_tensor(monkeypatch):
-    """q/k/v (and gate/up) see the same input tensor: its subspace is computed once per microbatch,
-    with the same result as computing it for each layer."""
+def test_subspaces_shared_between_parameters_with_the_same_factor(monkeypatch):
+    """q/k/v (and gate/up) see the same input tensor, and a bias the output gradients of its weight:
+    each subspace is computed once per microbatch, with the same result as computing it per parameter."""
     import gradproj.linalg.factored as factored
 
     calls = {"n": 0}
@@ -358,7 +358,7 @@ def test_input_subspace_shared_between_layers_fed_the_same_tensor(monkeypatch):
     grads = []
     for share in (True, False):
         if not share:
-            monkeypatch.setattr(factored.InputSubspaceCache, "get", lambda self, x, keep: None)
+            monkeypatch.setattr(factored.SubspaceCache, "get", lambda self, x, keep: None)
         model = linear_only(tiny_hf("qwen2", seed=3))
         opt = wrapped(model, rank=3)
         calls["n"] = 0
@@ -368,7 +368,59 @@ def test_input_subspace_shared_between_layers_fed_the_same_tensor(monkeypatch):
             grpo_loss(logp, mask, adv, 1.0).backward()
         grads.append((calls["n"], [p.grad.clone() for _, p in trainable(model)]))
     (shared_calls, a), (separate_calls, b) = grads
-    # at most 2 layers x (q,k,v -> 1 and gate,up -> 1) = 6 fewer; fewer when a layer drops other
-    # positions (e.g. keys/values no later query attends to carry no gradient)
-    assert 0 < separate_calls - shared_calls <= 6
+    # at most 2 layers x (q,k,v inputs -> 1, gate,up inputs -> 1, the q,k,v biases -> their
+    # weights') = 12 fewer; fewer when a layer drops other positions (e.g. keys/values no later
+    # query attends to carry no gradient)
+    assert 6 < separate_calls - shared_calls <= 12
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("solver", ["exact", "randomized"])
+def test_non_finite_output_gradient_drops_the_microbatch(solver):
+    """A NaN reaching one layer's output gradients (finite log-prob gradients) makes that layer's
+    projected update non-finite: the whole microbatch is dropped and the running gradient kept."""
+    model = linear_only(tiny_hf("qwen2", seed=6))
+    opt = wrapped(model, rank=3, solver=solver)
+    first, second = make_microbatches(count=2, k=3, seed=4)
+    ids, attn, mask, adv = first
+    logp = token_logprobs(model, ids, attn)
+    with opt.microbatch(logp, mask):
+        grpo_loss(logp, mask, adv, 0.5).backward()
+    before = {n: p.grad.clone() for n, p in trainable(model)}
+    target = model.get_submodule("model.layers.0.mlp.down_proj")
+
+    def poison(grad):
+        grad = grad.clone()
+        grad[..., 0] = float("nan")
+        return grad
+
+    def on_forward(_module, _inputs, out):
+        out.register_hook(poison)  # returns None: the output itself is unchanged
+
+    handle = target.register_forward_hook(on_forward)
+    ids, attn, mask, adv = second
+    logp = token_logprobs(model, ids, attn)
+    with opt.microbatch(logp, mask):
+        grpo_loss(logp, mask, adv, 0.5).backward()
+    handle.remove()
+    assert opt.metrics()["gradproj/dropped_microbatches"] == 1
+    for n, p in trainable(model):
+        assert torch.equal(p.grad, before[n]), n
+    # the same microbatch again, without the NaN, is accepted
+    logp = token_logprobs(model, ids, attn)
+    with opt.microbatch(logp, mask):
+        grpo_loss(logp, mask, adv, 0.5).backward()
+    assert all(torch.isfinite(p.grad).all() for _, p in trainable(model))
+    assert any(not torch.equal(p.grad, before[n]) for n, p in trainable(model))
+
+
+def test_randomized_subspace_of_a_low_rank_factor():
+    """A sketch wider than the factor's rank (Cholesky of its Gram fails): the eigendecomposition
+    route keeps the rank-3 subspace, exactly that of the factor."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 100, generator=g, dtype=torch.float64)
+    basis, _ = top_subspace(x, 8, solver="randomized")
+    exact, _ = top_subspace(x, 8, solver="exact")
+    assert basis.shape == exact.shape == (100, 3)
+    assert float((exact @ exact.T - basis @ basis.T).norm()) < 1e-8
+    assert torch.allclose(basis.T @ basis, torch.eye(3, dtype=x.dtype), atol=1e-10)

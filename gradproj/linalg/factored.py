@@ -23,7 +23,7 @@ import torch
 from gradproj.linalg.sequence_grads import IndexTokenFactors, TokenFactors, dense_token_factors
 from gradproj.linalg.subspace import top_subspace
 
-__all__ = ["project_factored", "top_ids", "InputSubspaceCache"]
+__all__ = ["project_factored", "top_ids", "SubspaceCache"]
 
 
 def top_ids(ids: torch.Tensor, keep: torch.Tensor, rank: int, energy: float | None) -> torch.Tensor:
@@ -56,16 +56,18 @@ def _project_embedding(g, factors: IndexTokenFactors, projector: str, options: d
     return g, max(float(before**2 - after**2), 0.0), ranks
 
 
-class InputSubspaceCache:
-    """Input-side subspaces already computed in this microbatch, by input tensor.
+class SubspaceCache:
+    """The last few subspaces computed in this microbatch, by factor tensor and kept positions.
 
     Layers fed the same tensor (q/k/v projections, gate/up, LoRA ``lora_A`` of those) share their
-    input subspace when they also drop the same positions. Entries hold a reference to their tensor,
-    so its memory cannot be reused by another activation while the entry lives (clear it per
-    microbatch).
+    input subspace, and a bias shares its weight's output-gradient subspace, when they also keep
+    the same positions. Such layers run back to back in the backward, so only the ``size`` most
+    recently used entries are kept: an entry holds a reference to its tensor, which the allocator
+    could otherwise reuse (holding every layer's factors makes the backward allocate fresh memory).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
         self._entries: list = []
 
     @staticmethod
@@ -75,21 +77,24 @@ class InputSubspaceCache:
     def get(self, x: torch.Tensor, keep: torch.Tensor):
         """The cached basis of ``x`` with the same kept positions, or ``None``."""
         key = self._key(x)
-        for entry_key, entry_keep, basis, _ref in self._entries:
-            if entry_key == key and torch.equal(entry_keep, keep):
-                return basis
+        for index, entry in enumerate(self._entries):
+            if entry[0] == key and torch.equal(entry[1], keep):
+                self._entries.append(self._entries.pop(index))  # most recently used last
+                return entry[2]
         return None
 
     def put(self, x: torch.Tensor, keep: torch.Tensor, basis: torch.Tensor) -> None:
-        """Remember the basis of ``x`` for these kept positions."""
+        """Remember the basis of ``x`` for these kept positions (forgetting the oldest entry)."""
         self._entries.append((self._key(x), keep, basis, x))
+        if len(self._entries) > self.size:
+            del self._entries[0]
 
     def clear(self) -> None:
         """Forget everything (end of the microbatch)."""
         self._entries.clear()
 
 
-def _input_side(x: torch.Tensor, keep: torch.Tensor, options: dict, cache: InputSubspaceCache | None):
+def _cached_side(x: torch.Tensor, keep: torch.Tensor, options: dict, cache: SubspaceCache | None):
     if cache is not None:
         basis = cache.get(x, keep)
         if basis is not None:
@@ -100,13 +105,21 @@ def _input_side(x: torch.Tensor, keep: torch.Tensor, options: dict, cache: Input
     return basis
 
 
+def _output_side(x: torch.Tensor, options: dict, cache: SubspaceCache | None):
+    """Subspace of an output-gradient factor and its kept (non-zero) rows; remembered in ``cache``."""
+    basis, keep = top_subspace(x, **options)
+    if cache is not None:
+        cache.put(x, keep, basis)
+    return basis, keep
+
+
 def project_factored(g: torch.Tensor, factors, *, rank: int, energy: float | None,
                      projector: str, solver: str, oversample: int, niter: int,
-                     cache: InputSubspaceCache | None = None):
+                     cache: SubspaceCache | None = None):
     """Project ``g = sum_i c_i s_i`` in place; returns ``(g', removed_sq, ranks)``.
 
     ``factors``: :class:`TokenFactors`, :class:`IndexTokenFactors`, or a list of them (the uses of
-    a tied parameter). ``cache``: share input-side subspaces between layers fed the same tensor. ``removed_sq`` is ``||g - g'||^2`` (float), ``ranks`` the subspace dimension of
+    a tied parameter). ``cache``: share subspaces between parameters whose factor is the same tensor. ``removed_sq`` is ``||g - g'||^2`` (float), ``ranks`` the subspace dimension of
     each side. Token positions whose output-gradient row is zero (padding) are left out of both subspaces.
     """
     options = dict(rank=rank, energy=energy, solver=solver, oversample=oversample, niter=niter)
@@ -121,15 +134,15 @@ def project_factored(g: torch.Tensor, factors, *, rank: int, energy: float | Non
     rows = factors.rows.reshape(k * t, -1)
     cols = None if factors.cols is None else factors.cols.reshape(k * t, -1)
     if factors.out_grads is factors.rows:
-        basis_r, keep = top_subspace(rows, **options)
-        basis_c = None if cols is None else _input_side(cols, keep, options, cache)
+        basis_r, keep = _output_side(rows, options, cache)
+        basis_c = None if cols is None else _cached_side(cols, keep, options, cache)
     elif factors.out_grads is factors.cols:
-        basis_c, keep = top_subspace(cols, **options)
-        basis_r = _input_side(rows, keep, options, cache)
-    else:
+        basis_c, keep = _output_side(cols, options, cache)
+        basis_r = _cached_side(rows, keep, options, cache)
+    else:  # e.g. a bias: its rows are the output gradients its weight already looked at
         keep = (factors.out_grads.reshape(k * t, -1) != 0).any(dim=1, keepdim=True)
-        basis_r = top_subspace(rows, keep=keep, **options)[0]
-        basis_c = None if cols is None else top_subspace(cols, keep=keep, **options)[0]
+        basis_r = _cached_side(rows, keep, options, cache)
+        basis_c = None if cols is None else _cached_side(cols, keep, options, cache)
     if basis_c is None:
         flat = g.view(-1)
         inner = basis_r.T @ flat

@@ -65,6 +65,8 @@ def _exact(x: torch.Tensor, rank: int, energy: float | None) -> torch.Tensor:
     gram = (x64 @ x64.T) if n <= d else (x64.T @ x64)
     # torch's eigh: NumPy's OpenBLAS would start its own thread pool, which then spins against
     # torch's threads for the rest of the backward (a 20x slowdown measured on 2 cores)
+    if not bool(torch.isfinite(gram).all()):
+        return _nan_basis(x)
     values, vectors = torch.linalg.eigh(gram)
     values, vectors = values.flip(0).clamp(min=0.0), vectors.flip(1)
     r = _choose_rank(values.cpu().numpy(), float(values.sum()), rank, energy)
@@ -74,15 +76,50 @@ def _exact(x: torch.Tensor, rank: int, energy: float | None) -> torch.Tensor:
     return top.to(x.dtype)
 
 
-def _whitener(y: torch.Tensor) -> np.ndarray:
-    """T (q x q') with ``y @ T`` orthonormal: ``T = V diag(mu^-1/2)`` from ``y^T y = V diag(mu) V^T``."""
-    mu, v = _descending_eigh((y.T @ y).double().cpu().numpy())
+def _nan_basis(x: torch.Tensor) -> torch.Tensor:
+    """The "basis" of a factor with NaN/inf entries: one NaN column, so whatever is projected with
+    it is non-finite too and the engine drops the microbatch (LAPACK would raise instead)."""
+    return torch.full((x.shape[1], 1), float("nan"), dtype=x.dtype, device=x.device)
+
+
+def _whitener(y: torch.Tensor) -> np.ndarray | None:
+    """T (q x q') with ``y @ T`` orthonormal, from the q x q Gram ``y^T y`` (float64).
+
+    Cholesky (``T = L^-T``) when the Gram is well conditioned -- one small factorisation -- else
+    ``T = V diag(mu^-1/2)`` from its eigendecomposition, which also drops a rank-deficient sketch's
+    null directions (fewer kept tokens than columns, or a low-rank factor). ``None`` if the
+    sketch is not finite.
+    """
+    gram = (y.T @ y).double().cpu().numpy()
+    if not np.isfinite(gram).all():
+        return None
+    chol = _cholesky(gram)
+    if chol is not None:
+        return np.linalg.inv(chol).T
+    mu, v = _descending_eigh(gram)
     keep = mu > 1e-12 * mu[0] if mu.size and mu[0] > 0 else np.zeros(mu.shape, dtype=bool)
     return v[:, keep] / np.sqrt(mu[keep])
 
 
+#: Cholesky whitening only while the sketch's Gram has min/max pivot ratio above this (its
+#: condition number below ~1e8): the sketch stays orthonormal to ~1e-8 in float64.
+_CHOLESKY_MIN_PIVOT = 1e-4
+
+
+def _cholesky(gram: np.ndarray) -> np.ndarray | None:
+    """Lower Cholesky factor of a well-conditioned Gram, else ``None``."""
+    try:
+        chol = np.linalg.cholesky(gram)
+    except np.linalg.LinAlgError:
+        return None
+    pivots = np.diagonal(chol)
+    if pivots.size == 0 or not pivots.min() > _CHOLESKY_MIN_PIVOT * pivots.max():
+        return None
+    return chol
+
+
 def _randomized(x, rank, energy, oversample, niter, keep) -> tuple[torch.Tensor, torch.Tensor]:
-    """Range finder without a tall QR (Cholesky-QR-like whitening of the q x q Gram, in float64)."""
+    """Range finder without a tall QR (the sketch is whitened through its q x q Gram, in float64)."""
     n, d = x.shape
     q = min(rank + oversample, n, d)
     y = x @ _test_matrix(d, q, x.dtype, x.device)  # (N, q): sketch of the token space
@@ -92,11 +129,17 @@ def _randomized(x, rank, energy, oversample, niter, keep) -> tuple[torch.Tensor,
         y = y * keep
     for _ in range(niter):
         z = y.T @ x  # (q, d)
-        t = torch.from_numpy(_whitener(y)).to(device=x.device, dtype=x.dtype)
-        y = (x @ (z.T @ t)) * keep
+        t = _whitener(y)
+        if t is None:
+            return _nan_basis(x), keep
+        y = (x @ (z.T @ torch.from_numpy(t).to(device=x.device, dtype=x.dtype))) * keep
     t = _whitener(y)
+    if t is None:
+        return _nan_basis(x), keep
     z = y.T @ x  # rows of X at dropped positions meet zero rows of y
     zz = (z @ z.T).double().cpu().numpy()
+    if not np.isfinite(zz).all():
+        return _nan_basis(x), keep
     values, vectors = _descending_eigh(t.T @ zz @ t)  # B B^T for B = Q^T X, Q = y T orthonormal
     total = float(torch.linalg.vector_norm(x * keep, dtype=torch.float64) ** 2) if energy is not None else 0.0
     r = _choose_rank(values, total, rank, energy)

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from gradproj.errors import ProtocolError
-from gradproj.linalg.factored import InputSubspaceCache, project_factored
+from gradproj.linalg.factored import SubspaceCache, project_factored
 from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import LayerStep, Strategy, StrategyOptions, StrategySpec
 
@@ -58,7 +58,7 @@ class IntraProma(Strategy):
 
     def __init__(self, options: IntraPromaOptions) -> None:
         super().__init__(options)
-        self._cache = InputSubspaceCache()
+        self._cache = SubspaceCache()
         self.reset_metrics()
 
     def start_microbatch(self) -> None:
@@ -86,7 +86,7 @@ class IntraProma(Strategy):
             )
         opts: IntraPromaOptions = self.options
         g = step.combine(step.coefficients)
-        total_sq = float(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2)
+        total_sq = float(torch.linalg.vector_norm(g)) ** 2  # a metric: the compute dtype is enough
         g, removed_sq, ranks = project_factored(
             g, factors(), rank=opts.rank, energy=opts.energy, projector=opts.projector,
             solver=opts.solver, oversample=opts.oversample, niter=opts.niter, cache=self._cache,
