@@ -1,0 +1,33 @@
+"""The benchmark scripts' own logic (their timings are never asserted)."""
+
+import pytest
+
+from benchmarks import breakdown, step_overhead
+from gradproj.strategies.proma import Proma
+
+
+def test_strategy_variants_carry_options():
+    assert step_overhead.parse_variant("proma") == ("proma", {})
+    assert step_overhead.parse_variant("intra_proma:niter=0,projector=kron,energy=0.9") == (
+        "intra_proma", {"niter": 0, "projector": "kron", "energy": 0.9}
+    )
+
+
+def test_variant_options_reach_the_strategy():
+    args = step_overhead.parse(["--quick", "--strategies", "intra_proma:niter=0,rank=2"])
+    model, opt, _ = step_overhead.variants(args, "lora", only="intra_proma:niter=0,rank=2")["intra_proma:niter=0,rank=2"]
+    assert opt.config.options["niter"] == 0 and opt.config.options["rank"] == 2
+
+
+def test_cut_short_stage_restores_the_strategy_methods(monkeypatch):
+    original = Proma.__dict__["accumulate"]
+    cut = breakdown._Cut(Proma, {"accumulate": breakdown._capture_only})
+
+    def failing_step(*_args):
+        assert Proma.__dict__["accumulate"] is breakdown._capture_only
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(step_overhead, "step_wrapped", failing_step)
+    with pytest.raises(RuntimeError, match="boom"):
+        cut(None, None, None)
+    assert Proma.__dict__["accumulate"] is original
