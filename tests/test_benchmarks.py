@@ -2,7 +2,9 @@
 
 import pytest
 
-from benchmarks import breakdown, step_overhead
+import torch
+
+from benchmarks import breakdown, step_overhead, subspace_quality
 from gradproj.strategies.proma import Proma
 
 
@@ -31,3 +33,14 @@ def test_cut_short_stage_restores_the_strategy_methods(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         cut(None, None, None)
     assert Proma.__dict__["accumulate"] is original
+
+
+def test_captured_energy_of_a_subspace():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    eye = torch.eye(6, dtype=torch.float64)
+    assert abs(subspace_quality.captured_energy(x, eye) - 1.0) < 1e-12
+    first, rest = eye[:, :2], eye[:, 2:]
+    parts = subspace_quality.captured_energy(x, first) + subspace_quality.captured_energy(x, rest)
+    assert abs(parts - 1.0) < 1e-12
+    assert abs(subspace_quality.captured_energy(x, first) - float(x[:, :2].square().sum() / x.square().sum())) < 1e-12
