@@ -1,6 +1,7 @@
-"""How the overhead grows: step-time ratios over a grid of shapes, in one command.
+"""How the overhead grows: step-time (or peak-memory) ratios over a grid of shapes, in one command.
 
     python -m benchmarks.grid                      # the full grid (about an hour on 2 cores)
+    python -m benchmarks.grid --measure memory     # peak memory instead of time (a process per variant)
     python -m benchmarks.grid --quick              # a tiny grid (what CI runs)
 
 For every setup (LoRA, every Linear, full fine-tuning) x sequences per microbatch k x tokens per
@@ -9,7 +10,9 @@ sequence x hidden width, it times -- in one process, interleaved, as
 backward loop, and records the ratios to the plain step of the same configuration. Results are
 written as they come (``--out``: ``grid.jsonl``, then ``grid.md`` and ``grid.png`` -- overhead
 against k, tokens and width, one line per strategy and setup), so an interrupted run keeps what it
-measured. The paper's claim is an O(k d) cost per layer on top of the step.
+measured. The paper's claim is an O(k d) cost per layer on top of the step. ``--measure memory``
+records instead the growth of the peak resident memory during one step of each variant, each in a
+fresh process (:func:`benchmarks.step_overhead.peak_memory`), as a ratio to the plain step's.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ def parse(argv=None):
     p.add_argument("--no-per-sequence", dest="per_sequence", action="store_false")
     p.add_argument("--out", default="runs/grid", help="output folder")
     p.add_argument("--quick", action="store_true", help="a tiny grid for smoke tests")
+    p.add_argument("--measure", choices=["time", "memory"], default="time",
+                   help="step time (interleaved, in this process) or peak memory (a fresh process per variant)")
     args = p.parse_args(argv)
     if args.quick:
         args.ks, args.tokens, args.hidden = [2, 4], [8], [32]
@@ -52,6 +57,11 @@ def parse(argv=None):
 
 def _config_args(args, hidden: int, k: int, tokens: int):
     """The step_overhead arguments of one grid point (intermediate ~ 5.4 x hidden, as Qwen2's ratio)."""
+    return step_overhead.parse(_config_argv(args, hidden, k, tokens))
+
+
+def _config_argv(args, hidden: int, k: int, tokens: int) -> list[str]:
+    """The same as a command line (for the memory children)."""
     argv = [
         "--hidden", str(hidden), "--intermediate", str(int(round(hidden * 5.375))), "--layers", str(args.layers),
         "--vocab", str(args.vocab), "--microbatches", str(args.microbatches), "--k", str(k), "--tokens", str(tokens),
@@ -59,7 +69,14 @@ def _config_args(args, hidden: int, k: int, tokens: int):
     ]
     if not args.per_sequence:
         argv.append("--no-per-sequence")
-    return step_overhead.parse(argv)
+    return argv
+
+
+def _memory_point(args, setup: str, hidden: int, k: int, tokens: int) -> dict[str, float]:
+    """Peak RSS growth (MiB) of one step of each variant, each in a fresh process."""
+    argv = _config_argv(args, hidden, k, tokens)
+    names = ["plain", *args.strategies, *(["per_sequence"] if args.per_sequence else [])]
+    return {name: step_overhead.peak_memory(argv, setup, name) for name in names}
 
 
 def run_grid(args) -> list[dict]:
@@ -73,10 +90,15 @@ def run_grid(args) -> list[dict]:
     rows = []
     with (out / "grid.jsonl").open("w") as log:
         for setup, hidden, k, tokens in tqdm(points, desc="grid points", file=sys.stderr):
-            med, _ = step_overhead.time_setup(_config_args(args, hidden, k, tokens), setup)
-            for name, seconds in med.items():
+            if args.measure == "memory":
+                med = _memory_point(args, setup, hidden, k, tokens)
+                key = "peak_mib"
+            else:
+                med, _ = step_overhead.time_setup(_config_args(args, hidden, k, tokens), setup)
+                key = "seconds"
+            for name, value in med.items():
                 row = {"setup": setup, "hidden": hidden, "k": k, "tokens": tokens, "variant": name,
-                       "seconds": seconds, "ratio": seconds / med["plain"]}
+                       key: value, "ratio": value / med["plain"] if med["plain"] > 0 else float("nan")}
                 rows.append(row)
                 log.write(json.dumps(row) + "\n")
             log.flush()
@@ -86,19 +108,24 @@ def run_grid(args) -> list[dict]:
 def write_markdown(rows: list[dict], args, path: Path) -> None:
     """One table: a line per grid point, a column per variant's ratio to the plain step."""
     variants = [v for v in dict.fromkeys(r["variant"] for r in rows) if v != "plain"]
+    memory = any("peak_mib" in r for r in rows)
     lines = [
         f"Qwen2-shaped random models, {args.layers} layers, vocab {args.vocab}, {args.microbatches} microbatches, "
         f"AdamW, float32, {args.threads} threads, median of {args.repeats} interleaved repeats; torch "
-        f"{torch.__version__}; run {datetime.date.today().isoformat()}. Cells: step time / plain step time.",
+        f"{torch.__version__}; run {datetime.date.today().isoformat()}. " + (
+            "Cells: peak memory growth during one step (fresh process per variant) / the plain step's."
+            if memory else "Cells: step time / plain step time."),
         "",
-        "| setup | hidden | k | tokens | plain step (s) | " + " | ".join(variants) + " |",
+        "| setup | hidden | k | tokens | " + ("plain peak growth (MiB)" if memory else "plain step (s)") + " | "
+        + " | ".join(variants) + " |",
         "|---|---:|---:|---:|---:|" + "---:|" * len(variants),
     ]
     points = dict.fromkeys((r["setup"], r["hidden"], r["k"], r["tokens"]) for r in rows)
     for point in points:
         here = {r["variant"]: r for r in rows if (r["setup"], r["hidden"], r["k"], r["tokens"]) == point}
         cells = [f"{here[v]['ratio']:.2f}" if v in here else "" for v in variants]
-        lines.append(f"| {point[0]} | {point[1]} | {point[2]} | {point[3]} | {here['plain']['seconds']:.3f} | " + " | ".join(cells) + " |")
+        base = f"{here['plain']['peak_mib']:.1f}" if memory else f"{here['plain']['seconds']:.3f}"
+        lines.append(f"| {point[0]} | {point[1]} | {point[2]} | {point[3]} | {base} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -124,7 +151,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("overhead over the plain step (ratio - 1)")
+    memory = any("peak_mib" in r for r in rows)
+    axes[0].set_ylabel("peak memory over the plain step's (ratio - 1)" if memory else "overhead over the plain step (ratio - 1)")
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -44,3 +44,19 @@ def test_captured_energy_of_a_subspace():
     parts = subspace_quality.captured_energy(x, first) + subspace_quality.captured_energy(x, rest)
     assert abs(parts - 1.0) < 1e-12
     assert abs(subspace_quality.captured_energy(x, first) - float(x[:, :2].square().sum() / x.square().sum())) < 1e-12
+
+
+def test_grid_tables_time_and_memory(tmp_path):
+    from benchmarks import grid
+
+    args = grid.parse(["--quick"])
+    point = {"setup": "lora", "hidden": 32, "k": 2, "tokens": 8}
+    timed = [dict(point, variant="plain", seconds=2.0, ratio=1.0), dict(point, variant="proma", seconds=2.2, ratio=1.1)]
+    grid.write_markdown(timed, args, tmp_path / "time.md")
+    text = (tmp_path / "time.md").read_text()
+    assert "plain step (s)" in text and "| lora | 32 | 2 | 8 | 2.000 | 1.10 |" in text
+    sized = [dict(point, variant="plain", peak_mib=100.0, ratio=1.0), dict(point, variant="proma", peak_mib=125.0, ratio=1.25)]
+    grid.write_markdown(sized, args, tmp_path / "memory.md")
+    text = (tmp_path / "memory.md").read_text()
+    assert "plain peak growth (MiB)" in text and "| lora | 32 | 2 | 8 | 100.0 | 1.25 |" in text
+    assert grid._config_argv(args, 32, 2, 8)[:2] == ["--hidden", "32"]
