@@ -171,18 +171,41 @@ def _rss_mib() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_child(args) -> None:
-    """Child process: peak RSS growth (MiB) over one step of one variant, printed on stdout."""
-    import resource
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
+
+def _peak_rss_mib() -> float:
+    """VmHWM: the peak RSS of this process's address space since the last reset."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def memory_child(args) -> None:
+    """Child process: peak RSS growth (MiB) over one step of one variant, printed on stdout.
+
+    The peak is the address space's high-water mark, reset just before the step: ``ru_maxrss``
+    would not do -- it survives ``exec`` and so starts at the parent's RSS when the child was
+    spawned, and it also holds the transient peak of building the model.
+    """
     setup, variant = args.memory_child
     torch.set_num_threads(args.threads)
     model, opt, fn = variants(args, setup, only=variant)[variant]
     data = make_data(args)
+    if not _reset_peak_rss():
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); peak memory needs Linux >= 4.0")
     before = _rss_mib()
     fn(model, opt, data)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    print(max(peak - before, 0.0))
+    print(max(_peak_rss_mib() - before, 0.0))
 
 
 def peak_memory(argv, setup: str, variant: str) -> float:
