@@ -60,3 +60,16 @@ def test_grid_tables_time_and_memory(tmp_path):
     text = (tmp_path / "memory.md").read_text()
     assert "plain peak growth (MiB)" in text and "| lora | 32 | 2 | 8 | 100.0 | 1.25 |" in text
     assert grid._config_argv(args, 32, 2, 8)[:2] == ["--hidden", "32"]
+
+
+def test_peak_memory_counts_the_step_not_what_came_before():
+    """The high-water mark is reset before the measured region: a large allocation freed before the
+    reset does not count, one made after it does."""
+    before_reset = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    del before_reset
+    assert step_overhead._reset_peak_rss()
+    start = step_overhead._rss_mib()
+    assert step_overhead._peak_rss_mib() - start < 32
+    inside = torch.ones(64 * 2**20 // 4)
+    del inside
+    assert step_overhead._peak_rss_mib() - start >= 60
