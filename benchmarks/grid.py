@@ -111,7 +111,9 @@ def write_markdown(rows: list[dict], args, path: Path) -> None:
     memory = any("peak_mib" in r for r in rows)
     lines = [
         f"Qwen2-shaped random models, {args.layers} layers, vocab {args.vocab}, {args.microbatches} microbatches, "
-        f"AdamW, float32, {args.threads} threads, median of {args.repeats} interleaved repeats; torch "
+        f"AdamW, float32, {args.threads} threads, "
+        + ("one step per variant, each in a fresh process" if memory else f"median of {args.repeats} interleaved repeats")
+        + f"; torch "
         f"{torch.__version__}; run {datetime.date.today().isoformat()}. " + (
             "Cells: peak memory growth during one step (fresh process per variant) / the plain step's."
             if memory else "Cells: step time / plain step time."),
