@@ -21,9 +21,6 @@ are the cost of each stage.
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
 
 import torch
 
@@ -88,18 +85,7 @@ def time_setup(args, setup: str) -> dict[str, float]:
         model = step_overhead.build_model(args, setup)
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
         runs[stage] = (model, gradproj.wrap(inner, model, strategy), _Cut(classes[strategy], methods))
-    times = {name: [] for name in runs}
-    for model, opt, fn in runs.values():  # warm-up
-        fn(model, opt, data)
-    for rep in range(args.repeats):
-        order = list(runs) if rep % 2 == 0 else list(reversed(runs))
-        for name in order:
-            model, opt, fn = runs[name]
-            start = time.perf_counter()
-            fn(model, opt, data)
-            times[name].append(time.perf_counter() - start)
-        print(f"  [{setup}] repeat {rep + 1}/{args.repeats}", file=sys.stderr, flush=True)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return step_overhead.time_interleaved(runs, data, args.repeats, setup)
 
 
 def main(argv=None) -> dict:

@@ -144,21 +144,28 @@ def parse_variant(variant: str) -> tuple[str, dict]:
     return name, options
 
 
-def time_setup(args, setup):
-    data = make_data(args)
-    runs = variants(args, setup)
+def time_interleaved(runs: dict, data, repeats: int, label: str) -> dict[str, float]:
+    """Median seconds per step of each ``name -> (model, opt, step_fn)``: one warm-up step each,
+    then ``repeats`` rounds over all runs, alternating the order between rounds."""
     times = {name: [] for name in runs}
-    for name, (model, opt, fn) in runs.items():  # warm-up
+    for model, opt, fn in runs.values():  # warm-up
         fn(model, opt, data)
-    for rep in range(args.repeats):
+    for rep in range(repeats):
         order = list(runs) if rep % 2 == 0 else list(reversed(runs))
         for name in order:
             model, opt, fn = runs[name]
             start = time.perf_counter()
             fn(model, opt, data)
             times[name].append(time.perf_counter() - start)
-        print(f"  [{setup}] repeat {rep + 1}/{args.repeats}", file=sys.stderr, flush=True)
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+        print(f"  [{label}] repeat {rep + 1}/{repeats}", file=sys.stderr, flush=True)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def time_setup(args, setup):
+    """Median step time of every variant of ``setup`` and the strategies' metrics."""
+    data = make_data(args)
+    runs = variants(args, setup)
+    med = time_interleaved(runs, data, args.repeats, setup)
     extra = {}
     for name, (model, opt, fn) in runs.items():
         if hasattr(opt, "metrics"):
