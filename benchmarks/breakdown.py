@@ -111,10 +111,7 @@ def main(argv=None) -> dict:
             added = "" if name == "plain" else f"{ratio - previous:+.3f}"
             lines.append(f"| {setup} | {name} | {ratio:.3f} | {added} |")
             previous = 1.0 if name in ("proma", "plain") else ratio
-    print("\n".join(lines))
-    if known.markdown:
-        with open(known.markdown, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+    step_overhead.publish(lines, known.markdown)
     return results
 
 

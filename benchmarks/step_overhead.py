@@ -255,6 +255,14 @@ def parse(argv=None):
     return args
 
 
+def publish(lines: list[str], path: str | None = None) -> None:
+    """Print a table (lines of Markdown) and, with ``path``, write it there for the docs."""
+    print("\n".join(lines))
+    if path:
+        with open(path, "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+
+
 def write_markdown(results, path) -> None:
     """A Markdown table of the step-time (and memory) ratios, for the docs."""
     a = results["args"]

@@ -68,6 +68,7 @@ def main(argv=None) -> list[dict]:
 
     from gradproj.integrations.torch.demo import DemoOptions, load_policy
     from gradproj.integrations.torch.tasks import make_task
+    from benchmarks.step_overhead import publish
     from gradproj.linalg.subspace import top_subspace
 
     torch.manual_seed(0)
@@ -105,10 +106,7 @@ def main(argv=None) -> list[dict]:
         cells = [row["layer"], row["factor"], str(row["tokens"]), str(row["width"]), f"{row['exact']:.3f}"]
         cells += [f"{row[f'niter={n}']:.4f}" for n in args.niter]
         lines.append("| " + " | ".join(cells) + " |")
-    print("\n".join(lines))
-    if args.markdown:
-        with open(args.markdown, "w") as fh:
-            fh.write("\n".join(lines) + "\n")
+    publish(lines, args.markdown)
     return rows
 
 

@@ -424,3 +424,23 @@ def test_randomized_subspace_of_a_low_rank_factor():
     assert basis.shape == exact.shape == (100, 3)
     assert float((exact @ exact.T - basis @ basis.T).norm()) < 1e-8
     assert torch.allclose(basis.T @ basis, torch.eye(3, dtype=x.dtype), atol=1e-10)
+
+
+def test_subspace_cache_keeps_recent_inputs_and_the_last_output():
+    from gradproj.linalg.factored import SubspaceCache
+
+    cache = SubspaceCache(size=2)
+    keep = torch.ones(4, 1, dtype=torch.bool)
+    a, b, c, out1, out2 = (torch.randn(4, 3) for _ in range(5))
+    for x, name in ((a, "a"), (b, "b")):
+        cache.put(x, keep, name)
+    assert cache.get(a, keep) == "a"  # a is now the most recent
+    cache.put(c, keep, "c")  # evicts b, the least recently used
+    assert cache.get(b, keep) is None and cache.get(a, keep) == "a" and cache.get(c, keep) == "c"
+    assert cache.get(a, torch.zeros(4, 1, dtype=torch.bool)) is None  # other kept positions
+    cache.put(out1, keep, "out1", output=True)
+    cache.put(out2, keep, "out2", output=True)  # replaces out1, evicts no input
+    assert cache.get(out1, keep) is None and cache.get(out2, keep) == "out2"
+    assert cache.get(a, keep) == "a" and cache.get(c, keep) == "c"
+    cache.clear()
+    assert cache.get(a, keep) is None and cache.get(out2, keep) is None

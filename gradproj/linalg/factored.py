@@ -57,18 +57,20 @@ def _project_embedding(g, factors: IndexTokenFactors, projector: str, options: d
 
 
 class SubspaceCache:
-    """The last few subspaces computed in this microbatch, by factor tensor and kept positions.
+    """Subspaces computed in this microbatch that a later parameter may reuse.
 
     Layers fed the same tensor (q/k/v projections, gate/up, LoRA ``lora_A`` of those) share their
     input subspace, and a bias shares its weight's output-gradient subspace, when they also keep
-    the same positions. Such layers run back to back in the backward, so only the ``size`` most
-    recently used entries are kept: an entry holds a reference to its tensor, which the allocator
-    could otherwise reuse (holding every layer's factors makes the backward allocate fresh memory).
+    the same positions. Such parameters run back to back in the backward, so only the ``size`` most
+    recently used input-side entries and the last output-side one are kept: an entry holds a
+    reference to its tensor, which the allocator could otherwise reuse (holding every layer's
+    factors makes the backward allocate fresh memory).
     """
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self._entries: list = []
+        self._last_output: tuple | None = None
 
     @staticmethod
     def _key(x: torch.Tensor):
@@ -77,21 +79,30 @@ class SubspaceCache:
     def get(self, x: torch.Tensor, keep: torch.Tensor):
         """The cached basis of ``x`` with the same kept positions, or ``None``."""
         key = self._key(x)
+        last = self._last_output
+        if last is not None and last[0] == key and torch.equal(last[1], keep):
+            return last[2]
         for index, entry in enumerate(self._entries):
             if entry[0] == key and torch.equal(entry[1], keep):
                 self._entries.append(self._entries.pop(index))  # most recently used last
                 return entry[2]
         return None
 
-    def put(self, x: torch.Tensor, keep: torch.Tensor, basis: torch.Tensor) -> None:
-        """Remember the basis of ``x`` for these kept positions (forgetting the oldest entry)."""
-        self._entries.append((self._key(x), keep, basis, x))
+    def put(self, x: torch.Tensor, keep: torch.Tensor, basis: torch.Tensor, output: bool = False) -> None:
+        """Remember the basis of ``x`` for these kept positions: as the last output-side entry
+        (replacing the previous one), or among the input-side ones (forgetting the oldest)."""
+        entry = (self._key(x), keep, basis, x)
+        if output:
+            self._last_output = entry
+            return
+        self._entries.append(entry)
         if len(self._entries) > self.size:
             del self._entries[0]
 
     def clear(self) -> None:
         """Forget everything (end of the microbatch)."""
         self._entries.clear()
+        self._last_output = None
 
 
 def _cached_side(x: torch.Tensor, keep: torch.Tensor, options: dict, cache: SubspaceCache | None):
@@ -109,7 +120,7 @@ def _output_side(x: torch.Tensor, options: dict, cache: SubspaceCache | None):
     """Subspace of an output-gradient factor and its kept (non-zero) rows; remembered in ``cache``."""
     basis, keep = top_subspace(x, **options)
     if cache is not None:
-        cache.put(x, keep, basis)
+        cache.put(x, keep, basis, output=True)
     return basis, keep
 
 
