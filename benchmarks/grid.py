@@ -11,8 +11,9 @@ backward loop, and records the ratios to the plain step of the same configuratio
 written as they come (``--out``: ``grid.jsonl``, then ``grid.md`` and ``grid.png`` -- overhead
 against k, tokens and width, one line per strategy and setup), so an interrupted run keeps what it
 measured. The paper's claim is an O(k d) cost per layer on top of the step. ``--measure memory``
-records instead the growth of the peak resident memory during one step of each variant, each in a
-fresh process (:func:`benchmarks.step_overhead.peak_memory`), as a ratio to the plain step's.
+records instead the peak memory of a training step of each variant (weights, optimizer state,
+gradients, activations, gradproj's buffers), each in a fresh process
+(:func:`benchmarks.step_overhead.peak_memory`), as a ratio to the plain step's.
 """
 
 from __future__ import annotations
@@ -73,10 +74,10 @@ def _config_argv(args, hidden: int, k: int, tokens: int) -> list[str]:
 
 
 def _memory_point(args, setup: str, hidden: int, k: int, tokens: int) -> dict[str, float]:
-    """Peak RSS growth (MiB) of one step of each variant, each in a fresh process."""
+    """Peak memory (MiB) of a training step of each variant, each in a fresh process."""
     argv = _config_argv(args, hidden, k, tokens)
     names = ["plain", *args.strategies, *(["per_sequence"] if args.per_sequence else [])]
-    return {name: step_overhead.peak_memory(argv, setup, name) for name in names}
+    return {name: step_overhead.peak_memory(argv, setup, name)["peak_mib"] for name in names}
 
 
 def run_grid(args) -> list[dict]:
@@ -115,10 +116,11 @@ def write_markdown(rows: list[dict], args, path: Path) -> None:
         + ("one step per variant, each in a fresh process" if memory else f"median of {args.repeats} interleaved repeats")
         + f"; torch "
         f"{torch.__version__}; run {datetime.date.today().isoformat()}. " + (
-            "Cells: peak memory growth during one step (fresh process per variant) / the plain step's."
+            "Cells: peak memory of a training step (weights, optimizer state, gradients, activations, "
+            "buffers; fresh process per variant) / the plain step's."
             if memory else "Cells: step time / plain step time."),
         "",
-        "| setup | hidden | k | tokens | " + ("plain peak growth (MiB)" if memory else "plain step (s)") + " | "
+        "| setup | hidden | k | tokens | " + ("plain peak (MiB)" if memory else "plain step (s)") + " | "
         + " | ".join(variants) + " |",
         "|---|---:|---:|---:|---:|" + "---:|" * len(variants),
     ]

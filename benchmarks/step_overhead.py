@@ -197,32 +197,54 @@ def _peak_rss_mib() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def memory_child(args) -> None:
-    """Child process: peak RSS growth (MiB) over one step of one variant, printed on stdout.
+#: glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, so resident memory
+#: would show the allocator's high-water mark, not live tensors. Children run with every block of
+#: 64 KiB or more in its own mapping, returned to the system when the tensor is freed.
+MEMORY_CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
-    The peak is the address space's high-water mark, reset just before the step: ``ru_maxrss``
-    would not do -- it survives ``exec`` and so starts at the parent's RSS when the child was
-    spawned, and it also holds the transient peak of building the model.
+
+def memory_child(args) -> None:
+    """Child process: peak memory (MiB) of one training step of one variant, as JSON on stdout.
+
+    ``peak_mib`` is the peak resident memory during a step, less the resident memory of the
+    runtime alone (Python, torch, transformers, gradproj imported; no model yet): weights,
+    optimizer state, gradients, activations and gradproj's buffers -- what
+    ``torch.cuda.max_memory_allocated`` reports on a GPU. ``growth_mib`` is the same peak less the
+    memory with the model and data loaded (no weights): the memory the step itself needs. The
+    measured step is the second (the first is a warm-up that creates the optimizer state and
+    gradproj's reusable buffers, as in the timings); the peak is the address space's high-water
+    mark, reset just before it (``ru_maxrss`` would not do -- it survives ``exec``, so it starts at
+    the parent's RSS).
     """
     setup, variant = args.memory_child
     torch.set_num_threads(args.threads)
+    import peft  # noqa: F401  -- the runtime's libraries count in neither figure
+    import transformers  # noqa: F401
+
+    import gradproj  # noqa: F401
+
+    runtime = _rss_mib()
     model, opt, fn = variants(args, setup, only=variant)[variant]
     data = make_data(args)
+    loaded = _rss_mib()
+    fn(model, opt, data)
     if not _reset_peak_rss():
         raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); peak memory needs Linux >= 4.0")
-    before = _rss_mib()
     fn(model, opt, data)
-    print(max(_peak_rss_mib() - before, 0.0))
+    peak = _peak_rss_mib()
+    print(json.dumps({"peak_mib": peak - runtime, "growth_mib": max(peak - loaded, 0.0)}))
 
 
-def peak_memory(argv, setup: str, variant: str) -> float:
-    """Peak RSS growth (MiB) of the first step of ``variant``, in a fresh child process."""
+def peak_memory(argv, setup: str, variant: str) -> dict[str, float]:
+    """``{"peak_mib", "growth_mib"}`` of a training step of ``variant``, in a fresh child process
+    (see :func:`memory_child`)."""
     import subprocess
 
     cmd = [sys.executable, "-m", "benchmarks.step_overhead", *argv, "--memory-child", setup, variant]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root)
-    return float(res.stdout.strip().splitlines()[-1])
+    env = {**os.environ, **MEMORY_CHILD_ENV}
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root, env=env)
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def parse(argv=None):
@@ -274,14 +296,16 @@ def write_markdown(results, path) -> None:
         + f"AdamW; float32; {a['threads']} threads; median of {a['repeats']} interleaved "
         f"repeats; torch {results['torch']}; run {results['date']}.",
         "",
-        "| setup | variant | step (s) | x plain step |" + (" peak growth (MiB) | x plain |" if a["memory"] else ""),
-        "|---|---|---:|---:|" + ("---:|---:|" if a["memory"] else ""),
+        "| setup | variant | step (s) | x plain step |"
+        + (" peak memory (MiB) | x plain | step's own (MiB) | x plain |" if a["memory"] else ""),
+        "|---|---|---:|---:|" + ("---:|---:|---:|---:|" if a["memory"] else ""),
     ]
     for setup, data in results["setups"].items():
         for name, row in data["rows"].items():
             line = f"| {setup} | {name} | {row['seconds']:.4f} | {row['ratio']:.3f} |"
             if a["memory"]:
-                line += f" {row['peak_mib']:.1f} | {row['memory_ratio']:.3f} |"
+                line += (f" {row['peak_mib']:.1f} | {row['memory_ratio']:.3f} |"
+                         f" {row['growth_mib']:.1f} | {row['growth_ratio']:.3f} |")
             lines.append(line)
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
@@ -332,14 +356,15 @@ def main(argv=None):
         if args.memory:
             base = peak_memory(child_argv, setup, "plain")
             for name in rows:
-                rows[name]["peak_mib"] = base if name == "plain" else peak_memory(child_argv, setup, name)
-                rows[name]["memory_ratio"] = rows[name]["peak_mib"] / base if base > 0 else float("nan")
+                rows[name].update(base if name == "plain" else peak_memory(child_argv, setup, name))
+                rows[name]["memory_ratio"] = rows[name]["peak_mib"] / base["peak_mib"]
+                rows[name]["growth_ratio"] = rows[name]["growth_mib"] / base["growth_mib"]
         results["setups"][setup] = {"rows": rows, "metrics": metrics}
-        print(f"\n[{setup}]  {'variant':<14}{'step s':>10}{'x plain':>10}" + (f"{'peak MiB':>10}{'x plain':>9}" if args.memory else ""))
+        print(f"\n[{setup}]  {'variant':<14}{'step s':>10}{'x plain':>10}" + (f"{'peak MiB':>10}{'x plain':>9}{'growth':>9}{'x plain':>9}" if args.memory else ""))
         for name, row in rows.items():
             line = f"[{setup}]  {name:<14}{row['seconds']:>10.4f}{row['ratio']:>10.3f}"
             if args.memory:
-                line += f"{row['peak_mib']:>10.1f}{row['memory_ratio']:>9.3f}"
+                line += f"{row['peak_mib']:>10.1f}{row['memory_ratio']:>9.3f}{row['growth_mib']:>9.1f}{row['growth_ratio']:>9.3f}"
             print(line)
         if "per_sequence" in rows:
             for name in args.strategies:

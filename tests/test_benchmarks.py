@@ -58,7 +58,7 @@ def test_grid_tables_time_and_memory(tmp_path):
     sized = [dict(point, variant="plain", peak_mib=100.0, ratio=1.0), dict(point, variant="proma", peak_mib=125.0, ratio=1.25)]
     grid.write_markdown(sized, args, tmp_path / "memory.md")
     text = (tmp_path / "memory.md").read_text()
-    assert "plain peak growth (MiB)" in text and "| lora | 32 | 2 | 8 | 100.0 | 1.25 |" in text
+    assert "plain peak (MiB)" in text and "| lora | 32 | 2 | 8 | 100.0 | 1.25 |" in text
     assert grid._config_argv(args, 32, 2, 8)[:2] == ["--hidden", "32"]
 
 

@@ -63,3 +63,24 @@ def test_checkpointing_full_finetuning_tied(arch, strategy):
         for n, p in trainable(model):
             torch.testing.assert_close(p.grad.reshape(-1).double(), G[n], rtol=1e-10, atol=1e-14)
         opt.detach()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_layers_finish_during_the_backward(reentrant, monkeypatch):
+    """Only the forward whose backward reaches a layer is counted: non-reentrant checkpointing's
+    recomputation is not (else every layer's factors would wait for the microbatch to close,
+    holding the activations checkpointing frees), reentrant checkpointing's is (its original
+    forward ran under no_grad)."""
+    model = linear_only(tiny_hf("qwen2", seed=4))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+    left_open, finish = [], opt.engine._finish_microbatch
+    monkeypatch.setattr(opt.engine, "_finish_microbatch", lambda mb: (left_open.append(len(mb.uses)), finish(mb)))
+    for ids, attn, mask, adv in make_microbatches(count=2, k=3, seed=1):
+        logp = token_logprobs(model, ids, attn)
+        counted = {layer.forward_uses for layer in opt.engine.layers if layer.name.startswith("model.layers")}
+        assert counted == ({1} if not reentrant else {0})
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 0.5).backward()
+    assert left_open == [0, 0]

@@ -15,12 +15,14 @@ import torch
 from gradproj.linalg.sequence_grads import MaterializedGrads
 from gradproj.strategies.base import LayerStep
 
-__all__ = ["ParamGroup", "LayerBatch", "BATCH_MAX_NUMEL", "BATCH_MAX_BYTES"]
+__all__ = ["ParamGroup", "LayerBatch", "BATCH_MAX_NUMEL", "BATCH_MAX_BYTES", "BATCH_ROWS_ESTIMATE"]
 
 #: Parameters with at most this many elements are batched.
 BATCH_MAX_NUMEL = 1 << 16
 #: Upper bound on the memory all group buffers may take (estimated for k = 16 sequences).
 BATCH_MAX_BYTES = 256 << 20
+#: Rows per batched parameter the budget assumes: k + 1 for microbatches of k = 16 sequences.
+BATCH_ROWS_ESTIMATE = 17
 
 
 class ParamGroup:

@@ -29,7 +29,7 @@ class _CapturedEmbedding(torch.autograd.Function):
     def forward(ctx, ids, weight, layer, padding_idx):
         ctx.save_for_backward(ids)
         ctx.layer, ctx.padding_idx, ctx.num_embeddings = layer, padding_idx, weight.shape[0]
-        layer.forward_uses += 1
+        layer.count_forward()
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod

@@ -22,7 +22,7 @@ from time import perf_counter
 import torch
 from torch import nn
 
-from gradproj.capture.batching import BATCH_MAX_BYTES, BATCH_MAX_NUMEL, LayerBatch, ParamGroup
+from gradproj.capture.batching import BATCH_MAX_BYTES, BATCH_MAX_NUMEL, BATCH_ROWS_ESTIMATE, LayerBatch, ParamGroup
 from gradproj.capture.data_parallel import DataParallelSync, is_ddp
 from gradproj.capture.groups import StepGroups
 from gradproj.capture.sharded import ShardedGradients, is_sharded
@@ -57,8 +57,27 @@ class LayerCapture:
         self.forward_uses = 0
         self.uninstall = None
 
+    def count_forward(self) -> None:
+        """Record a forward of the module whose backward will reach the handler.
+
+        The forward that non-reentrant gradient checkpointing runs again during the backward is
+        not counted: it only refills the saved tensors of the original forward, whose backward
+        runs once. Counting it would keep every checkpointed layer's factors until the microbatch
+        closes (the memory checkpointing saves). Reentrant checkpointing's recomputation is
+        counted: there the original forward ran under ``no_grad`` and was not.
+        """
+        if not in_checkpoint_recomputation():
+            self.forward_uses += 1
+
     def __repr__(self) -> str:
         return f"LayerCapture({self.name!r}, {type(self.module).__name__})"
+
+
+def in_checkpoint_recomputation() -> bool:
+    """Whether this runs inside the recomputation of non-reentrant ``torch.utils.checkpoint``
+    (its saved-tensor hooks are the innermost ones)."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
 
 
 def _list_names(names: list[str], limit: int = 12) -> str:
@@ -205,28 +224,34 @@ class CaptureEngine:
             )
 
     def _plan_batching(self, plan: list[LayerCapture]) -> None:
-        """Group small parameters by (element count, compute dtype, device) within the memory budget."""
+        """Group small parameters by (element count, compute dtype, device) within the memory budget.
+
+        The budget is :data:`BATCH_MAX_BYTES`, and where some layer is too large to batch, no more
+        than the workspace that layer's materialised sequence gradients need anyway: batching
+        then at most doubles gradproj's scratch memory. Smallest parameters are batched first.
+        """
         groups: dict[tuple, ParamGroup] = {}
-        budget = BATCH_MAX_BYTES
         if self.strategies.needs_tokens:
             self._groups = []
             return  # batched rows would lose the token-level factors the strategy needs
+        candidates, largest = [], 0
         for layer in plan:
-            if not layer.handler.supports_slots:
-                continue
             for _attr, param, qname in layer.params:
-                if id(param) in self._shared:
-                    continue  # tied weights are summed over their modules first
-                numel = param.numel()
                 dtype = compute_dtype(param.dtype)
-                cost = 17 * numel * torch.finfo(dtype).bits // 8
-                if numel > BATCH_MAX_NUMEL or cost > budget:
-                    continue
-                budget -= cost
-                key = (numel, dtype, param.device)
-                if key not in groups:
-                    groups[key] = ParamGroup(numel, dtype, param.device)
-                self._batched[id(param)] = (groups[key], groups[key].add(param, qname))
+                cost = BATCH_ROWS_ESTIMATE * param.numel() * torch.finfo(dtype).bits // 8
+                if layer.handler.supports_slots and id(param) not in self._shared and param.numel() <= BATCH_MAX_NUMEL:
+                    candidates.append((param.numel(), cost, param, qname, dtype))
+                elif param.requires_grad:  # tied weights are summed over their modules first
+                    largest = max(largest, cost)
+        budget = BATCH_MAX_BYTES if largest == 0 else min(BATCH_MAX_BYTES, largest)
+        for numel, cost, param, qname, dtype in sorted(candidates, key=lambda c: c[0]):
+            if cost > budget:
+                break
+            budget -= cost
+            key = (numel, dtype, param.device)
+            if key not in groups:
+                groups[key] = ParamGroup(numel, dtype, param.device)
+            self._batched[id(param)] = (groups[key], groups[key].add(param, qname))
         self._groups = list(groups.values())
 
     def detach(self) -> None:

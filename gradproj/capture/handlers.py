@@ -85,7 +85,7 @@ class _CapturedLinear(torch.autograd.Function):
             out = F.linear(x, weight, bias)
         ctx.save_for_backward(x, weight)
         ctx.layer = layer
-        layer.forward_uses += 1
+        layer.count_forward()
         return out
 
     @staticmethod
@@ -177,7 +177,7 @@ class _CapturedConv1D(torch.autograd.Function):
             out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
         ctx.save_for_backward(x, weight)
         ctx.layer = layer
-        layer.forward_uses += 1
+        layer.count_forward()
         return out.view(shape)
 
     @staticmethod

@@ -37,7 +37,7 @@ class _CapturedAffine(torch.autograd.Function):
             out = out + bias.to(xhat.dtype)
         ctx.save_for_backward(xhat, weight)
         ctx.layer, ctx.offset = layer, offset
-        layer.forward_uses += 1
+        layer.count_forward()
         return out if out_dtype is None else out.to(out_dtype)
 
     @staticmethod
