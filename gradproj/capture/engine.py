@@ -10,6 +10,10 @@ Life of one microbatch (``with opt.microbatch(logp, mask): loss.backward()``):
    parameter tensor from ``G = param.grad`` and the sequence gradients; the update is *staged*.
 4. The block closes: staged updates are written to ``param.grad`` (``G <- G + U``) -- all of them,
    or none if an error or a non-finite value occurred, so a failed microbatch can be retried.
+
+With ``nonfinite="propagate"`` step 3 adds each update to ``param.grad`` at once instead (no staged
+copy of the gradient: less memory) and step 4 only checks for NaN/inf, making every gradient NaN
+if it finds any.
 """
 
 from __future__ import annotations
@@ -122,6 +126,7 @@ class CaptureEngine:
         self._covered_params: list[torch.nn.Parameter] = []
         self._plain_when_no_grad = False
         self._workspace = Workspace()
+        self._scratch = Workspace()  # one layer's update, added straight to .grad (writes_directly)
         self._buffers: dict[int, torch.Tensor] = {}  # per-parameter update buffers, reused in a step
         self._batched: dict[int, tuple[ParamGroup, int]] = {}  # small parameters -> (group, row)
         self._shared: dict[int, list[LayerCapture]] = {}  # tied parameters -> the layers using them
@@ -433,20 +438,48 @@ class CaptureEngine:
                 seq = pieces[0] if len(pieces) == 1 else SumGrads(pieces)
             self._accumulate(mb, param, qname, seq)
 
+    @property
+    def writes_directly(self) -> bool:
+        """Whether updates go straight into ``param.grad`` as each layer finishes (no staging).
+
+        Staging holds a whole extra gradient until the microbatch closes, so that a non-finite
+        value anywhere can drop the microbatch without touching ``.grad``. With
+        ``nonfinite="propagate"`` a non-finite microbatch makes every gradient NaN anyway, so
+        nothing needs holding back (FSDP2's rank-local gradients are still staged).
+        """
+        return self.config.nonfinite == "propagate" and self.sharded is None
+
     def _accumulate(self, mb: Microbatch, param: torch.Tensor, qname: str, seq) -> None:
-        """Run the accumulation rule for one parameter tensor and stage its update."""
-        out = None if id(param) in mb.staged else self._buffers.get(id(param))
-        if out is not None and out.shape != param.shape:
-            out = None
+        """Run the accumulation rule for one parameter tensor and stage (or write) its update."""
+        grad = self.running_grad(param)
+        if self.writes_directly:
+            out = None if grad is None else self._scratch.take(param.shape, compute_dtype(param.dtype), param.device)
+        else:
+            out = None if id(param) in mb.staged else self._buffers.get(id(param))
+            if out is not None and out.shape != param.shape:
+                out = None
         start = perf_counter()
-        step = LayerStep(qname, param, self.running_grad(param), mb.coefficients, seq, out)
+        step = LayerStep(qname, param, grad, mb.coefficients, seq, out)
         for transform in self._layer_transforms:
             step.coefficients = transform.transform_layer(step)
         if self.diagnostics is not None:
             self.diagnostics.observe(qname, seq.gram().cpu().numpy(), step.host_coefficients(), mb.group_ids)
         update = self.strategies.accumulate.accumulate(step)
         self._strategy_seconds += perf_counter() - start
-        mb.stage(param, update, step.finite)
+        self._commit(mb, param, update, step.finite)
+
+    def _commit(self, mb: Microbatch, param: torch.Tensor, update: torch.Tensor, finite: bool) -> None:
+        """Stage ``update`` until the microbatch closes, or (:attr:`writes_directly`) add it to
+        ``param.grad`` now, remembering the parameter for the closing NaN check."""
+        if not self.writes_directly:
+            mb.stage(param, update, finite)
+            return
+        if param.grad is None:
+            param.grad = update if update.dtype == param.dtype else update.to(param.dtype)
+        else:
+            param.grad.add_(update)
+        if not finite:
+            mb.written.append(param)
 
     @property
     def plain_backward(self) -> bool:
@@ -502,6 +535,8 @@ class CaptureEngine:
         self._capture_seconds += perf_counter() - start
         if not mb.dropped and mb.unverified and not self._all_finite(mb.unverified):
             mb.drop()
+        if not mb.dropped and mb.written and not self._all_finite([p.grad for p in mb.written]):
+            mb.drop()  # only with writes_directly, i.e. nonfinite="propagate": poisoned below
         if mb.dropped:
             self._dropped += 1
             if self.config.nonfinite == "propagate":
@@ -511,6 +546,7 @@ class CaptureEngine:
         mb.staged.clear()
         mb.uses.clear()
         mb.unverified.clear()
+        mb.written.clear()
 
     def _finish_groups(self, mb: Microbatch) -> None:
         """Run the strategy once per group of small parameters filled in this microbatch."""
@@ -525,7 +561,7 @@ class CaptureEngine:
             updates = rule.accumulate_batch(batch)
             self._strategy_seconds += perf_counter() - start
             for param, update in zip(batch.params, updates):
-                mb.stage(param, update.view(param.shape), batch.finite)
+                self._commit(mb, param, update.view(param.shape), batch.finite)
         mb.filled.clear()
 
     def _observe_batch(self, batch: LayerBatch, mb: Microbatch) -> None:
@@ -663,6 +699,7 @@ class CaptureEngine:
         self._last_metrics = self.running_metrics()
         self.step_groups = None
         self._buffers.clear()
+        self._scratch.clear()
         self.steps += 1
         self._reset_counters()
 

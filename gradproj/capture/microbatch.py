@@ -153,6 +153,7 @@ class Microbatch:
         self.filled: dict = {}  # ParamGroup -> row indices written in this microbatch
         self.pieces: dict[int, tuple] = {}  # tied parameter -> (param, name, pieces so far)
         self.unverified: list[torch.Tensor] = []  # staged updates still to check for NaN/inf
+        self.written: list[torch.Tensor] = []  # parameters whose .grad took an unchecked update
 
     def stage(self, param: torch.Tensor, update: torch.Tensor, finite: bool = False) -> None:
         """Remember ``update`` for ``param`` (adding up several uses, e.g. tied weights).
@@ -175,3 +176,4 @@ class Microbatch:
         self.filled.clear()
         self.pieces.clear()
         self.unverified.clear()
+        self.written.clear()
