@@ -89,3 +89,96 @@ def test_conv1d_forward_matches_hf():
     opt = gradproj.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, "proma")
     assert "forward" in conv.__dict__ and torch.equal(conv(x), expected)
     opt.detach()
+
+
+def _force_blocks(monkeypatch, block_numel: int):
+    """Every weight goes through its handler (no batching) and any weight with more than
+    ``2 * block_numel`` elements is materialised in blocks; returns a list counting them."""
+    from gradproj.capture import engine as engine_module
+    from gradproj.linalg import sequence_grads
+
+    monkeypatch.setattr(engine_module, "BATCH_MAX_NUMEL", 0)
+    monkeypatch.setattr(engine_module, "_block_numel", lambda params: block_numel)
+    built = []
+    original = sequence_grads.BlockedLinearGrads.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(args[-1])
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sequence_grads.BlockedLinearGrads, "__init__", counting)
+    return built
+
+
+@pytest.mark.parametrize("strategy", ["proma", ["isopo", "proma"], "isopo"])
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_blocked_materialisation_exact(monkeypatch, arch, strategy):
+    """Layers far larger than the rest (here: forced for every weight over 2 x 100 elements) build
+    their sequence gradients a block of rows at a time; the result is still the brute force's.
+    GPT-2's Conv1D stores its weight transposed (blocks run over its input side)."""
+    built = _force_blocks(monkeypatch, 100)
+    with float64_exact_norms():
+        _check_blocked(monkeypatch, arch, strategy)
+    assert built and all(rows >= 1 for rows in built)
+
+
+def _check_blocked(monkeypatch, arch, strategy):
+    model = tiny_gpt2(seed=3) if arch == "gpt2" else tiny_full(arch, seed=3)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy)
+    ref = {"strategy": strategy} if strategy == "proma" else None
+    batches = make_microbatches(count=3, k=4, seed=6)
+    if ref is not None:
+        errors = run_microbatches(model, opt, batches, ref=ref)
+        worst = max(errors, key=errors.get)
+        assert errors[worst] <= 1e-10, (worst, errors[worst])
+    else:  # same gradients as the unblocked path (whose ISOPO is checked against brute force elsewhere)
+        run_microbatches(model, opt, batches)
+        monkeypatch.undo()
+        twin = tiny_gpt2(seed=3) if arch == "gpt2" else tiny_full(arch, seed=3)
+        twin_opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(twin)], lr=0.1), twin, strategy)
+        run_microbatches(twin, twin_opt, batches)
+        for (name, p), (_, q) in zip(trainable(model), trainable(twin)):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-14, msg=name)
+
+
+def test_blocked_linear_grads_match_materialised():
+    """Each operation of the blocked form against the materialised one (float64), with a block
+    size that does not divide the rows, and gram_with both before and after gram."""
+    from gradproj.linalg.sequence_grads import BlockedLinearGrads, MaterializedLinearGrads, Workspace
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
+    D = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    G = torch.randn(11, 7, generator=g, dtype=torch.float64)
+    gamma = torch.randn(3, generator=g, dtype=torch.float64)
+    ref = MaterializedLinearGrads(A, D)
+    for block_rows in (1, 4, 11, 50):
+        fresh = BlockedLinearGrads(A, D, Workspace(), block_rows)
+        torch.testing.assert_close(fresh.gram_with(G), ref.gram_with(G), rtol=1e-12, atol=0)
+        cached = BlockedLinearGrads(A, D, None, block_rows)
+        torch.testing.assert_close(cached.gram(), ref.gram(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(cached.gram_with(G), ref.gram_with(G), rtol=1e-12, atol=0)
+        torch.testing.assert_close(cached.inner(G), ref.inner(G), rtol=1e-12, atol=0)
+        torch.testing.assert_close(cached.combine(gamma), ref.combine(gamma), rtol=1e-12, atol=0)
+        ids = torch.tensor([0, 10, 3])
+        torch.testing.assert_close(cached.rows(ids), ref.rows(ids), rtol=1e-12, atol=0)
+
+
+def test_only_an_outlier_layer_is_blocked():
+    """The block size is the second-largest parameter's (at least BLOCK_MIN_NUMEL): only a weight
+    more than twice that is blocked -- a large vocabulary's lm_head, not the decoder's matrices."""
+    from gradproj.capture.engine import BLOCK_MIN_NUMEL, _block_numel
+    from gradproj.linalg.sequence_grads import (
+        BlockedLinearGrads, MaterializedLinearGrads, Workspace, linear_weight_grads,
+    )
+
+    head, mlp = torch.empty(4 * BLOCK_MIN_NUMEL), torch.empty(BLOCK_MIN_NUMEL + 1)
+    block = _block_numel([head, mlp, mlp, torch.empty(10)])  # a tied tensor counts once
+    assert block == BLOCK_MIN_NUMEL + 1
+    assert _block_numel([head]) == BLOCK_MIN_NUMEL
+    ws = Workspace(block_numel=64)
+    A, D = torch.randn(2, 3, 8), torch.randn(2, 3, 17)  # 136 elements > 2 x 64
+    blocked = linear_weight_grads(A, D, "auto", ws)
+    assert isinstance(blocked, BlockedLinearGrads) and blocked.block_rows == 8
+    assert isinstance(linear_weight_grads(A, D[..., :16], "auto", ws), MaterializedLinearGrads)
+    assert isinstance(linear_weight_grads(A, D, "materialize", ws), MaterializedLinearGrads)

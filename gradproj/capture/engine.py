@@ -84,6 +84,22 @@ def in_checkpoint_recomputation() -> bool:
     return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
 
 
+#: blocks of a blocked layer hold at least this many elements of its sequence gradients
+BLOCK_MIN_NUMEL = 1 << 18
+
+
+def _block_numel(params: list[torch.Tensor]) -> int:
+    """The block size (elements per sequence) for layers far larger than all others.
+
+    ``params``: the parameters whose sequence gradients may be materialised. A weight more than
+    twice this size (typically a large vocabulary's lm_head) is materialised a
+    block at a time (:class:`gradproj.linalg.sequence_grads.BlockedLinearGrads`), so the
+    workspace is sized by the second-largest parameter, not by that one.
+    """
+    sizes = sorted({id(p): p.numel() for p in params}.values(), reverse=True)
+    return max(sizes[1] if len(sizes) > 1 else 0, BLOCK_MIN_NUMEL)
+
+
 def _list_names(names: list[str], limit: int = 12) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
@@ -201,6 +217,8 @@ class CaptureEngine:
             for _, param, _ in layer.params:
                 users.setdefault(id(param), []).append(layer)
         self._shared = {key: layers for key, layers in users.items() if len(layers) > 1}
+        # handlers that fill slots are the ones that materialise k sequence gradients per weight
+        self._workspace.block_numel = _block_numel([p for layer in plan if layer.handler.supports_slots for _, p, _ in layer.params])
         self._plan_batching(plan)
         self._covered = covered
         self._covered_params = [param for layer in plan for _, param, _ in layer.params]
@@ -232,8 +250,9 @@ class CaptureEngine:
         """Group small parameters by (element count, compute dtype, device) within the memory budget.
 
         The budget is :data:`BATCH_MAX_BYTES`, and where some layer is too large to batch, no more
-        than the workspace that layer's materialised sequence gradients need anyway: batching
-        then at most doubles gradproj's scratch memory. Smallest parameters are batched first.
+        than the workspace the largest such layer's materialised sequence gradients need anyway
+        (one block of a blocked layer): batching then at most doubles gradproj's scratch memory.
+        Smallest parameters are batched first.
         """
         groups: dict[tuple, ParamGroup] = {}
         if self.strategies.needs_tokens:
@@ -247,6 +266,9 @@ class CaptureEngine:
                 if layer.handler.supports_slots and id(param) not in self._shared and param.numel() <= BATCH_MAX_NUMEL:
                     candidates.append((param.numel(), cost, param, qname, dtype))
                 elif param.requires_grad:  # tied weights are summed over their modules first
+                    block = self._workspace.block_numel
+                    if block is not None and param.numel() > 2 * block:  # materialised in blocks
+                        cost = BATCH_ROWS_ESTIMATE * block * torch.finfo(dtype).bits // 8
                     largest = max(largest, cost)
         budget = BATCH_MAX_BYTES if largest == 0 else min(BATCH_MAX_BYTES, largest)
         for numel, cost, param, qname, dtype in sorted(candidates, key=lambda c: c[0]):

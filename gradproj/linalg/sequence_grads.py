@@ -24,6 +24,7 @@ __all__ = [
     "SequenceGradients",
     "MaterializedGrads",
     "GhostLinearGrads",
+    "BlockedLinearGrads",
     "TokenFactors",
     "IndexTokenFactors",
     "dense_token_factors",
@@ -135,8 +136,11 @@ class Workspace:
     reused, removes that. A buffer handed out is valid until the next :meth:`take`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, block_numel: int | None = None) -> None:
         self._buffers: dict = {}
+        #: linear weights with more than twice this many elements are materialised a block of
+        #: about this many elements at a time (:class:`BlockedLinearGrads`); ``None``: never
+        self.block_numel = block_numel
 
     def take(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised tensor of ``shape`` backed by the shared buffer."""
@@ -349,6 +353,68 @@ class MaterializedLinearGrads(LinearFactors, MaterializedGrads):
         return MaterializedGrads.combine(self, gamma, out)
 
 
+class BlockedLinearGrads(LinearFactors):
+    """Materialised sequence gradients of a large linear layer, one block of rows at a time.
+
+    For a layer far larger than every other (a large vocabulary's lm_head), k+1 copies of the
+    weight would set gradproj's peak memory. Here ``gram``/``gram_with`` build ``S`` a block of the
+    weight's rows at a time in the workspace (k+1 x ``block_rows`` x d_in) and sum the float64 block
+    Grams; ``inner`` and ``combine`` work from the factors (``sum_u delta_u^T G a_u`` and
+    ``D^T diag(gamma) A``), never building ``S``. Cost: one matmul of the layer's size more per
+    microbatch than :class:`MaterializedLinearGrads`; memory: one block instead of k+1 layers.
+    """
+
+    def __init__(self, inputs: torch.Tensor, out_grads: torch.Tensor, workspace: Workspace | None, block_rows: int) -> None:
+        super().__init__(inputs, out_grads)
+        self._workspace = workspace
+        self.block_rows = max(1, int(block_rows))
+        self._gram: torch.Tensor | None = None
+
+    def _block_gram(self, other: torch.Tensor | None) -> torch.Tensor:
+        k, (d_out, d_in) = self.k, self.shape
+        extra = 0 if other is None else 1
+        total = torch.zeros(k + extra, k + extra, dtype=torch.float64, device=self.A.device)
+        for start in range(0, d_out, self.block_rows):
+            stop = min(d_out, start + self.block_rows)
+            shape = (k + extra, stop - start, d_in)
+            if self._workspace is None:
+                rows = torch.empty(shape, dtype=self.A.dtype, device=self.A.device)
+            else:
+                rows = self._workspace.take(shape, self.A.dtype, self.A.device)
+            torch.bmm(self.D[:, :, start:stop].transpose(1, 2), self.A, out=rows[:k])
+            if other is not None:
+                rows[k].copy_(other[start:stop])
+            total += row_gram(rows.view(k + extra, -1))
+        return total
+
+    def gram(self) -> torch.Tensor:
+        """``K = S S^T``, summed over blocks of rows (computed once, cached)."""
+        if self._gram is None:
+            self._gram = self._block_gram(None)
+        return self._gram
+
+    def inner(self, other: torch.Tensor) -> torch.Tensor:
+        """Per-sequence sums of ``delta_u^T G a_u`` (one matmul, no ``S``)."""
+        projected = self.D @ other.to(self.D.dtype)  # (k, T, d_in)
+        return (projected * self.A).sum(dim=(1, 2)).double()
+
+    def gram_with(self, other: torch.Tensor) -> torch.Tensor:
+        """Gram of ``[S; other]``: one blocked pass, or the cached K plus ``inner``."""
+        if self._gram is not None:
+            return augmented_gram(self, other)
+        full = self._block_gram(other.reshape(self.shape).to(self.A.dtype))
+        self._gram = full[: self.k, : self.k]
+        return full
+
+    def combine(self, gamma: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``D^T diag(gamma) A``."""
+        return self.weighted_sum(gamma, out)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The rows ``ids`` of each ``s_j`` (for tied-weight cross terms)."""
+        return _linear_rows(self, ids)
+
+
 def choose_linear_form(k: int, tokens: int, d_in: int, d_out: int, mode: str = "auto") -> str:
     """Pick ``"materialize"`` or ``"ghost"`` for a linear layer (SPEC section 1 cost rule).
 
@@ -366,4 +432,8 @@ def linear_weight_grads(inputs: torch.Tensor, out_grads: torch.Tensor, mode: str
     form = choose_linear_form(k, k * t, inputs.shape[-1], out_grads.shape[-1], mode)
     if form == "ghost":
         return GhostLinearGrads(inputs, out_grads)
+    block = None if workspace is None else workspace.block_numel
+    numel = inputs.shape[-1] * out_grads.shape[-1]
+    if mode == "auto" and block is not None and numel > 2 * block:
+        return BlockedLinearGrads(inputs, out_grads, workspace, max(1, block // inputs.shape[-1]))
     return MaterializedLinearGrads(inputs, out_grads, workspace)
