@@ -444,7 +444,8 @@ class CaptureEngine:
                 slots[attr] = group.slot(index, mb.k)
                 mb.filled.setdefault(group, []).append(index)
         shared = any(id(param) in self._shared for _, param, _ in layer.params)
-        workspace = None if shared else self._workspace  # tied pieces outlive this call
+        # tied pieces outlive this call: a workspace of their own (still blocking an outlier layer)
+        workspace = Workspace(self._workspace.block_numel) if shared else self._workspace
         seqs = layer.handler.sequence_gradients(layer, uses, mb.layout, self.config.gram, workspace, slots)
         for attr, param, qname in layer.params:
             seq = seqs.get(attr)

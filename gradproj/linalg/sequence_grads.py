@@ -10,7 +10,9 @@ provides (SPEC section 1):
 Two representations exist for a linear layer ``y = a W^T``: :class:`MaterializedGrads` holds the
 k matrices ``s_i = Delta_i^T A_i`` (one batched matmul), :class:`GhostLinearGrads` keeps the
 token-level factors and works through N x N Gram matrices. :func:`choose_linear_form` picks the
-cheaper one per layer.
+cheaper one per layer. :class:`BlockedLinearGrads` materialises a block of rows at a time, for a
+layer far larger than the others (:func:`linear_weight_grads` picks it from the workspace's
+``block_numel``).
 """
 
 from __future__ import annotations
