@@ -301,3 +301,18 @@ def tiny_char_model(tok, seed: int = 0, hidden: int = 16):
     model = transformers.LlamaForCausalLM(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     return model
+
+
+@contextlib.contextmanager
+def poisoned_output_grads(module: nn.Module, poison):
+    """While open, ``poison(grad)`` replaces the gradient of ``module``'s output in the backward
+    (e.g. puts a NaN into one layer's output gradients while the log-prob gradients stay finite)."""
+
+    def on_forward(_module, _inputs, out):
+        out.register_hook(poison)  # returns None: the output itself is unchanged
+
+    handle = module.register_forward_hook(on_forward)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import gradproj
-from helpers import grpo_loss, linear_only, make_microbatches, run_microbatches, tiny_hf, token_logprobs, trainable, with_lora
+from helpers import (
+    grpo_loss, linear_only, make_microbatches, poisoned_output_grads, run_microbatches, tiny_hf, token_logprobs,
+    trainable, with_lora,
+)
 
 
 def _model(params: str):
@@ -63,17 +66,11 @@ def test_nonfinite_in_a_lower_layer(mode):
     first, second = make_microbatches(count=2, k=4, seed=8)
     run_microbatches(model, opt, [first], scale=0.5)
     before = _grads(model)
-    target = model.model.layers[0].self_attn.o_proj
-
-    def poison_output_grad(module, inputs, out):
-        out.register_hook(lambda g: g * float("nan"))
-
-    handle = target.register_forward_hook(poison_output_grad)
     ids, attn, mask, adv = second
-    logp = token_logprobs(model, ids, attn)
-    with opt.microbatch(logp, mask):
-        grpo_loss(logp, mask, adv, 0.5).backward()
-    handle.remove()
+    with poisoned_output_grads(model.model.layers[0].self_attn.o_proj, lambda g: g * float("nan")):
+        logp = token_logprobs(model, ids, attn)
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 0.5).backward()
     after = _grads(model)
     assert opt.engine.running_metrics()["gradproj/dropped_microbatches"] == 1.0
     upper = "model.layers.1.mlp.down_proj.weight"

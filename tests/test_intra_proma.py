@@ -13,6 +13,7 @@ from helpers import (
     grpo_loss,
     linear_only,
     make_microbatches,
+    poisoned_output_grads,
     rel_err,
     sequence_gradients,
     tiny_full,
@@ -394,15 +395,11 @@ def test_non_finite_output_gradient_drops_the_microbatch(solver):
         grad[..., 0] = float("nan")
         return grad
 
-    def on_forward(_module, _inputs, out):
-        out.register_hook(poison)  # returns None: the output itself is unchanged
-
-    handle = target.register_forward_hook(on_forward)
     ids, attn, mask, adv = second
-    logp = token_logprobs(model, ids, attn)
-    with opt.microbatch(logp, mask):
-        grpo_loss(logp, mask, adv, 0.5).backward()
-    handle.remove()
+    with poisoned_output_grads(target, poison):
+        logp = token_logprobs(model, ids, attn)
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 0.5).backward()
     assert opt.metrics()["gradproj/dropped_microbatches"] == 1
     for n, p in trainable(model):
         assert torch.equal(p.grad, before[n]), n
