@@ -113,7 +113,7 @@ def write_markdown(rows: list[dict], args, path: Path) -> None:
     lines = [
         f"Qwen2-shaped random models, {args.layers} layers, vocab {args.vocab}, {args.microbatches} microbatches, "
         f"AdamW, float32, {args.threads} threads, "
-        + ("one step per variant, each in a fresh process" if memory else f"median of {args.repeats} interleaved repeats")
+        + ("the second step of each variant (after a warm-up), each in a fresh process" if memory else f"median of {args.repeats} interleaved repeats")
         + f"; torch "
         f"{torch.__version__}; run {datetime.date.today().isoformat()}. " + (
             "Cells: peak memory of a training step (weights, optimizer state, gradients, activations, "
