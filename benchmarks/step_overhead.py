@@ -247,6 +247,10 @@ def peak_memory(argv, setup: str, variant: str) -> dict[str, float]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _ratio(value: float, base: float) -> float:
+    return value / base if base > 0 else float("nan")
+
+
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setups", nargs="+", default=["lora", "linear"], choices=["lora", "linear", "full"])
@@ -357,8 +361,8 @@ def main(argv=None):
             base = peak_memory(child_argv, setup, "plain")
             for name in rows:
                 rows[name].update(base if name == "plain" else peak_memory(child_argv, setup, name))
-                rows[name]["memory_ratio"] = rows[name]["peak_mib"] / base["peak_mib"]
-                rows[name]["growth_ratio"] = rows[name]["growth_mib"] / base["growth_mib"]
+                rows[name]["memory_ratio"] = _ratio(rows[name]["peak_mib"], base["peak_mib"])
+                rows[name]["growth_ratio"] = _ratio(rows[name]["growth_mib"], base["growth_mib"])
         results["setups"][setup] = {"rows": rows, "metrics": metrics}
         print(f"\n[{setup}]  {'variant':<14}{'step s':>10}{'x plain':>10}" + (f"{'peak MiB':>10}{'x plain':>9}{'growth':>9}{'x plain':>9}" if args.memory else ""))
         for name, row in rows.items():

@@ -73,3 +73,10 @@ def test_peak_memory_counts_the_step_not_what_came_before():
     inside = torch.ones(64 * 2**20 // 4)
     del inside
     assert step_overhead._peak_rss_mib() - start >= 60
+
+
+def test_memory_child_reports_the_peak_with_and_without_the_weights():
+    """A fresh child process measures a step: the peak counts the weights, the step's own does not."""
+    measured = step_overhead.peak_memory(["--quick", "--threads", "1"], "linear", "proma")
+    assert set(measured) == {"peak_mib", "growth_mib"}
+    assert measured["peak_mib"] > measured["growth_mib"] >= 0.0
