@@ -77,10 +77,17 @@ class LayerCapture:
         return f"LayerCapture({self.name!r}, {type(self.module).__name__})"
 
 
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def in_checkpoint_recomputation() -> bool:
     """Whether this runs inside the recomputation of non-reentrant ``torch.utils.checkpoint``
-    (its saved-tensor hooks are the innermost ones)."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    (its saved-tensor hooks are the innermost ones). A torch without this private hook stack
+    answers False: recomputed forwards are then counted, which stays exact -- the layers only
+    finish at the microbatch's close instead of during the backward."""
+    if _top_saved_tensors_hooks is None:
+        return False
+    hooks = _top_saved_tensors_hooks(False)
     return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
 
 
