@@ -304,6 +304,8 @@ def test_randomized_subspace_close_to_exact():
     # fp32 inputs give a basis in fp32
     approx32, _ = top_subspace(x.float(), r, solver="randomized")
     assert approx32.dtype == torch.float32
+    # orthonormal to fp32 rounding: the basis is formed in float64 from the last sketch
+    assert torch.allclose(approx32.T @ approx32, torch.eye(r), atol=1e-6)
     assert float((exact @ exact.T - approx32.double() @ approx32.double().T).norm()) < 1e-3
     # rows outside `keep` do not count: a huge padding row does not enter the subspace
     padded = torch.cat([x, 1e3 * torch.randn(5, d, generator=g, dtype=torch.float64)])

@@ -119,36 +119,42 @@ def _cholesky(gram: np.ndarray) -> np.ndarray | None:
 
 
 def _randomized(x, rank, energy, oversample, niter, keep) -> tuple[torch.Tensor, torch.Tensor]:
-    """Range finder without a tall QR (the sketch is whitened through its q x q Gram, in float64)."""
+    """Range finder without a tall QR (the sketch is whitened through its q x q Gram, in float64).
+
+    Passes over ``x``: ``2 + 2 * niter`` skinny matmuls; everything else is q x q or q x d. The
+    last sketch ``z = y^T x`` (q x d) is taken to float64 before the small products, so the basis
+    ``z^T mix`` is orthonormal to float64 rounding by construction (``mix^T z z^T mix = I``) and
+    needs no re-orthonormalisation after the cast back to the factor's dtype.
+    """
     n, d = x.shape
     q = min(rank + oversample, n, d)
     y = x @ _test_matrix(d, q, x.dtype, x.device)  # (N, q): sketch of the token space
-    if keep is None:
-        keep = (y != 0).any(dim=1, keepdim=True)  # a row is zero iff its sketch is (almost surely)
-    else:
+    masked = keep is not None
+    if masked:
         y = y * keep
+    else:  # a row is zero iff its sketch is (almost surely); zero rows of x stay zero in every y
+        keep = (y != 0).any(dim=1, keepdim=True)
     for _ in range(niter):
         z = y.T @ x  # (q, d)
         t = _whitener(y)
         if t is None:
             return _nan_basis(x), keep
-        y = (x @ (z.T @ torch.from_numpy(t).to(device=x.device, dtype=x.dtype))) * keep
+        y = x @ (z.T @ torch.from_numpy(t).to(device=x.device, dtype=x.dtype))
+        if masked:
+            y = y * keep
     t = _whitener(y)
     if t is None:
         return _nan_basis(x), keep
-    z = y.T @ x  # rows of X at dropped positions meet zero rows of y
-    zz = (z @ z.T).double().cpu().numpy()
+    z = (y.T @ x).double()  # rows of X at dropped positions meet zero rows of y
+    zz = (z @ z.T).cpu().numpy()
     if not np.isfinite(zz).all():
         return _nan_basis(x), keep
     values, vectors = _descending_eigh(t.T @ zz @ t)  # B B^T for B = Q^T X, Q = y T orthonormal
     total = float(torch.linalg.vector_norm(x * keep, dtype=torch.float64) ** 2) if energy is not None else 0.0
     r = _choose_rank(values, total, rank, energy)
-    mix = t @ (vectors[:, :r] / np.sqrt(values[:r]))  # (q, r)
-    basis = z.T @ torch.from_numpy(np.ascontiguousarray(mix)).to(device=x.device, dtype=x.dtype)
-    if r > 0 and x.dtype != torch.float64:  # re-orthonormalise the fp32 result (Cholesky-QR)
-        chol = np.linalg.cholesky((basis.T @ basis).double().cpu().numpy())
-        basis = basis @ torch.from_numpy(np.linalg.inv(chol).T.copy()).to(device=x.device, dtype=x.dtype)
-    return basis, keep
+    mix = t @ (vectors[:, :r] / np.sqrt(values[:r]))  # (q, r): mix^T zz mix = I
+    basis = z.T @ torch.from_numpy(mix).to(z.device)
+    return basis.to(x.dtype), keep
 
 
 def top_subspace(
