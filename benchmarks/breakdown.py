@@ -11,6 +11,8 @@ the plain step over the same microbatches (the shape and options of :mod:`benchm
 * ``proma/materialize`` -- also materialise the k sequence gradients and combine through them;
 * ``proma``             -- the full strategy (Gram of ``[S; G]``, k x k solve, combine);
 * ``intra_proma/capture`` -- intra_proma's capture and ``g_m`` (every microbatch), no subspace;
+* ``intra_proma/subspaces`` -- also the input and output-gradient subspaces of every weight,
+  without projecting ``g_m`` off them;
 * ``intra_proma``       -- the full strategy.
 
 The cut-short rows replace the strategies' ``accumulate`` methods in this process only, so their
@@ -25,6 +27,10 @@ import argparse
 import torch
 
 from benchmarks import step_overhead
+from gradproj.strategies.intra_proma import IntraProma
+
+#: the real ``IntraProma.accumulate``, called by the subspaces-only stage while the class's method is swapped
+_INTRA_ACCUMULATE = IntraProma.accumulate
 
 __all__ = ["main", "STAGES"]
 
@@ -43,12 +49,28 @@ def _batch_combine(self, batch):
     return batch.combine(batch.coefficients)
 
 
+def _no_projection(g, p, q, basis_r, basis_c, projector):
+    return g, 0.0, (basis_r.shape[1], basis_c.shape[1])
+
+
+def _subspaces_only(self, step):
+    from gradproj.linalg import factored
+
+    saved = factored._project_matrix
+    factored._project_matrix = _no_projection
+    try:
+        return _INTRA_ACCUMULATE(self, step)
+    finally:
+        factored._project_matrix = saved
+
+
 #: stage name -> (strategy, {method name: replacement})
 STAGES = {
     "proma/capture": ("proma", {"accumulate": _capture_only, "accumulate_batch": _batch_combine}),
     "proma/materialize": ("proma", {"accumulate": _materialize, "accumulate_batch": _batch_combine}),
     "proma": ("proma", {}),
     "intra_proma/capture": ("intra_proma", {"accumulate": _capture_only}),
+    "intra_proma/subspaces": ("intra_proma", {"accumulate": _subspaces_only}),
     "intra_proma": ("intra_proma", {}),
 }
 
