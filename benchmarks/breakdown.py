@@ -29,8 +29,8 @@ import torch
 from benchmarks import step_overhead
 from gradproj.strategies.intra_proma import IntraProma
 
-#: the real ``IntraProma.accumulate``, called by the subspaces-only stage while the class's method is swapped
-_INTRA_ACCUMULATE = IntraProma.accumulate
+#: the real ``IntraProma._project``, called by the subspaces-only stage while the class's method is swapped
+_INTRA_PROJECT = IntraProma._project
 
 __all__ = ["main", "STAGES"]
 
@@ -53,13 +53,13 @@ def _no_projection(g, p, q, basis_r, basis_c, projector):
     return g, 0.0, (basis_r.shape[1], basis_c.shape[1])
 
 
-def _subspaces_only(self, step):
+def _subspaces_only(self, entries):
     from gradproj.linalg import factored
 
     saved = factored._project_matrix
     factored._project_matrix = _no_projection
     try:
-        return _INTRA_ACCUMULATE(self, step)
+        return _INTRA_PROJECT(self, entries)
     finally:
         factored._project_matrix = saved
 
@@ -70,7 +70,7 @@ STAGES = {
     "proma/materialize": ("proma", {"accumulate": _materialize, "accumulate_batch": _batch_combine}),
     "proma": ("proma", {}),
     "intra_proma/capture": ("intra_proma", {"accumulate": _capture_only}),
-    "intra_proma/subspaces": ("intra_proma", {"accumulate": _subspaces_only}),
+    "intra_proma/subspaces": ("intra_proma", {"_project": _subspaces_only}),
     "intra_proma": ("intra_proma", {}),
 }
 

@@ -98,3 +98,90 @@ def test_third_party_strategy_by_name():
         pm.unregister(name="half")
         refresh_registry()
     assert "half" not in gradproj.get_registry().strategies
+
+
+def test_third_party_strategy_deferring_its_updates():
+    """A strategy may hand back an unfinished update (step.deferrable) and finish it in place in
+    finish_microbatch(); returning False there drops the microbatch; deferring where the engine
+    writes straight into .grad is a ProtocolError."""
+
+    class Late(gradproj.Strategy):
+        role = "accumulate"
+        fail = False
+        force = False  # defer even where the engine does not allow it
+        deferred = 0
+        needs_tokens = True  # no batching of small parameters: each is a step of its own
+
+        def __init__(self, options):
+            super().__init__(options)
+            self.pending = []
+
+        def accumulate(self, step):
+            update = step.combine(step.coefficients)
+            if not (step.deferrable or Late.force):
+                return update
+            step.deferred = True
+            Late.deferred += 1
+            self.pending.append((update, update.clone()))
+            update.zero_()  # unfinished until finish_microbatch
+            return update
+
+        def finish_microbatch(self):
+            for update, value in self.pending:
+                update.copy_(value)
+            self.pending.clear()
+            return not Late.fail
+
+        def end_microbatch(self):
+            self.pending.clear()
+
+    class LateBatched(Late):
+        needs_tokens = False  # small parameters batched (their steps are not deferrable)
+
+    plugin = types.ModuleType("gradproj_late_plugin")
+
+    @gradproj.hookimpl
+    def gradproj_strategies():
+        return [
+            gradproj.StrategySpec("late", Late, gradproj.StrategyOptions),
+            gradproj.StrategySpec("late_batched", LateBatched, gradproj.StrategyOptions),
+        ]
+
+    plugin.gradproj_strategies = gradproj_strategies
+    pm = gradproj.get_plugin_manager()
+    pm.register(plugin, name="late")
+    refresh_registry()
+    try:
+        batches = make_microbatches(count=2, k=3)
+        grads = []
+        for strategy in ("late", "none"):
+            model = TinyLM(seed=1)
+            opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy)
+            run_microbatches(model, opt, batches)
+            grads.append(torch.cat([p.grad.flatten() for _, p in trainable(model)]))
+            opt.detach()
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)
+        assert Late.deferred > 0
+
+        model = TinyLM(seed=1)
+        opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "late")
+        run_microbatches(model, opt, batches[:1])
+        before = [p.grad.clone() for _, p in trainable(model)]
+        Late.fail = True
+        run_microbatches(model, opt, batches[1:])
+        assert all(torch.equal(p.grad, b) for (_, p), b in zip(trainable(model), before))
+        assert opt.metrics()["gradproj/dropped_microbatches"] == 1.0
+        opt.detach()
+        Late.fail = False
+
+        Late.force = True
+        for strategy, options in (("late", {"nonfinite": "propagate"}), ("late_batched", {})):  # direct writes; batched
+            model = TinyLM(seed=1)
+            opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy, **options)
+            with pytest.raises(gradproj.GradProjError, match="deferred the update"):
+                run_microbatches(model, opt, batches[:1])
+            opt.detach()
+    finally:
+        Late.fail = Late.force = False
+        pm.unregister(name="late")
+        refresh_registry()

@@ -349,18 +349,20 @@ def test_subspaces_shared_between_parameters_with_the_same_factor(monkeypatch):
     """q/k/v (and gate/up) see the same input tensor, and a bias the output gradients of its weight:
     each subspace is computed once per microbatch, with the same result as computing it per parameter."""
     import gradproj.linalg.factored as factored
+    import gradproj.strategies.intra_proma as intra
 
     calls = {"n": 0}
-    real = factored.top_subspace
+    real = factored.top_subspaces
 
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
+    def counting(items, *a, **k):
+        calls["n"] += len(items)
+        return real(items, *a, **k)
 
-    monkeypatch.setattr(factored, "top_subspace", counting)
+    monkeypatch.setattr(factored, "top_subspaces", counting)
     grads = []
     for share in (True, False):
-        if not share:
+        if not share:  # one parameter at a time and nothing looked up: no factor is shared
+            monkeypatch.setattr(intra, "DEFER_MAX_BYTES", 0)
             monkeypatch.setattr(factored.SubspaceCache, "get", lambda self, x, keep: None)
         model = linear_only(tiny_hf("qwen2", seed=3))
         opt = wrapped(model, rank=3)
@@ -443,3 +445,66 @@ def test_subspace_cache_keeps_recent_inputs_and_the_last_output():
     assert cache.get(a, keep) == "a" and cache.get(c, keep) == "c"
     cache.clear()
     assert cache.get(a, keep) is None and cache.get(out2, keep) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batched_subspaces_equal_one_at_a_time(dtype):
+    """top_subspaces over a mixed batch (both routes, given and derived kept rows, a low-rank factor
+    whose sketch needs the eigendecomposition fallback, a NaN factor) equals top_subspace per item."""
+    from gradproj.linalg.subspace import top_subspaces
+
+    g = torch.Generator().manual_seed(5)
+    n = 120
+    keep = torch.rand(n, 1, generator=g) > 0.2
+    padded = torch.randn(n, 90, generator=g, dtype=torch.float64)
+    padded[:7] = 0.0  # zero rows: not kept when the mask is derived
+    items = [
+        (torch.randn(n, 200, generator=g, dtype=torch.float64), None),
+        (torch.randn(n, 80, generator=g, dtype=torch.float64), keep),
+        (padded, None),
+        (torch.randn(n, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 100, generator=g, dtype=torch.float64), None),
+        (torch.full((n, 70), float("nan"), dtype=torch.float64), None),
+        (torch.randn(n, 16, generator=g, dtype=torch.float64), None),  # exact route
+        (torch.randn(n, 16, generator=g, dtype=torch.float64), keep),
+        (torch.randn(n, 48, generator=g, dtype=torch.float64), keep),
+    ]
+    items = [(x.to(dtype), k) for x, k in items]
+    for options in (dict(rank=6), dict(rank=6, energy=0.5, niter=2), dict(rank=6, solver="randomized", oversample=2)):
+        batched = top_subspaces(items, **options)
+        for index, ((x, k), (basis, kept)) in enumerate(zip(items, batched)):
+            single, single_keep = top_subspace(x, keep=k, **options)
+            assert torch.equal(kept, single_keep), index
+            assert basis.shape == single.shape, index
+            if torch.isnan(single).any():
+                assert torch.isnan(basis).all(), index
+                continue
+            tol = 1e-12 if dtype == torch.float64 else 1e-5  # the same subspace (column signs may differ)
+            assert float((basis @ basis.T - single @ single.T).abs().max()) <= tol, (index, options)
+            eye = torch.eye(basis.shape[1], dtype=torch.float64)
+            assert float((basis.double().T @ basis.double() - eye).abs().max()) <= (1e-10 if dtype == torch.float64 else 1e-6)
+    assert int(top_subspaces(items, rank=6)[2][1].sum()) == n - 7
+
+
+def test_deferred_projection_equals_one_layer_at_a_time(monkeypatch):
+    """Layers projected in batches (the default) or each right away give the same gradients,
+    on the randomized route; with nonfinite="propagate" (direct writes) nothing is deferred."""
+    import gradproj.strategies.intra_proma as intra
+
+    def run(**options):
+        model = linear_only(tiny_hf("qwen2", seed=6))
+        opt = wrapped(model, rank=3, solver="randomized", **options)
+        for ids, attn, mask, adv in make_microbatches(count=2, k=4, seed=3):
+            logp = token_logprobs(model, ids, attn)
+            with opt.microbatch(logp, mask):
+                grpo_loss(logp, mask, adv, 0.5).backward()
+        return [p.grad.clone() for _, p in trainable(model)], opt.metrics()
+
+    batched, metrics = run()
+    direct, _ = run(nonfinite="propagate")
+    monkeypatch.setattr(intra, "DEFER_MAX_BYTES", 0)
+    single, single_metrics = run()
+    for a, b, c in zip(batched, single, direct):
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+        assert float((c - b).abs().max()) <= 1e-12 * float(b.abs().max())
+    assert metrics["gradproj/intra_proma/projected_fraction"] == pytest.approx(single_metrics["gradproj/intra_proma/projected_fraction"], rel=1e-9)
+    assert metrics["gradproj/intra_proma/projected_fraction"] > 0

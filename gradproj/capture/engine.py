@@ -490,13 +490,20 @@ class CaptureEngine:
                 out = None
         start = perf_counter()
         step = LayerStep(qname, param, grad, mb.coefficients, seq, out)
+        # staged by reference and applied after finish_microbatch(): the strategy may finish it later
+        step.deferrable = not self.writes_directly and self.sharded is None and id(param) not in self._shared
         for transform in self._layer_transforms:
             step.coefficients = transform.transform_layer(step)
         if self.diagnostics is not None:
             self.diagnostics.observe(qname, seq.gram().cpu().numpy(), step.host_coefficients(), mb.group_ids)
         update = self.strategies.accumulate.accumulate(step)
         self._strategy_seconds += perf_counter() - start
-        self._commit(mb, param, update, step.finite)
+        if step.deferred and not step.deferrable:
+            raise ProtocolError(
+                f"strategy {type(self.strategies.accumulate).__name__} deferred the update of {qname}, "
+                "which this engine applies at once (step.deferrable is False); finish it in accumulate()"
+            )
+        self._commit(mb, param, update, step.finite or step.deferred)
 
     def _commit(self, mb: Microbatch, param: torch.Tensor, update: torch.Tensor, finite: bool) -> None:
         """Stage ``update`` until the microbatch closes, or (:attr:`writes_directly`) add it to
@@ -562,6 +569,11 @@ class CaptureEngine:
         mb.pieces.clear()
         if not mb.dropped:
             self._finish_groups(mb)
+            finishing = perf_counter()
+            finished = self.strategies.accumulate.finish_microbatch()
+            self._strategy_seconds += perf_counter() - finishing
+            if not finished:
+                mb.drop()
         self._capture_seconds += perf_counter() - start
         if not mb.dropped and mb.unverified and not self._all_finite(mb.unverified):
             mb.drop()

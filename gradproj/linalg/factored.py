@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 
 from gradproj.linalg.sequence_grads import IndexTokenFactors, TokenFactors, dense_token_factors
-from gradproj.linalg.subspace import top_subspace
+from gradproj.linalg.subspace import top_subspace, top_subspaces
 
-__all__ = ["project_factored", "top_ids", "SubspaceCache"]
+__all__ = ["project_factored", "project_factored_batch", "top_ids", "SubspaceCache"]
 
 
 def top_ids(ids: torch.Tensor, keep: torch.Tensor, rank: int, energy: float | None) -> torch.Tensor:
@@ -105,23 +105,49 @@ class SubspaceCache:
         self._last_output = None
 
 
-def _cached_side(x: torch.Tensor, keep: torch.Tensor, options: dict, cache: SubspaceCache | None):
-    if cache is not None:
-        basis = cache.get(x, keep)
-        if basis is not None:
-            return basis
-    basis = top_subspace(x, keep=keep, **options)[0]
-    if cache is not None:
-        cache.put(x, keep, basis)
-    return basis
+class _Known:
+    """Subspaces known in one batch (and, through ``cache``, earlier in the microbatch)."""
+
+    def __init__(self, cache: SubspaceCache | None) -> None:
+        self.cache = cache
+        self.entries: dict = {}
+
+    def get(self, x: torch.Tensor, keep: torch.Tensor):
+        for known_keep, basis in self.entries.get(SubspaceCache._key(x), ()):
+            if known_keep is keep or torch.equal(known_keep, keep):
+                return basis
+        return None if self.cache is None else self.cache.get(x, keep)
+
+    def add(self, x: torch.Tensor, keep: torch.Tensor, basis: torch.Tensor) -> None:
+        self.entries.setdefault(SubspaceCache._key(x), []).append((keep, basis))
 
 
-def _output_side(x: torch.Tensor, options: dict, cache: SubspaceCache | None):
-    """Subspace of an output-gradient factor and its kept (non-zero) rows; remembered in ``cache``."""
-    basis, keep = top_subspace(x, **options)
-    if cache is not None:
-        cache.put(x, keep, basis, output=True)
-    return basis, keep
+def _kept_sides(requests: list, known: _Known, options: dict) -> list:
+    """Bases of ``[(x, keep), ...]``: known ones looked up, the others computed in one batch."""
+    bases: list = [None] * len(requests)
+    todo: list = []
+    for index, (x, keep) in enumerate(requests):
+        bases[index] = known.get(x, keep)
+        if bases[index] is None:
+            todo.append(index)
+    pending: list = []  # (x, keep, [request indices]) -- equal requests computed once
+    for index in todo:
+        x, keep = requests[index]
+        key = SubspaceCache._key(x)
+        for other in pending:
+            if SubspaceCache._key(other[0]) == key and (other[1] is keep or torch.equal(other[1], keep)):
+                other[2].append(index)
+                break
+        else:
+            pending.append((x, keep, [index]))
+    results = top_subspaces([(x, keep) for x, keep, _ in pending], **options)
+    for (x, keep, indices), (basis, _) in zip(pending, results):
+        known.add(x, keep, basis)
+        if known.cache is not None:
+            known.cache.put(x, keep, basis)
+        for index in indices:
+            bases[index] = basis
+    return bases
 
 
 def project_factored(g: torch.Tensor, factors, *, rank: int, energy: float | None,
@@ -133,33 +159,80 @@ def project_factored(g: torch.Tensor, factors, *, rank: int, energy: float | Non
     a tied parameter). ``cache``: share subspaces between parameters whose factor is the same tensor. ``removed_sq`` is ``||g - g'||^2`` (float), ``ranks`` the subspace dimension of
     each side. Token positions whose output-gradient row is zero (padding) are left out of both subspaces.
     """
+    return project_factored_batch(
+        [(g, factors)], rank=rank, energy=energy, projector=projector, solver=solver,
+        oversample=oversample, niter=niter, cache=cache,
+    )[0]
+
+
+def project_factored_batch(entries: list, *, rank: int, energy: float | None, projector: str,
+                           solver: str, oversample: int, niter: int, cache: SubspaceCache | None = None) -> list:
+    """:func:`project_factored` of several ``(g, factors)`` at once; a list of ``(g', removed_sq, ranks)``.
+
+    The output-gradient subspaces of all entries are computed in one batch, then those of their
+    other factors (inputs, kept positions from the first batch) in a second one
+    (:func:`gradproj.linalg.subspace.top_subspaces`): the small per-factor algebra runs batched.
+    A factor shared by several entries (q/k/v inputs, a weight's output gradients seen by its bias)
+    is computed once. The result equals projecting the entries one at a time.
+    """
     options = dict(rank=rank, energy=energy, solver=solver, oversample=oversample, niter=niter)
-    if isinstance(factors, IndexTokenFactors):
-        return _project_embedding(g, factors, projector, options)
-    if isinstance(factors, list):
-        rows, cols, keep = dense_token_factors(factors)
-        basis_r, _ = top_subspace(rows, keep=keep, **options)
-        basis_c, _ = top_subspace(cols, keep=keep, **options)
-        return _project_matrix(g, rows.shape[1], cols.shape[1], basis_r, basis_c, projector)
-    k, t = factors.rows.shape[:2]
-    rows = factors.rows.reshape(k * t, -1)
-    cols = None if factors.cols is None else factors.cols.reshape(k * t, -1)
-    if factors.out_grads is factors.rows:
-        basis_r, keep = _output_side(rows, options, cache)
-        basis_c = None if cols is None else _cached_side(cols, keep, options, cache)
-    elif factors.out_grads is factors.cols:
-        basis_c, keep = _output_side(cols, options, cache)
-        basis_r = _cached_side(rows, keep, options, cache)
-    else:  # e.g. a bias: its rows are the output gradients its weight already looked at
-        keep = (factors.out_grads.reshape(k * t, -1) != 0).any(dim=1, keepdim=True)
-        basis_r = _cached_side(rows, keep, options, cache)
-        basis_c = None if cols is None else _cached_side(cols, keep, options, cache)
-    if basis_c is None:
-        flat = g.view(-1)
-        inner = basis_r.T @ flat
-        flat.sub_(basis_r @ inner)
-        return g, float(inner.double().square().sum()), (basis_r.shape[1],)
-    return _project_matrix(g, rows.shape[1], cols.shape[1], basis_r, basis_c, projector)
+    results: list = [None] * len(entries)
+    plans = []  # (entry index, g, rows, cols, output side "r"/"c" or keep)
+    for index, (g, factors) in enumerate(entries):
+        if isinstance(factors, IndexTokenFactors):
+            results[index] = _project_embedding(g, factors, projector, options)
+        elif isinstance(factors, list):
+            rows, cols, keep = dense_token_factors(factors)
+            (basis_r, _), (basis_c, _) = top_subspaces([(rows, keep), (cols, keep)], **options)
+            results[index] = _project_matrix(g, rows.shape[1], cols.shape[1], basis_r, basis_c, projector)
+        else:
+            k, t = factors.rows.shape[:2]
+            rows = factors.rows.reshape(k * t, -1)
+            cols = None if factors.cols is None else factors.cols.reshape(k * t, -1)
+            if factors.out_grads is factors.rows:
+                side = "r"
+            elif factors.out_grads is factors.cols:
+                side = "c"
+            else:  # e.g. a bias: its rows are the output gradients its weight already looked at
+                side = (factors.out_grads.reshape(k * t, -1) != 0).any(dim=1, keepdim=True)
+            plans.append((index, g, rows, cols, side))
+    if not plans:
+        return results
+    known = _Known(cache)
+    # 1. output-gradient factors (their non-zero rows are the kept positions), each computed once
+    outputs: dict = {}
+    for _, _, rows, cols, side in plans:
+        if isinstance(side, str):
+            x = rows if side == "r" else cols
+            outputs.setdefault(SubspaceCache._key(x), x)
+    computed = dict(zip(outputs, top_subspaces([(x, None) for x in outputs.values()], **options)))
+    for key, x in outputs.items():
+        basis, keep = computed[key]
+        known.add(x, keep, basis)
+        if cache is not None:
+            cache.put(x, keep, basis, output=True)
+    # 2. the other factors, at the kept positions of their entry
+    requests, slots = [], []
+    for number, (_, _, rows, cols, side) in enumerate(plans):
+        out_side = side if isinstance(side, str) else None
+        keep = side if out_side is None else computed[SubspaceCache._key(rows if out_side == "r" else cols)][1]
+        for which, x in (("r", rows), ("c", cols)):
+            if x is not None and which != out_side:
+                requests.append((x, keep))
+                slots.append((number, which))
+    found = dict(zip(slots, _kept_sides(requests, known, options)))
+    for number, (index, g, rows, cols, side) in enumerate(plans):
+        out_side = side if isinstance(side, str) else None
+        basis_r = computed[SubspaceCache._key(rows)][0] if out_side == "r" else found[(number, "r")]
+        if cols is None:
+            flat = g.view(-1)
+            inner = basis_r.T @ flat
+            flat.sub_(basis_r @ inner)
+            results[index] = (g, float(inner.double().square().sum()), (basis_r.shape[1],))
+            continue
+        basis_c = computed[SubspaceCache._key(cols)][0] if out_side == "c" else found[(number, "c")]
+        results[index] = _project_matrix(g, rows.shape[1], cols.shape[1], basis_r, basis_c, projector)
+    return results
 
 
 def _project_matrix(g, p: int, q: int, basis_r, basis_c, projector: str):

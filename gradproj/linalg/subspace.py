@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["top_subspace", "EXACT_MAX", "RANK_RTOL"]
+__all__ = ["top_subspace", "top_subspaces", "EXACT_MAX", "RANK_RTOL"]
 
 #: ``solver="auto"`` uses the exact route while min(N, d) is at most this.
 EXACT_MAX = 64
@@ -54,53 +54,45 @@ def _choose_rank(values: np.ndarray, total: float, rank: int, energy: float | No
     return r
 
 
-def _descending_eigh(matrix: np.ndarray):
-    values, vectors = np.linalg.eigh(matrix)
-    return np.maximum(values[::-1], 0.0), vectors[:, ::-1]
-
-
-def _exact(x: torch.Tensor, rank: int, energy: float | None) -> torch.Tensor:
-    n, d = x.shape
-    x64 = x.double()
-    gram = (x64 @ x64.T) if n <= d else (x64.T @ x64)
-    host = gram.cpu().numpy()
-    if not np.isfinite(host).all():
-        return _nan_basis(x)
-    # torch's eigh: NumPy's OpenBLAS would start its own thread pool, which then spins against
-    # torch's threads for the rest of the backward (a 20x slowdown measured on 2 cores). The rest
-    # is small host work: inside a backward every extra tensor operation costs tens of microseconds.
-    values, vectors = torch.linalg.eigh(gram)
-    values = np.maximum(values.cpu().numpy()[::-1], 0.0)
-    r = _choose_rank(values, float(values.sum()), rank, energy)
-    top = vectors.flip(1)[:, :r]
-    if n <= d:
-        top = x64.T @ (top / torch.from_numpy(np.sqrt(values[:r])).to(top.device))
-    return top.to(x.dtype)
-
-
 def _nan_basis(x: torch.Tensor) -> torch.Tensor:
     """The "basis" of a factor with NaN/inf entries: one NaN column, so whatever is projected with
     it is non-finite too and the engine drops the microbatch (LAPACK would raise instead)."""
     return torch.full((x.shape[1], 1), float("nan"), dtype=x.dtype, device=x.device)
 
 
-def _whitener(y: torch.Tensor) -> np.ndarray | None:
-    """T (q x q') with ``y @ T`` orthonormal, from the q x q Gram ``y^T y`` (float64).
+def _stack(tensors: list) -> torch.Tensor:
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
-    Cholesky (``T = L^-T``) when the Gram is well conditioned -- one small factorisation -- else
-    ``T = V diag(mu^-1/2)`` from its eigendecomposition, which also drops a rank-deficient sketch's
-    null directions (fewer kept tokens than columns, or a low-rank factor). ``None`` if the
-    sketch is not finite.
-    """
-    gram = (y.T @ y).double().cpu().numpy()
-    if not np.isfinite(gram).all():
-        return None
-    chol = _cholesky(gram)
-    if chol is not None:
-        return np.linalg.inv(chol).T
-    mu, v = _descending_eigh(gram)
-    keep = mu > 1e-12 * mu[0] if mu.size and mu[0] > 0 else np.zeros(mu.shape, dtype=bool)
-    return v[:, keep] / np.sqrt(mu[keep])
+
+def _exact_batch(xs: list, keeps: list, rank: int, energy: float | None) -> list:
+    """Exact route for factors of one shape, dtype and device: their float64 Grams (the smaller
+    side) stacked and eigendecomposed in one call."""
+    n, d = xs[0].shape
+    x64 = _stack(xs).double()
+    derived = [s for s, keep in enumerate(keeps) if keep is None]
+    if derived:  # the non-zero rows
+        flags = (x64[derived] != 0).any(dim=2, keepdim=True)
+        for j, s in enumerate(derived):
+            keeps[s] = flags[j]
+    if len(derived) < len(xs):  # rows outside `keep` count as zero
+        x64 = x64 * _stack(keeps)
+    gram = (x64 @ x64.transpose(1, 2)) if n <= d else (x64.transpose(1, 2) @ x64)
+    finite = np.isfinite(gram.cpu().numpy()).all(axis=(1, 2))
+    out = [(_nan_basis(x), keep) for x, keep in zip(xs, keeps)]
+    live = np.flatnonzero(finite).tolist()
+    if not live:
+        return out
+    # torch's eigh: NumPy's OpenBLAS would start its own thread pool, which then spins against
+    # torch's threads for the rest of the backward (a 20x slowdown measured on 2 cores)
+    values, vectors = torch.linalg.eigh(gram[live] if len(live) < len(xs) else gram)
+    host = np.maximum(values.cpu().numpy()[:, ::-1], 0.0)
+    for j, s in enumerate(live):
+        r = _choose_rank(host[j], float(host[j].sum()), rank, energy)
+        top = vectors[j].flip(1)[:, :r]
+        if n <= d:
+            top = x64[s].T @ (top / torch.from_numpy(np.sqrt(host[j, :r])).to(top.device))
+        out[s] = (top.to(xs[s].dtype), keeps[s])
+    return out
 
 
 #: Cholesky whitening only while the sketch's Gram has min/max pivot ratio above this (its
@@ -108,55 +100,132 @@ def _whitener(y: torch.Tensor) -> np.ndarray | None:
 _CHOLESKY_MIN_PIVOT = 1e-4
 
 
-def _cholesky(gram: np.ndarray) -> np.ndarray | None:
-    """Lower Cholesky factor of a well-conditioned Gram, else ``None``."""
-    try:
-        chol = np.linalg.cholesky(gram)
-    except np.linalg.LinAlgError:
-        return None
-    pivots = np.diagonal(chol)
-    if pivots.size == 0 or not pivots.min() > _CHOLESKY_MIN_PIVOT * pivots.max():
-        return None
-    return chol
+def _whiteners(ys: torch.Tensor, live: np.ndarray) -> np.ndarray:
+    """T (S, q, q) with ``ys[s] @ T[s]`` orthonormal, from the q x q Grams (float64).
 
-
-def _randomized(x, rank, energy, oversample, niter, keep) -> tuple[torch.Tensor, torch.Tensor]:
-    """Range finder without a tall QR (the sketch is whitened through its q x q Gram, in float64).
-
-    Passes over ``x``: ``2 + 2 * niter`` skinny matmuls; everything else is q x q or q x d. The
-    last sketch ``z = y^T x`` (q x d) is taken to float64 before the small products, so the basis
-    ``z^T mix`` is orthonormal to float64 rounding by construction (``mix^T z z^T mix = I``) and
-    needs no re-orthonormalisation after the cast back to the factor's dtype.
+    Cholesky (``T = L^-T``) where the Gram is well conditioned -- the usual case, one batched
+    factorisation -- else ``T = V diag(mu^-1/2)`` from its eigendecomposition, which drops a
+    rank-deficient sketch's null directions (fewer kept tokens than columns, or a low-rank factor);
+    the dropped columns of T are zero. Sides whose Gram is not finite are marked dead in ``live``.
     """
-    n, d = x.shape
-    q = min(rank + oversample, n, d)
-    y = x @ _test_matrix(d, q, x.dtype, x.device)  # (N, q): sketch of the token space
-    masked = keep is not None
-    if masked:
-        y = y * keep
-    else:  # a row is zero iff its sketch is (almost surely); zero rows of x stay zero in every y
-        keep = (y != 0).any(dim=1, keepdim=True)
+    grams = torch.bmm(ys.transpose(1, 2), ys).double().cpu().numpy()
+    if live.all() and np.isfinite(grams).all():  # the usual case: one batched Cholesky does it
+        try:
+            chol = np.linalg.cholesky(grams)
+        except np.linalg.LinAlgError:
+            chol = None
+        if chol is not None:
+            pivots = np.diagonal(chol, axis1=1, axis2=2)
+            if (pivots.min(axis=1) > _CHOLESKY_MIN_PIVOT * pivots.max(axis=1)).all():
+                return np.linalg.inv(chol).transpose(0, 2, 1)
+    live &= np.isfinite(grams).all(axis=(1, 2))
+    out = np.zeros_like(grams)
+    todo = np.flatnonzero(live)
+    factored = np.ones(len(todo), dtype=bool)
+    try:
+        chol = np.linalg.cholesky(grams[todo])
+    except np.linalg.LinAlgError:  # some Gram is singular: factorise them one by one
+        chol = np.zeros_like(grams[todo])
+        for j, s in enumerate(todo):
+            try:
+                chol[j] = np.linalg.cholesky(grams[s])
+            except np.linalg.LinAlgError:
+                factored[j] = False
+    pivots = np.diagonal(chol, axis1=1, axis2=2)
+    good = factored & (pivots.min(axis=1, initial=np.inf) > _CHOLESKY_MIN_PIVOT * pivots.max(axis=1, initial=0.0))
+    out[todo[good]] = np.linalg.inv(chol[good]).transpose(0, 2, 1)
+    todo = todo[~good]
+    for s in todo:
+        mu, v = np.linalg.eigh(grams[s])
+        mu, v = np.maximum(mu[::-1], 0.0), v[:, ::-1]
+        kept = mu > 1e-12 * mu[0] if mu.size and mu[0] > 0 else np.zeros(mu.shape, dtype=bool)
+        out[s, :, : int(kept.sum())] = v[:, kept] / np.sqrt(mu[kept])
+    return out
+
+
+def _randomized_batch(xs: list, keeps: list, rank, energy, oversample, niter) -> list:
+    """Range finder for factors with the same token count, sketch width, dtype and device.
+
+    Per factor: ``2 + 2 * niter`` skinny matmuls over ``x`` (the passes); the q x q algebra of all
+    factors (whitenings, eigendecompositions) runs batched, without a tall QR. The last sketch
+    ``z = y^T x`` (q x d) is taken to float64 before the small products, so the basis ``z^T mix``
+    is orthonormal to float64 rounding by construction (``mix^T z z^T mix = I``).
+    """
+    n, q = xs[0].shape[0], min(rank + oversample, *(x.shape[1] for x in xs), xs[0].shape[0])
+    dtype, device = xs[0].dtype, xs[0].device
+    ys = torch.empty(len(xs), n, q, dtype=dtype, device=device)  # sketches of the token space
+    for s, x in enumerate(xs):
+        torch.mm(x, _test_matrix(x.shape[1], q, dtype, device), out=ys[s])
+    derived = [s for s, keep in enumerate(keeps) if keep is None]
+    if derived:  # a row is zero iff its sketch is (almost surely); zero rows of x stay zero in every y
+        flags = (ys != 0).any(dim=2, keepdim=True)
+        for s in derived:
+            keeps[s] = flags[s]
+    mask = _stack(keeps) if len(derived) < len(xs) else None  # rows outside `keep` count as zero
+    if mask is not None:
+        ys.mul_(mask)
+    live = np.ones(len(xs), dtype=bool)
     for _ in range(niter):
-        z = y.T @ x  # (q, d)
-        t = _whitener(y)
-        if t is None:
-            return _nan_basis(x), keep
-        y = x @ (z.T @ torch.from_numpy(t).to(device=x.device, dtype=x.dtype))
-        if masked:
-            y = y * keep
-    t = _whitener(y)
-    if t is None:
-        return _nan_basis(x), keep
-    z = (y.T @ x).double()  # rows of X at dropped positions meet zero rows of y
-    zz = (z @ z.T).cpu().numpy()
-    if not np.isfinite(zz).all():
-        return _nan_basis(x), keep
-    values, vectors = _descending_eigh(t.T @ zz @ t)  # B B^T for B = Q^T X, Q = y T orthonormal
-    total = float(torch.linalg.vector_norm(x * keep, dtype=torch.float64) ** 2) if energy is not None else 0.0
-    r = _choose_rank(values, total, rank, energy)
-    mix = t @ (vectors[:, :r] / np.sqrt(values[:r]))  # (q, r): mix^T zz mix = I
-    basis = z.T @ torch.from_numpy(mix).to(z.device)
-    return basis.to(x.dtype), keep
+        t = torch.from_numpy(_whiteners(ys, live)).to(device=device, dtype=dtype)
+        for s, x in enumerate(xs):
+            torch.mm(x, (ys[s].T @ x).T @ t[s], out=ys[s])
+        if mask is not None:
+            ys.mul_(mask)
+    t = _whiteners(ys, live)
+    zs = [(ys[s].T @ x).double() for s, x in enumerate(xs)]  # rows of x at dropped positions meet zero rows of y
+    zz = _stack([z @ z.T for z in zs]).cpu().numpy()
+    live &= np.isfinite(zz).all(axis=(1, 2))
+    if not live.all():
+        zz[~live] = 0.0
+    small = t.transpose(0, 2, 1) @ zz @ t  # B B^T for B = Q^T x, Q = y T orthonormal
+    values, vectors = np.linalg.eigh(small)
+    values, vectors = np.maximum(values[:, ::-1], 0.0), vectors[:, :, ::-1]
+    out = []
+    for s, x in enumerate(xs):
+        if not live[s]:
+            out.append((_nan_basis(x), keeps[s]))
+            continue
+        total = float(torch.linalg.vector_norm(x * keeps[s], dtype=torch.float64) ** 2) if energy is not None else 0.0
+        r = _choose_rank(values[s], total, rank, energy)
+        mix = t[s] @ (vectors[s, :, :r] / np.sqrt(values[s, :r]))  # (q, r): mix^T zz mix = I
+        out.append(((zs[s].T @ torch.from_numpy(mix).to(zs[s].device)).to(dtype), keeps[s]))
+    return out
+
+
+def top_subspaces(
+    items: list,
+    rank: int,
+    energy: float | None = None,
+    solver: str = "auto",
+    oversample: int = 4,
+    niter: int = 1,
+) -> list:
+    """:func:`top_subspace` of several factors at once: ``items`` = ``[(x, keep or None), ...]``.
+
+    Returns ``[(basis, keep), ...]`` in the same order, equal to calling :func:`top_subspace` on
+    each item (up to rounding): factors with the same shape class are computed together, so their
+    small q x q algebra runs batched -- inside a backward pass every small operation is costly.
+    """
+    out: list = [None] * len(items)
+    groups: dict = {}
+    for index, (x, keep) in enumerate(items):
+        n, d = x.shape
+        if n == 0 or d == 0 or rank <= 0:
+            out[index] = (x.new_zeros(d, 0), torch.ones(n, 1, dtype=torch.bool, device=x.device) if keep is None else keep)
+            continue
+        exact = solver == "exact" or (solver == "auto" and min(n, d) <= EXACT_MAX)
+        key = ("exact", n, d) if exact else ("randomized", n, min(rank + oversample, n, d))
+        groups.setdefault(key + (x.dtype, x.device), []).append(index)
+    for key, indices in groups.items():
+        xs = [items[i][0] for i in indices]
+        keeps = [items[i][1] for i in indices]
+        if key[0] == "exact":
+            results = _exact_batch(xs, keeps, rank, energy)
+        else:
+            results = _randomized_batch(xs, keeps, rank, energy, oversample, niter)
+        for i, result in zip(indices, results):
+            out[i] = result
+    return out
 
 
 def top_subspace(
@@ -173,13 +242,4 @@ def top_subspace(
     ``keep`` (N, 1) bool: the rows that count (others are treated as zero). Returns
     ``(basis, keep)``; without ``keep`` given, the returned one marks the non-zero rows of ``x``.
     """
-    n, d = x.shape
-    if n == 0 or d == 0 or rank <= 0:
-        return x.new_zeros(d, 0), torch.ones(n, 1, dtype=torch.bool, device=x.device) if keep is None else keep
-    if solver == "exact" or (solver == "auto" and min(n, d) <= EXACT_MAX):
-        if keep is None:
-            keep = (x != 0).any(dim=1, keepdim=True)
-        else:
-            x = x * keep
-        return _exact(x, rank, energy), keep
-    return _randomized(x, rank, energy, oversample, niter, keep)
+    return top_subspaces([(x, keep)], rank, energy, solver, oversample, niter)[0]

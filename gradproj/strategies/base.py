@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from gradproj.errors import ProtocolError
 from gradproj.linalg.sequence_grads import SequenceGradients
 
 __all__ = ["StrategyOptions", "Strategy", "CoefficientTransform", "StrategySpec", "LayerStep"]
@@ -49,6 +50,11 @@ class LayerStep:
         finite: a strategy may set this to True when it has established that its update is
             finite (e.g. from a finite Gram of the sequence gradients); the engine then skips its
             own non-finite check of that update.
+        deferrable: set by the engine when the returned update is staged by reference and applied
+            only after :meth:`Strategy.finish_microbatch`: the strategy may then finish it in place
+            until that call (e.g. to batch small work across layers).
+        deferred: set by the strategy when it returned such an unfinished update (only allowed if
+            ``deferrable``); :meth:`Strategy.finish_microbatch` then vouches for its finiteness.
     """
 
     name: str
@@ -58,6 +64,8 @@ class LayerStep:
     seq: SequenceGradients
     out: torch.Tensor | None = None
     finite: bool = False
+    deferrable: bool = False
+    deferred: bool = False
 
     def host_coefficients(self):
         """``coefficients`` as a float64 NumPy array on the host."""
@@ -99,10 +107,24 @@ class Strategy:
         ``batch`` is a :class:`gradproj.capture.batching.LayerBatch`. The default calls
         :meth:`accumulate` per member; override it with batched operations for speed.
         """
-        return torch.stack([self.accumulate(step).reshape(-1) for step in batch.steps()])
+        updates = []
+        for step in batch.steps():  # not deferrable: the stacked copies are applied
+            updates.append(self.accumulate(step).reshape(-1))
+            if step.deferred:
+                raise ProtocolError(
+                    f"strategy {type(self).__name__} deferred the update of {step.name}, a batched "
+                    "small parameter (step.deferrable is False); finish it in accumulate()"
+                )
+        return torch.stack(updates)
 
     def start_microbatch(self) -> None:
         """Called when a microbatch block opens (per-microbatch caches start here)."""
+
+    def finish_microbatch(self) -> bool:
+        """Called once the microbatch's backward is over, before its staged updates are checked
+        and applied: finish the updates returned with ``step.deferred``. Returns False if one of
+        them came out non-finite (the engine then drops the microbatch)."""
+        return True
 
     def end_microbatch(self) -> None:
         """Called when a microbatch block closes, whatever happened (release per-microbatch caches)."""

@@ -10,6 +10,11 @@ it commutes with data-parallel all-reduce::
 
 ``U_A`` / ``U_D``: top-``rank`` subspaces of the layer inputs / unweighted output gradients of the
 tokens that carry a gradient (see :mod:`gradproj.linalg.subspace` and :mod:`gradproj.linalg.factored`).
+
+Where the engine stages updates (``step.deferrable``), the projection of a layer waits until
+:data:`DEFER_MAX_BYTES` of token factors are pending or the microbatch's backward ends: the
+subspaces of all pending layers are then computed together, their small per-factor algebra
+batched (inside a backward pass every small operation is costly). The result is the same.
 """
 
 from __future__ import annotations
@@ -21,9 +26,20 @@ import torch
 from pydantic import Field
 
 from gradproj.errors import ProtocolError
-from gradproj.linalg.factored import SubspaceCache, project_factored
+from gradproj.linalg.factored import SubspaceCache, project_factored_batch
+from gradproj.linalg.sequence_grads import TokenFactors
 from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import LayerStep, Strategy, StrategyOptions, StrategySpec
+
+
+#: Token factors (bytes) held back for one batched projection; more, and the pending layers are
+#: projected at once. Holding them delays freeing those layers' activations and output gradients
+#: by up to this much memory.
+DEFER_MAX_BYTES = 16 << 20
+
+
+def _factor_bytes(factors: TokenFactors) -> int:
+    return sum(t.numel() * t.element_size() for t in (factors.rows, factors.cols) if t is not None)
 
 
 class IntraPromaOptions(StrategyOptions):
@@ -59,15 +75,24 @@ class IntraProma(Strategy):
     def __init__(self, options: IntraPromaOptions) -> None:
         super().__init__(options)
         self._cache = SubspaceCache()
+        self._pending: list = []  # (g, factors) whose projection is deferred
+        self._pending_bytes = 0
+        self._finite = True
         self.reset_metrics()
 
     def start_microbatch(self) -> None:
         """Input subspaces are shared within a microbatch only."""
-        self._cache.clear()
+        self._release()
 
     def end_microbatch(self) -> None:
-        """Release the cached subspaces (and the references to their input tensors)."""
+        """Release the cached subspaces, pending layers and the references to their factors."""
+        self._release()
+
+    def _release(self) -> None:
         self._cache.clear()
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._finite = True
 
     def reset_metrics(self) -> None:
         """Zero the per-step sums behind ``projected_fraction`` and ``mean_rank``."""
@@ -77,29 +102,57 @@ class IntraProma(Strategy):
         self._sides = 0
 
     def accumulate(self, step: LayerStep) -> torch.Tensor:
-        """``g_m'`` of one parameter tensor."""
+        """``g_m'`` of one parameter tensor (or ``g_m``, projected in place before the microbatch closes)."""
         factors = getattr(step.seq, "token_factors", None)
         if factors is None:
             raise ProtocolError(
                 f"intra_proma needs token-level factors of {step.name}, but its sequence gradients "
                 f"({type(step.seq).__name__}) do not provide them; exclude this parameter or use proma"
             )
-        opts: IntraPromaOptions = self.options
         g = step.combine(step.coefficients)
-        total_sq = float(torch.linalg.vector_norm(g)) ** 2  # a metric: the compute dtype is enough
-        g, removed_sq, ranks = project_factored(
-            g, factors(), rank=opts.rank, energy=opts.energy, projector=opts.projector,
+        factors = factors()
+        if step.deferrable and isinstance(factors, TokenFactors):
+            self._pending.append((g, factors))
+            self._pending_bytes += _factor_bytes(factors)
+            step.deferred = True
+            if self._pending_bytes >= DEFER_MAX_BYTES:
+                self._flush()
+            return g
+        # g finite (its norm is) and the removed block finite (so are the bases) => g' finite: both
+        # projectors are orthogonal, ||g'|| <= ||g||; the engine can skip its own check
+        step.finite = self._project([(g, factors)])
+        return g
+
+    def finish_microbatch(self) -> bool:
+        """Project the layers still pending; False if some projected update is not finite."""
+        self._flush()
+        return self._finite
+
+    def _flush(self) -> None:
+        entries, self._pending, self._pending_bytes = self._pending, [], 0
+        if entries and not self._project(entries):
+            self._finite = False
+
+    def _project(self, entries: list) -> bool:
+        """Project ``[(g, factors)]`` in place; whether every result is finite."""
+        opts: IntraPromaOptions = self.options
+        # metrics: the compute dtype is enough
+        norms = torch.stack(torch._foreach_norm([g for g, _ in entries])).double().cpu().numpy()
+        results = project_factored_batch(
+            entries, rank=opts.rank, energy=opts.energy, projector=opts.projector,
             solver=opts.solver, oversample=opts.oversample, niter=opts.niter, cache=self._cache,
         )
-        if math.isfinite(total_sq) and math.isfinite(removed_sq):
-            self._total_sq += total_sq
-            self._removed_sq += removed_sq
-            # g finite (its norm is) and the removed block finite (so are the bases) => g' finite:
-            # both projectors are orthogonal, ||g'|| <= ||g||; the engine can skip its own check
-            step.finite = True
-        self._rank_sum += sum(ranks)
-        self._sides += len(ranks)
-        return g
+        finite = True
+        for norm, (g, removed_sq, ranks) in zip(norms, results):
+            total_sq = float(norm) ** 2
+            if math.isfinite(total_sq) and math.isfinite(removed_sq):
+                self._total_sq += total_sq
+                self._removed_sq += removed_sq
+            elif not bool(torch.isfinite(g).all()):
+                finite = False
+            self._rank_sum += sum(ranks)
+            self._sides += len(ranks)
+        return finite
 
     def step_metrics(self) -> dict[str, float]:
         """``intra_proma/projected_fraction`` = sqrt(sum ||g - g'||^2 / sum ||g||^2); mean rank used."""
