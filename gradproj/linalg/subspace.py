@@ -206,6 +206,8 @@ def top_subspaces(
     each item (up to rounding): factors with the same shape class are computed together, so their
     small q x q algebra runs batched -- inside a backward pass every small operation is costly.
     """
+    if not items:
+        return []
     out: list = [None] * len(items)
     groups: dict = {}
     for index, (x, keep) in enumerate(items):

@@ -137,7 +137,10 @@ class IntraProma(Strategy):
         """Project ``[(g, factors)]`` in place; whether every result is finite."""
         opts: IntraPromaOptions = self.options
         # metrics: the compute dtype is enough
-        norms = torch.stack(torch._foreach_norm([g for g, _ in entries])).double().cpu().numpy()
+        if len(entries) == 1:
+            norms = [float(torch.linalg.vector_norm(entries[0][0]))]
+        else:
+            norms = torch.stack(torch._foreach_norm([g for g, _ in entries])).double().cpu().numpy()
         results = project_factored_batch(
             entries, rank=opts.rank, energy=opts.energy, projector=opts.projector,
             solver=opts.solver, oversample=opts.oversample, niter=opts.niter, cache=self._cache,
