@@ -100,6 +100,26 @@ def _exact_batch(xs: list, keeps: list, rank: int, energy: float | None) -> list
 _CHOLESKY_MIN_PIVOT = 1e-4
 
 
+def _cholesky_whitener(gram: np.ndarray) -> np.ndarray | None:
+    """``T = L^-T`` from the Cholesky factor of a well-conditioned q x q Gram, else ``None``."""
+    try:
+        chol = np.linalg.cholesky(gram)
+    except np.linalg.LinAlgError:
+        return None
+    pivots = np.diagonal(chol)
+    return np.linalg.inv(chol).T if pivots.min() > _CHOLESKY_MIN_PIVOT * pivots.max() else None
+
+
+def _eigen_whitener(gram: np.ndarray) -> np.ndarray:
+    """``T = V diag(mu^-1/2)`` over the Gram's non-null directions; the other columns are zero."""
+    mu, v = np.linalg.eigh(gram)
+    mu, v = np.maximum(mu[::-1], 0.0), v[:, ::-1]
+    kept = mu > 1e-12 * mu[0] if mu.size and mu[0] > 0 else np.zeros(mu.shape, dtype=bool)
+    out = np.zeros_like(gram)
+    out[:, : int(kept.sum())] = v[:, kept] / np.sqrt(mu[kept])
+    return out
+
+
 def _whiteners(ys: torch.Tensor, live: np.ndarray) -> np.ndarray:
     """T (S, q, q) with ``ys[s] @ T[s]`` orthonormal, from the q x q Grams (float64).
 
@@ -108,8 +128,12 @@ def _whiteners(ys: torch.Tensor, live: np.ndarray) -> np.ndarray:
     rank-deficient sketch's null directions (fewer kept tokens than columns, or a low-rank factor);
     the dropped columns of T are zero. Sides whose Gram is not finite are marked dead in ``live``.
     """
-    grams = torch.bmm(ys.transpose(1, 2), ys).double().cpu().numpy()
-    if live.all() and np.isfinite(grams).all():  # the usual case: one batched Cholesky does it
+    if ys.shape[0] == 1:  # one factor: 2-D calls (NumPy's stacked routines cost more per call)
+        grams = (ys[0].T @ ys[0]).double().cpu().numpy()[None]
+    else:
+        grams = torch.bmm(ys.transpose(1, 2), ys).double().cpu().numpy()
+    live &= np.isfinite(grams).all(axis=(1, 2))
+    if len(grams) > 1 and live.all():
         try:
             chol = np.linalg.cholesky(grams)
         except np.linalg.LinAlgError:
@@ -118,28 +142,10 @@ def _whiteners(ys: torch.Tensor, live: np.ndarray) -> np.ndarray:
             pivots = np.diagonal(chol, axis1=1, axis2=2)
             if (pivots.min(axis=1) > _CHOLESKY_MIN_PIVOT * pivots.max(axis=1)).all():
                 return np.linalg.inv(chol).transpose(0, 2, 1)
-    live &= np.isfinite(grams).all(axis=(1, 2))
     out = np.zeros_like(grams)
-    todo = np.flatnonzero(live)
-    factored = np.ones(len(todo), dtype=bool)
-    try:
-        chol = np.linalg.cholesky(grams[todo])
-    except np.linalg.LinAlgError:  # some Gram is singular: factorise them one by one
-        chol = np.zeros_like(grams[todo])
-        for j, s in enumerate(todo):
-            try:
-                chol[j] = np.linalg.cholesky(grams[s])
-            except np.linalg.LinAlgError:
-                factored[j] = False
-    pivots = np.diagonal(chol, axis1=1, axis2=2)
-    good = factored & (pivots.min(axis=1, initial=np.inf) > _CHOLESKY_MIN_PIVOT * pivots.max(axis=1, initial=0.0))
-    out[todo[good]] = np.linalg.inv(chol[good]).transpose(0, 2, 1)
-    todo = todo[~good]
-    for s in todo:
-        mu, v = np.linalg.eigh(grams[s])
-        mu, v = np.maximum(mu[::-1], 0.0), v[:, ::-1]
-        kept = mu > 1e-12 * mu[0] if mu.size and mu[0] > 0 else np.zeros(mu.shape, dtype=bool)
-        out[s, :, : int(kept.sum())] = v[:, kept] / np.sqrt(mu[kept])
+    for s in np.flatnonzero(live):  # one by one: a single factor, or some Gram needs the fallback
+        t = _cholesky_whitener(grams[s])
+        out[s] = _eigen_whitener(grams[s]) if t is None else t
     return out
 
 
