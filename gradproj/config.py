@@ -89,7 +89,8 @@ class GradProjConfig(BaseModel):
             becomes NaN, as with plain autograd, so ``torch.amp.GradScaler`` skips the step and lowers
             its scale -- use it with fp16 loss scaling). ``"propagate"`` also needs less memory:
             with nothing to roll back, each layer's update goes straight into ``.grad`` instead of
-            a staged copy of the whole gradient; the price is that an error raised in the middle of
+            a staged copy of the whole gradient (``intra_proma`` holds up to 16 MiB of updates it
+            projects in batches); the price is that an error raised in the middle of
             a backward (a parameter used outside its covered module) leaves that microbatch partly
             applied -- start the step again after fixing it.
         (any other field): an option of one of the selected strategies, e.g. ``damping``.

@@ -103,7 +103,7 @@ def test_third_party_strategy_by_name():
 def test_third_party_strategy_deferring_its_updates():
     """A strategy may hand back an unfinished update (step.deferrable) and finish it in place in
     finish_microbatch(); returning False there drops the microbatch; deferring where the engine
-    writes straight into .grad is a ProtocolError."""
+    writes straight into .grad is a ProtocolError unless the rule declares may_defer."""
 
     class Late(gradproj.Strategy):
         role = "accumulate"
@@ -138,6 +138,9 @@ def test_third_party_strategy_deferring_its_updates():
     class LateBatched(Late):
         needs_tokens = False  # small parameters batched (their steps are not deferrable)
 
+    class LateDirect(Late):
+        may_defer = True  # also under direct writes: the engine holds the updates
+
     plugin = types.ModuleType("gradproj_late_plugin")
 
     @gradproj.hookimpl
@@ -145,6 +148,7 @@ def test_third_party_strategy_deferring_its_updates():
         return [
             gradproj.StrategySpec("late", Late, gradproj.StrategyOptions),
             gradproj.StrategySpec("late_batched", LateBatched, gradproj.StrategyOptions),
+            gradproj.StrategySpec("late_direct", LateDirect, gradproj.StrategyOptions),
         ]
 
     plugin.gradproj_strategies = gradproj_strategies
@@ -154,14 +158,16 @@ def test_third_party_strategy_deferring_its_updates():
     try:
         batches = make_microbatches(count=2, k=3)
         grads = []
-        for strategy in ("late", "none"):
+        for strategy, options in (("late", {}), ("late_direct", {"nonfinite": "propagate"}), ("none", {})):
             model = TinyLM(seed=1)
-            opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy)
+            opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy, **options)
+            deferred = Late.deferred
             run_microbatches(model, opt, batches)
+            assert strategy == "none" or Late.deferred > deferred
             grads.append(torch.cat([p.grad.flatten() for _, p in trainable(model)]))
             opt.detach()
-        torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=0)
-        assert Late.deferred > 0
+        torch.testing.assert_close(grads[0], grads[2], rtol=1e-12, atol=0)
+        torch.testing.assert_close(grads[1], grads[2], rtol=1e-12, atol=0)
 
         model = TinyLM(seed=1)
         opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "late")
@@ -171,6 +177,14 @@ def test_third_party_strategy_deferring_its_updates():
         run_microbatches(model, opt, batches[1:])
         assert all(torch.equal(p.grad, b) for (_, p), b in zip(trainable(model), before))
         assert opt.metrics()["gradproj/dropped_microbatches"] == 1.0
+        opt.detach()
+        Late.fail = False
+
+        model = TinyLM(seed=1)  # direct writes: a failed finish poisons every gradient
+        opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "late_direct", nonfinite="propagate")
+        Late.fail = True
+        run_microbatches(model, opt, batches[:1])
+        assert all(torch.isnan(p.grad).all() for _, p in trainable(model))
         opt.detach()
         Late.fail = False
 

@@ -47,9 +47,10 @@ def test_direct_writes_equal_the_brute_force(params):
     assert max(errors.values()) <= 1e-10, errors
 
 
-def test_nothing_is_staged_when_writing_directly(monkeypatch):
+@pytest.mark.parametrize("strategy", ["proma", "intra_proma"])
+def test_nothing_is_staged_when_writing_directly(monkeypatch, strategy):
     model = _model("linear")
-    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", nonfinite="propagate")
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy, nonfinite="propagate")
     engine, staged = opt.engine, []
     finish = engine._finish_microbatch
     monkeypatch.setattr(engine, "_finish_microbatch", lambda mb: (staged.append(len(mb.staged)), finish(mb)))
@@ -57,12 +58,17 @@ def test_nothing_is_staged_when_writing_directly(monkeypatch):
     assert staged == [0, 0, 0] and not engine._buffers
 
 
+@pytest.mark.parametrize("strategy", ["proma", "intra_proma"])
 @pytest.mark.parametrize("mode", ["drop", "propagate"])
-def test_nonfinite_in_a_lower_layer(mode):
+def test_nonfinite_in_a_lower_layer(monkeypatch, mode, strategy):
     """NaN enters the output gradient of layer 0's o_proj: the layers above it were processed
-    (and, writing directly, already added to ``.grad``) before it appeared."""
+    (and, writing directly, already added to ``.grad``) before it appeared. intra_proma defers its
+    projections; a zero budget makes the engine write each deferred update as soon as it is finished."""
+    import gradproj.capture.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "DEFERRED_WRITES_MAX_BYTES", 0)
     model = _model("linear")
-    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", nonfinite=mode)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy, nonfinite=mode)
     first, second = make_microbatches(count=2, k=4, seed=8)
     run_microbatches(model, opt, [first], scale=0.5)
     before = _grads(model)

@@ -91,6 +91,9 @@ def in_checkpoint_recomputation() -> bool:
     return hooks is not None and "_recomputation_hook" in getattr(hooks[0], "__qualname__", "")
 
 
+#: With direct writes, deferred updates held before the rule is asked to finish them (bytes)
+DEFERRED_WRITES_MAX_BYTES = 16 << 20
+
 #: blocks of a blocked layer hold at least this many elements of its sequence gradients
 BLOCK_MIN_NUMEL = 1 << 18
 
@@ -482,28 +485,50 @@ class CaptureEngine:
     def _accumulate(self, mb: Microbatch, param: torch.Tensor, qname: str, seq) -> None:
         """Run the accumulation rule for one parameter tensor and stage (or write) its update."""
         grad = self.running_grad(param)
-        if self.writes_directly:
-            out = None if grad is None else self._scratch.take(param.shape, compute_dtype(param.dtype), param.device)
+        rule = self.strategies.accumulate
+        if self.writes_directly:  # a rule that may defer gets fresh update tensors, not the scratch
+            scratch = grad is not None and not rule.may_defer
+            out = self._scratch.take(param.shape, compute_dtype(param.dtype), param.device) if scratch else None
         else:
             out = None if id(param) in mb.staged else self._buffers.get(id(param))
             if out is not None and out.shape != param.shape:
                 out = None
         start = perf_counter()
         step = LayerStep(qname, param, grad, mb.coefficients, seq, out)
-        # staged by reference and applied after finish_microbatch(): the strategy may finish it later
-        step.deferrable = not self.writes_directly and self.sharded is None and id(param) not in self._shared
+        # staged by reference (or, with direct writes, held) until finish_microbatch(): the rule may finish it later
+        step.deferrable = (
+            self.sharded is None and id(param) not in self._shared and (not self.writes_directly or rule.may_defer)
+        )
         for transform in self._layer_transforms:
             step.coefficients = transform.transform_layer(step)
         if self.diagnostics is not None:
             self.diagnostics.observe(qname, seq.gram().cpu().numpy(), step.host_coefficients(), mb.group_ids)
-        update = self.strategies.accumulate.accumulate(step)
+        update = rule.accumulate(step)
         self._strategy_seconds += perf_counter() - start
         if step.deferred and not step.deferrable:
             raise ProtocolError(
-                f"strategy {type(self.strategies.accumulate).__name__} deferred the update of {qname}, "
-                "which this engine applies at once (step.deferrable is False); finish it in accumulate()"
+                f"strategy {type(rule).__name__} deferred the update of {qname}, which this engine "
+                "applies at once (step.deferrable is False); finish it in accumulate()"
             )
+        if step.deferred and self.writes_directly:
+            mb.deferred_writes.append((param, update))
+            mb.deferred_bytes += update.numel() * update.element_size()
+            if mb.deferred_bytes >= DEFERRED_WRITES_MAX_BYTES:
+                self._finish_deferred(mb)
+            return
         self._commit(mb, param, update, step.finite or step.deferred)
+
+    def _finish_deferred(self, mb: Microbatch) -> None:
+        """Have the rule finish its deferred updates; with direct writes, then add them to ``.grad``."""
+        start = perf_counter()
+        finished = self.strategies.accumulate.finish_microbatch()
+        self._strategy_seconds += perf_counter() - start
+        writes, mb.deferred_writes, mb.deferred_bytes = mb.deferred_writes, [], 0
+        if not finished:
+            mb.drop()
+            return
+        for param, update in writes:
+            self._commit(mb, param, update, True)
 
     def _commit(self, mb: Microbatch, param: torch.Tensor, update: torch.Tensor, finite: bool) -> None:
         """Stage ``update`` until the microbatch closes, or (:attr:`writes_directly`) add it to
@@ -569,11 +594,7 @@ class CaptureEngine:
         mb.pieces.clear()
         if not mb.dropped:
             self._finish_groups(mb)
-            finishing = perf_counter()
-            finished = self.strategies.accumulate.finish_microbatch()
-            self._strategy_seconds += perf_counter() - finishing
-            if not finished:
-                mb.drop()
+            self._finish_deferred(mb)
         self._capture_seconds += perf_counter() - start
         if not mb.dropped and mb.unverified and not self._all_finite(mb.unverified):
             mb.drop()

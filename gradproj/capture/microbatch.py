@@ -154,6 +154,8 @@ class Microbatch:
         self.pieces: dict[int, tuple] = {}  # tied parameter -> (param, name, pieces so far)
         self.unverified: list[torch.Tensor] = []  # staged updates still to check for NaN/inf
         self.written: list[torch.Tensor] = []  # parameters whose .grad took an unchecked update
+        self.deferred_writes: list = []  # direct writes: (param, update) waiting for finish_microbatch()
+        self.deferred_bytes = 0
 
     def stage(self, param: torch.Tensor, update: torch.Tensor, finite: bool = False) -> None:
         """Remember ``update`` for ``param`` (adding up several uses, e.g. tied weights).
@@ -171,6 +173,7 @@ class Microbatch:
     def drop(self) -> None:
         """Discard everything staged: this microbatch will not change any gradient."""
         self.dropped = True
+        self.deferred_writes.clear()
         self.staged.clear()
         self.uses.clear()
         self.filled.clear()

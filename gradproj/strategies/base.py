@@ -93,6 +93,12 @@ class Strategy:
     #: e.g. Intra-PROMA's input/output-gradient subspaces); the engine then does not batch small
     #: parameters into per-sequence rows, which would lose the tokens.
     needs_tokens: ClassVar[bool] = False
+    #: Whether the rule may return deferred updates (``step.deferred``) where the engine writes
+    #: updates straight into ``.grad`` (``nonfinite="propagate"``): it then gives the rule fresh
+    #: update tensors instead of its one-layer scratch buffer, holds the deferred ones, and writes
+    #: them after :meth:`finish_microbatch` -- which it then calls whenever the held updates reach
+    #: a budget, not only at the close.
+    may_defer: ClassVar[bool] = False
 
     def __init__(self, options: StrategyOptions) -> None:
         self.options = options
@@ -121,9 +127,12 @@ class Strategy:
         """Called when a microbatch block opens (per-microbatch caches start here)."""
 
     def finish_microbatch(self) -> bool:
-        """Called once the microbatch's backward is over, before its staged updates are checked
-        and applied: finish the updates returned with ``step.deferred``. Returns False if one of
-        them came out non-finite (the engine then drops the microbatch)."""
+        """Finish, in place, every update returned with ``step.deferred`` so far.
+
+        Called once the microbatch's backward is over, before its updates are checked and applied
+        -- and, for rules with :attr:`may_defer` under direct writes, also during the backward
+        whenever the held updates reach the engine's budget. Returns False if a finished update
+        came out non-finite (the engine then drops the microbatch)."""
         return True
 
     def end_microbatch(self) -> None:

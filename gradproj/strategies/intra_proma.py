@@ -11,8 +11,8 @@ it commutes with data-parallel all-reduce::
 ``U_A`` / ``U_D``: top-``rank`` subspaces of the layer inputs / unweighted output gradients of the
 tokens that carry a gradient (see :mod:`gradproj.linalg.subspace` and :mod:`gradproj.linalg.factored`).
 
-Where the engine stages updates (``step.deferrable``), the projection of a layer waits until
-:data:`DEFER_MAX_BYTES` of token factors are pending or the microbatch's backward ends: the
+Where the engine allows it (``step.deferrable``), the projection of a layer waits until
+:data:`DEFER_MAX_BYTES` of token factors are pending or the engine asks for the updates: the
 subspaces of all pending layers are then computed together, their small per-factor algebra
 batched (inside a backward pass every small operation is costly). The result is the same.
 """
@@ -71,6 +71,7 @@ class IntraProma(Strategy):
 
     role = "accumulate"
     needs_tokens = True
+    may_defer = True
 
     def __init__(self, options: IntraPromaOptions) -> None:
         super().__init__(options)
