@@ -50,9 +50,10 @@ class LayerStep:
         finite: a strategy may set this to True when it has established that its update is
             finite (e.g. from a finite Gram of the sequence gradients); the engine then skips its
             own non-finite check of that update.
-        deferrable: set by the engine when the returned update is staged by reference and applied
-            only after :meth:`Strategy.finish_microbatch`: the strategy may then finish it in place
-            until that call (e.g. to batch small work across layers).
+        deferrable: set by the engine when the returned update is applied only after
+            :meth:`Strategy.finish_microbatch` (staged by reference, or under direct writes held for
+            a rule with ``may_defer``): the strategy may then finish it in place until that call
+            (e.g. to batch small work across layers).
         deferred: set by the strategy when it returned such an unfinished update (only allowed if
             ``deferrable``); :meth:`Strategy.finish_microbatch` then vouches for its finiteness.
     """
