@@ -1,6 +1,7 @@
 """DDP with 2 gloo processes on CPU: each rank accumulates its own microbatches with the strategy,
 then the gradients are averaged (SPEC 2.2 data-parallel semantics), against a float64 brute force."""
 
+import gc
 import os
 import socket
 
@@ -59,7 +60,10 @@ def worker(rank, port, outdir, strategy):
              "restored": ddp.require_backward_grad_sync},
             os.path.join(outdir, f"rank{rank}.pt"),
         )
+        del opt, ddp, model
+        dist.barrier()  # both ranks done before either tears gloo down (a rank leaving early aborted the other once)
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 

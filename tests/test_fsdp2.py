@@ -2,6 +2,7 @@
 gradients correctly -- each rank accumulates its microbatches, then the average over the ranks is
 sharded into ``param.grad`` -- against the same float64 brute force as DDP."""
 
+import gc
 import os
 
 import pytest
@@ -43,7 +44,10 @@ def worker(rank, world, port, outdir, strategy):
         opt.detach()
         torch.save({"grads": grads, "shapes": local_shapes, "before": before, "after": after},
                    os.path.join(outdir, f"rank{rank}.pt"))
+        del opt, model
+        dist.barrier()  # every rank done before gloo is torn down
     finally:
+        gc.collect()
         dist.destroy_process_group()
 
 
