@@ -56,6 +56,11 @@ def _project_embedding(g, factors: IndexTokenFactors, projector: str, options: d
     return g, max(float(before**2 - after**2), 0.0), ranks
 
 
+def _same_keep(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two kept-row masks are the same (the same object, or equal)."""
+    return a is b or torch.equal(a, b)
+
+
 class SubspaceCache:
     """Subspaces computed in this microbatch that a later parameter may reuse.
 
@@ -80,10 +85,10 @@ class SubspaceCache:
         """The cached basis of ``x`` with the same kept positions, or ``None``."""
         key = self._key(x)
         last = self._last_output
-        if last is not None and last[0] == key and torch.equal(last[1], keep):
+        if last is not None and last[0] == key and _same_keep(last[1], keep):
             return last[2]
         for index, entry in enumerate(self._entries):
-            if entry[0] == key and torch.equal(entry[1], keep):
+            if entry[0] == key and _same_keep(entry[1], keep):
                 self._entries.append(self._entries.pop(index))  # most recently used last
                 return entry[2]
         return None
@@ -106,20 +111,21 @@ class SubspaceCache:
 
 
 class _Known:
-    """Subspaces known in one batch (and, through ``cache``, earlier in the microbatch)."""
+    """Values (subspaces, or pending request numbers) per (factor, kept rows) within one batch;
+    lookups fall back to ``cache`` (subspaces from earlier in the microbatch)."""
 
-    def __init__(self, cache: SubspaceCache | None) -> None:
+    def __init__(self, cache: SubspaceCache | None = None) -> None:
         self.cache = cache
         self.entries: dict = {}
 
     def get(self, x: torch.Tensor, keep: torch.Tensor):
-        for known_keep, basis in self.entries.get(SubspaceCache._key(x), ()):
-            if known_keep is keep or torch.equal(known_keep, keep):
-                return basis
+        for known_keep, value in self.entries.get(SubspaceCache._key(x), ()):
+            if _same_keep(known_keep, keep):
+                return value
         return None if self.cache is None else self.cache.get(x, keep)
 
-    def add(self, x: torch.Tensor, keep: torch.Tensor, basis: torch.Tensor) -> None:
-        self.entries.setdefault(SubspaceCache._key(x), []).append((keep, basis))
+    def add(self, x: torch.Tensor, keep: torch.Tensor, value) -> None:
+        self.entries.setdefault(SubspaceCache._key(x), []).append((keep, value))
 
 
 def _kept_sides(requests: list, known: _Known, options: dict) -> list:
@@ -131,15 +137,15 @@ def _kept_sides(requests: list, known: _Known, options: dict) -> list:
         if bases[index] is None:
             todo.append(index)
     pending: list = []  # (x, keep, [request indices]) -- equal requests computed once
+    numbers = _Known()  # (x, keep) -> its position in `pending`
     for index in todo:
         x, keep = requests[index]
-        key = SubspaceCache._key(x)
-        for other in pending:
-            if SubspaceCache._key(other[0]) == key and (other[1] is keep or torch.equal(other[1], keep)):
-                other[2].append(index)
-                break
-        else:
+        number = numbers.get(x, keep)
+        if number is None:
+            numbers.add(x, keep, len(pending))
             pending.append((x, keep, [index]))
+        else:
+            pending[number][2].append(index)
     results = top_subspaces([(x, keep) for x, keep, _ in pending], **options)
     for (x, keep, indices), (basis, _) in zip(pending, results):
         known.add(x, keep, basis)
