@@ -5,6 +5,7 @@ from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
 
 import gradproj
+from gradproj.linalg.sequence_grads import _GRAM_CHUNK, row_gram
 from helpers import VOCAB, TinyLM, run_microbatches, trainable
 
 
@@ -45,3 +46,15 @@ def test_proma_equals_brute_force(data):
         opt.detach()
     # Empty masks everywhere give an all-zero gradient on both sides (rel_err of 0 vs 0 is 0).
     assert max(errors.values()) <= 1e-9, errors
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 5 * _GRAM_CHUNK + 7), st.sampled_from([torch.float32, torch.float64]), st.integers(0, 2**16))
+def test_row_gram_equals_the_product(k, width, dtype, seed):
+    """The chunked Gram of a short, wide matrix equals ``flat @ flat.T`` (below, at and above the chunk)."""
+    flat = torch.randn(k, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    expected = flat @ flat.T
+    got = row_gram(flat.to(dtype))
+    assert got.dtype == torch.float64 and got.shape == (k, k)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(got, expected, rtol=tol, atol=tol * float(expected.abs().max()))

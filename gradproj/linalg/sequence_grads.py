@@ -127,7 +127,9 @@ def augmented_gram(seq, other: torch.Tensor) -> torch.Tensor:
     return out
 
 
-_GRAM_CHUNK = 4096
+#: row chunk of :func:`row_gram` (1024 measured 4-7 ms per step faster than 4096 with every Linear
+#: trainable at the benchmark's shape: shorter chunks stay in cache)
+_GRAM_CHUNK = 1024
 
 
 class Workspace:
@@ -165,7 +167,8 @@ def row_gram(flat: torch.Tensor) -> torch.Tensor:
     """``flat @ flat.T`` for a short, very wide (k, D) matrix, as float64.
 
     BLAS handles the (k x D)(D x k) shape poorly (and sums D products in one long chain); viewing
-    the rows as chunks of 4096 and summing a batched product is ~4x faster on CPU and more accurate.
+    the rows as chunks of :data:`_GRAM_CHUNK` and summing a batched product is ~5x faster on CPU and
+    more accurate.
     """
     k, width = flat.shape
     chunks = width // _GRAM_CHUNK
