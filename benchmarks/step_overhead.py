@@ -144,9 +144,9 @@ def parse_variant(variant: str) -> tuple[str, dict]:
     return name, options
 
 
-def time_interleaved(runs: dict, data, repeats: int, label: str) -> dict[str, float]:
-    """Median seconds per step of each ``name -> (model, opt, step_fn)``: one warm-up step each,
-    then ``repeats`` rounds over all runs, alternating the order between rounds."""
+def time_rounds(runs: dict, data, repeats: int, label: str) -> dict[str, list[float]]:
+    """Seconds per step of each ``name -> (model, opt, step_fn)`` in every round: one warm-up step
+    each, then ``repeats`` rounds over all runs, alternating the order between rounds."""
     times = {name: [] for name in runs}
     for model, opt, fn in runs.values():  # warm-up
         fn(model, opt, data)
@@ -158,14 +158,33 @@ def time_interleaved(runs: dict, data, repeats: int, label: str) -> dict[str, fl
             fn(model, opt, data)
             times[name].append(time.perf_counter() - start)
         print(f"  [{label}] repeat {rep + 1}/{repeats}", file=sys.stderr, flush=True)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
-def time_setup(args, setup):
-    """Median step time of every variant of ``setup`` and the strategies' metrics."""
+def time_interleaved(runs: dict, data, repeats: int, label: str) -> dict[str, float]:
+    """Median seconds per step of each run (see :func:`time_rounds`)."""
+    return {name: statistics.median(ts) for name, ts in time_rounds(runs, data, repeats, label).items()}
+
+
+def round_ratio_spread(times: list[float], plain: list[float]) -> tuple[float, float]:
+    """Quartiles (q25, q75) of the per-round ratios ``times[i] / plain[i]`` -- how much the ratio
+    moves from one round to the next on this machine (both steps ran back to back)."""
+    ratios = [t / p for t, p in zip(times, plain)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q25, _, q75 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q25, q75
+
+
+def time_setup(args, setup, rounds: dict | None = None):
+    """Median step time of every variant of ``setup`` and the strategies' metrics; ``rounds``, if
+    given, receives each variant's per-round seconds."""
     data = make_data(args)
     runs = variants(args, setup)
-    med = time_interleaved(runs, data, args.repeats, setup)
+    times = time_rounds(runs, data, args.repeats, setup)
+    if rounds is not None:
+        rounds.update(times)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
     extra = {}
     for name, (model, opt, fn) in runs.items():
         if hasattr(opt, "metrics"):
@@ -298,15 +317,16 @@ def write_markdown(results, path) -> None:
         + (f"LoRA rank {a['rank']}; " if "lora" in a["setups"] else "")
         + ("gradient checkpointing on; " if a.get("checkpointing") else "")
         + f"AdamW; float32; {a['threads']} threads; median of {a['repeats']} interleaved "
-        f"repeats; torch {results['torch']}; run {results['date']}.",
+        f"repeats; torch {results['torch']}; run {results['date']}. `x plain step`: ratio of the median "
+        "step times; `per round`: quartiles of the ratio to the plain step run in the same round.",
         "",
-        "| setup | variant | step (s) | x plain step |"
+        "| setup | variant | step (s) | x plain step | per round (q25-q75) |"
         + (" peak memory (MiB) | x plain | step's own (MiB) | x plain |" if a["memory"] else ""),
-        "|---|---|---:|---:|" + ("---:|---:|---:|---:|" if a["memory"] else ""),
+        "|---|---|---:|---:|---:|" + ("---:|---:|---:|---:|" if a["memory"] else ""),
     ]
     for setup, data in results["setups"].items():
         for name, row in data["rows"].items():
-            line = f"| {setup} | {name} | {row['seconds']:.4f} | {row['ratio']:.3f} |"
+            line = f"| {setup} | {name} | {row['seconds']:.4f} | {row['ratio']:.3f} | {row['ratio_q25']:.3f}-{row['ratio_q75']:.3f} |"
             if a["memory"]:
                 line += (f" {row['peak_mib']:.1f} | {row['memory_ratio']:.3f} |"
                          f" {row['growth_mib']:.1f} | {row['growth_ratio']:.3f} |")
@@ -355,8 +375,11 @@ def main(argv=None):
     results = {"args": vars(args), "setups": {}, "torch": torch.__version__, "date": datetime.date.today().isoformat()}
     child_argv = [a for a in argv if a not in ("--memory",)]
     for setup in args.setups:
-        med, metrics = time_setup(args, setup)
+        rounds: dict = {}
+        med, metrics = time_setup(args, setup, rounds)
         rows = {name: {"seconds": t, "ratio": t / med["plain"]} for name, t in med.items()}
+        for name, row in rows.items():
+            row["ratio_q25"], row["ratio_q75"] = round_ratio_spread(rounds[name], rounds["plain"])
         if args.memory:
             base = peak_memory(child_argv, setup, "plain")
             for name in rows:
@@ -364,9 +387,9 @@ def main(argv=None):
                 rows[name]["memory_ratio"] = _ratio(rows[name]["peak_mib"], base["peak_mib"])
                 rows[name]["growth_ratio"] = _ratio(rows[name]["growth_mib"], base["growth_mib"])
         results["setups"][setup] = {"rows": rows, "metrics": metrics}
-        print(f"\n[{setup}]  {'variant':<14}{'step s':>10}{'x plain':>10}" + (f"{'peak MiB':>10}{'x plain':>9}{'growth':>9}{'x plain':>9}" if args.memory else ""))
+        print(f"\n[{setup}]  {'variant':<14}{'step s':>10}{'x plain':>10}{'rounds q25-q75':>16}" + (f"{'peak MiB':>10}{'x plain':>9}{'growth':>9}{'x plain':>9}" if args.memory else ""))
         for name, row in rows.items():
-            line = f"[{setup}]  {name:<14}{row['seconds']:>10.4f}{row['ratio']:>10.3f}"
+            line = f"[{setup}]  {name:<14}{row['seconds']:>10.4f}{row['ratio']:>10.3f}{row['ratio_q25']:>9.3f}-{row['ratio_q75']:.3f}"
             if args.memory:
                 line += f"{row['peak_mib']:>10.1f}{row['memory_ratio']:>9.3f}{row['growth_mib']:>9.1f}{row['growth_ratio']:>9.3f}"
             print(line)

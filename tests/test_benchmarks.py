@@ -21,6 +21,14 @@ def test_variant_options_reach_the_strategy():
     assert opt.config.options["niter"] == 0 and opt.config.options["rank"] == 2
 
 
+def test_round_ratio_spread_pairs_each_round_with_its_plain_step():
+    # rounds where both steps slowed down together give the same ratio: no spread
+    assert step_overhead.round_ratio_spread([2.0, 4.0, 3.0], [1.0, 2.0, 1.5]) == pytest.approx((2.0, 2.0))
+    q25, q75 = step_overhead.round_ratio_spread([1.0, 1.2, 1.4, 1.6, 1.8], [1.0] * 5)
+    assert (q25, q75) == pytest.approx((1.2, 1.6))
+    assert step_overhead.round_ratio_spread([1.1], [1.0]) == pytest.approx((1.1, 1.1))
+
+
 def test_cut_short_stage_restores_the_strategy_methods(monkeypatch):
     original = Proma.__dict__["accumulate"]
     cut = breakdown._Cut(Proma, {"accumulate": breakdown._capture_only})
