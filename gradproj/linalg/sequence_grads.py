@@ -167,8 +167,8 @@ def row_gram(flat: torch.Tensor) -> torch.Tensor:
     """``flat @ flat.T`` for a short, very wide (k, D) matrix, as float64.
 
     BLAS handles the (k x D)(D x k) shape poorly (and sums D products in one long chain); viewing
-    the rows as chunks of :data:`_GRAM_CHUNK` and summing a batched product is ~5x faster on CPU and
-    more accurate.
+    the rows as chunks of :data:`_GRAM_CHUNK` and summing a batched product is 2.5-5.7x faster on CPU
+    (9 rows of 65k and 352k) and more accurate.
     """
     k, width = flat.shape
     chunks = width // _GRAM_CHUNK
