@@ -18,6 +18,7 @@ from gradproj.errors import (
     CoverageError,
     GradProjError,
     InputError,
+    LossTermError,
     ProtocolError,
 )
 from gradproj.optimizer import GradProjOptimizer, wrap
@@ -34,6 +35,7 @@ __all__ = [
     "ConfigError",
     "InputError",
     "CoefficientError",
+    "LossTermError",
     "CoverageError",
     "ProtocolError",
     "CheckpointError",

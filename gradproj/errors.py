@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "InputError",
     "CoefficientError",
+    "LossTermError",
     "CoverageError",
     "ProtocolError",
     "CheckpointError",
@@ -33,6 +34,12 @@ class InputError(GradProjError, ValueError):
 
 class CoefficientError(GradProjError, ValueError):
     """The loss's per-token weights ``w = dL/dlogp`` are not constant along a sequence."""
+
+
+class LossTermError(CoefficientError):
+    """A term of the loss reaches the trainable parameters without passing through the log-probs
+    given to ``opt.microbatch`` (an entropy bonus, a z-loss or router auxiliary loss, a penalty on
+    hidden states or weights): gradproj would re-weight it per sequence as if it were part of them."""
 
 
 class CoverageError(GradProjError, ValueError):

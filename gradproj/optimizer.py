@@ -19,7 +19,7 @@ from torch import nn
 
 from gradproj.capture.engine import CaptureEngine
 from gradproj.config import GradProjConfig
-from gradproj.errors import ConfigError, CoverageError
+from gradproj.errors import CheckpointError, ConfigError, CoverageError
 
 __all__ = ["GradProjOptimizer", "wrap"]
 
@@ -73,22 +73,36 @@ class GradProjOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """Run the inner optimizer's step on the accumulated ``.grad`` and close the step's metrics.
 
+        With ``nonfinite="drop"``, a step whose every microbatch was dropped as non-finite applies
+        nothing (``gradproj/step_skipped`` is 1) and its gradients are cleared.
+
         Raises:
-            ProtocolError: a microbatch block is still open.
+            ProtocolError: a microbatch block is still open, or a failed microbatch left the running
+                gradient incomplete (zero the gradients and run the step again).
         """
         self._engine.check_idle("optimizer.step()")
-        self._engine.check_step()
+        if not self._engine.check_step():  # every microbatch was dropped: .grad holds NaN markers
+            self._engine.end_step(skipped=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
         self._engine.sync_gradients()  # DDP: average over the ranks, unless sync_gradients() already did
         result = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         self._engine.end_step()
         return result
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero (or drop) the gradients: the next microbatch starts a new running gradient."""
-        self._engine.check_idle("optimizer.zero_grad()")
+        """Zero (or drop) the gradients: the next microbatch starts a new running gradient.
+
+        Microbatches run since the last ``step()`` (a ``GradScaler`` skipped it, or the step is
+        abandoned) close their step's metrics here, as a skipped step."""
+        engine = self._engine
+        engine.check_idle("optimizer.zero_grad()")
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        if self._engine.sharded is not None:  # FSDP2: the rank-local running gradients start anew
-            self._engine.sharded.reset()
+        if engine.sharded is not None:  # FSDP2: the rank-local running gradients start anew
+            engine.sharded.reset()
+        engine.clear_incomplete()
+        if engine.step_pending():
+            engine.end_step(skipped=True)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a parameter group to the inner optimizer (its parameters must be covered)."""
@@ -112,12 +126,23 @@ class GradProjOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a dict written by :meth:`state_dict` (or a plain inner state dict)."""
+        """Load a dict written by :meth:`state_dict` (or a plain inner state dict).
+
+        gradproj's entry is checked first and applied only after the inner optimizer accepted its
+        own, so a refused checkpoint changes nothing.
+
+        Raises:
+            CheckpointError: the gradproj entry is malformed, of another version, or was written with
+                another strategy or other options.
+        """
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(f"load_state_dict() needs the dict state_dict() wrote, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         ours = state_dict.pop(_STATE_KEY, None)
-        if ours is not None:
-            self._engine.load_state_dict(ours)
+        steps = None if ours is None else self._engine.check_state_dict(ours)
         self.optimizer.load_state_dict(state_dict)
+        if steps is not None:
+            self._engine.steps = steps
 
     def register_step_pre_hook(self, hook):
         """Delegated to the inner optimizer."""
@@ -182,9 +207,34 @@ class GradProjOptimizer(torch.optim.Optimizer):
         The loss built inside must be ``sum_i c_i sum_t mask[i,t] logp[i,t]`` up to per-sequence
         constants (REINFORCE/GRPO, token-mean or sequence-mean aggregation, gradient accumulation
         scaling); a loss whose weights vary along a row raises :class:`CoefficientError`.
-        When the block closes, ``param.grad`` holds the new running gradient.
+        When the block closes, ``param.grad`` holds the new running gradient. If anything fails
+        inside the block (an error in the backward, an exception of your own after it, an
+        interrupt), ``.grad`` is left as the block found it and the microbatch can be run again.
+
+        Raises:
+            CoverageError: the inner optimizer holds a trainable parameter gradproj does not cover
+                (given to it after ``wrap()``), or a covered parameter was replaced.
         """
+        self._check_optimizer_params()
         return self._engine.microbatch(logp, mask, cu_seqlens, position_ids, group_ids)
+
+    def _check_optimizer_params(self) -> None:
+        """Every trainable parameter the inner optimizer holds must be covered (a layer trained
+        through the inner optimizer's own ``add_param_group``, or swapped into a param group, after
+        ``wrap()`` would get unprojected gradients)."""
+        engine = self._engine
+        if not engine.needs_capture:
+            return
+        covered = engine._covered
+        bad = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad and id(p) not in covered]
+        if bad:
+            raise CoverageError(
+                f"the optimizer holds {len(bad)} trainable parameter(s) that gradproj does not cover (shapes "
+                f"{[tuple(p.shape) for p in bad[:4]]}{' ...' if len(bad) > 4 else ''}): they were given to the inner "
+                "optimizer or swapped into its param groups after wrap(), so their gradients would not be "
+                "projected. Call opt.detach() and wrap() the optimizer again after changing which parameters "
+                "train (or add them with opt.add_param_group(), which checks them)"
+            )
 
     def set_groups(self, group_ids: torch.Tensor | Sequence[Hashable], rewards: torch.Tensor | Sequence[float]) -> None:
         """Give the step's prompt groups and rewards, once per step, before its first microbatch.

@@ -28,12 +28,12 @@ def test_no_grad_forward_is_not_captured():
     ids, attn, mask, adv = make_microbatches(count=1)[0]
     with torch.no_grad():
         token_logprobs(model, ids, attn)
-    assert all(layer.forward_uses == 0 for layer in opt.engine.layers)
+    assert all(layer.pending == 0 for layer in opt.engine.layers)
     with torch.inference_mode():
         token_logprobs(model, ids, attn)
-    assert all(layer.forward_uses == 0 for layer in opt.engine.layers)
+    assert all(layer.pending == 0 for layer in opt.engine.layers)
     token_logprobs(model, ids, attn)
-    assert all(layer.forward_uses == 1 for layer in opt.engine.layers)
+    assert all(layer.pending == 1 for layer in opt.engine.layers)
 
 
 def test_paused_gives_ordinary_gradients():
@@ -214,13 +214,13 @@ def test_large_parameters_take_the_per_layer_path():
 
 def test_unused_grad_forward_defers_but_stays_exact():
     """A forward with grad enabled that is never backpropagated (e.g. old log-probs computed without
-    no_grad) leaves use counts higher than the backward's; finalisation waits for the block's end."""
+    no_grad) stays pending until the optimizer step; finalisation waits for the block's end."""
     from helpers import grpo_coefficients, reference_update, sequence_gradients
 
     model = TinyLM(seed=2)
     opt = wrap(model)
     G = {n: None for n, _ in trainable(model)}
-    for ids, attn, mask, adv in make_microbatches(count=2, k=3, seed=6):
+    for m, (ids, attn, mask, adv) in enumerate(make_microbatches(count=2, k=3, seed=6)):
         with opt.paused():
             S = sequence_gradients(model, token_logprobs(model, ids, attn), mask)
         c = grpo_coefficients(adv, mask, 0.5)
@@ -228,12 +228,14 @@ def test_unused_grad_forward_defers_but_stays_exact():
             G[n] = reference_update(G[n], S[n], c)
         token_logprobs(model, ids, attn)  # discarded grad-enabled forward
         logp = token_logprobs(model, ids, attn)
-        assert all(layer.forward_uses == 2 for layer in opt.engine.layers)
+        assert all(layer.pending == 2 + m for layer in opt.engine.layers)
         with opt.microbatch(logp, mask):
             grpo_loss(logp, mask, adv, 0.5).backward()
-        assert all(layer.forward_uses == 0 for layer in opt.engine.layers)
+        assert all(layer.pending == 1 + m for layer in opt.engine.layers)
     for n, p in trainable(model):
         torch.testing.assert_close(p.grad.reshape(-1).double(), G[n], rtol=1e-10, atol=1e-14)
+    opt.step()
+    assert all(layer.pending == 0 for layer in opt.engine.layers)
 
 
 @pytest.mark.parametrize("strategy", ["proma", "none", "intra_proma"])

@@ -92,7 +92,7 @@ def test_checkpointed_layers_finish_during_the_backward(reentrant, monkeypatch):
     monkeypatch.setattr(opt.engine, "_finish_microbatch", lambda mb: (left_open.append(len(mb.uses)), finish(mb)))
     for ids, attn, mask, adv in make_microbatches(count=2, k=3, seed=1):
         logp = token_logprobs(model, ids, attn)
-        counted = {layer.forward_uses for layer in opt.engine.layers if layer.name.startswith("model.layers")}
+        counted = {layer.pending for layer in opt.engine.layers if layer.name.startswith("model.layers")}
         assert counted == ({1} if not reentrant else {0})
         with opt.microbatch(logp, mask):
             grpo_loss(logp, mask, adv, 0.5).backward()

@@ -130,7 +130,8 @@ def test_state_dict_is_weights_only_and_resume_is_exact():
     model_b, opt_b = make()
     train(model_b, opt_b, range(2))
     state = torch.load(_state_bytes(opt_b), weights_only=True)
-    assert state["gradproj"]["version"] == 1 and state["gradproj"]["steps"] == 2
+    assert state["gradproj"]["version"] == 2 and state["gradproj"]["steps"] == 2
+    assert state["gradproj"]["config"]["relative_bound"] == 0.5  # options are saved
     weights = {k: v.clone() for k, v in model_b.state_dict().items()}
     opt_b.detach()
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradproj.capture.forwards import install_forward, runs_class_forward
 from gradproj.capture.handlers import LayerHandler, compute_dtype
 from gradproj.linalg.sequence_grads import IndexTokenFactors, row_gram
 from gradproj.plugins.hookspecs import hookimpl
@@ -35,8 +36,7 @@ class _CapturedEmbedding(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (ids,) = ctx.saved_tensors
-        engine = ctx.layer.engine
-        if engine.plain_backward:
+        if ctx.layer.plain_backward():
             grad_w = None
             if ctx.needs_input_grad[1]:
                 flat_ids = ids.reshape(-1)
@@ -45,7 +45,7 @@ class _CapturedEmbedding(torch.autograd.Function):
                     flat = flat * (flat_ids != ctx.padding_idx).unsqueeze(-1).to(flat.dtype)
                 grad_w = flat.new_zeros(ctx.num_embeddings, flat.shape[-1]).index_add_(0, flat_ids, flat)
             return None, grad_w, None, None
-        engine.on_backward(ctx.layer, (ids, grad_out))
+        ctx.layer.engine.on_backward(ctx.layer, (ids, grad_out))
         return None, None, None, None
 
 
@@ -121,7 +121,7 @@ class EmbeddingHandler(LayerHandler):
         known = type(module).forward is nn.Embedding.forward or type(module) in self.scaled_types
         return (
             known
-            and "forward" not in module.__dict__
+            and runs_class_forward(module)
             and not module.sparse
             and module.max_norm is None
             and not module.scale_grad_by_freq
@@ -140,8 +140,7 @@ class EmbeddingHandler(LayerHandler):
                 return out * module.embed_scale.to(module.weight.dtype) if scaled else out
             return original(module, input)
 
-        module.forward = forward
-        return lambda: module.__dict__.pop("forward", None)
+        return install_forward(module, forward)
 
     def sequence_gradients(self, layer, uses, layout, gram: str, workspace=None, slots=None) -> dict:
         """The per-distinct-token representation over all uses of the microbatch."""

@@ -3,13 +3,16 @@
 Life of one microbatch (``with opt.microbatch(logp, mask): loss.backward()``):
 
 1. Forward (before the block, grad enabled): every covered module call goes through its handler,
-   which counts the use (``layer.forward_uses``).
+   which counts the use (``layer.pending``: forwards whose backward has not arrived yet).
 2. Backward reaches ``logp``: the hook records ``c_i`` and sends the mask down.
-3. Backward reaches a covered module: the handler passes ``(inputs, output_grads)`` here. When all
-   of the layer's uses of this microbatch have arrived, the strategy computes the update of each
+3. Backward reaches a covered module: the handler passes ``(inputs, output_grads)`` here. When no
+   forward of the layer is left waiting for its backward, the strategy computes the update of each
    parameter tensor from ``G = param.grad`` and the sequence gradients; the update is *staged*.
 4. The block closes: staged updates are written to ``param.grad`` (``G <- G + U``) -- all of them,
    or none if an error or a non-finite value occurred, so a failed microbatch can be retried.
+
+Before the backward starts, its roots are checked for loss terms that reach the covered parameters
+without passing through ``logp`` (:mod:`gradproj.capture.backward_watch`).
 
 With ``nonfinite="propagate"`` step 3 adds each update to ``param.grad`` at once instead (no staged
 copy of the gradient: less memory) and step 4 only checks for NaN/inf, making every gradient NaN
@@ -19,13 +22,16 @@ if it finds any.
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from contextlib import contextmanager
 from functools import partial
 from time import perf_counter
 
 import torch
 from torch import nn
+from torch.utils.hooks import unserializable_hook
 
+from gradproj.capture import backward_watch
 from gradproj.capture.batching import BATCH_MAX_BYTES, BATCH_MAX_NUMEL, BATCH_ROWS_ESTIMATE, LayerBatch, ParamGroup
 from gradproj.capture.data_parallel import DataParallelSync, is_ddp
 from gradproj.capture.groups import StepGroups
@@ -35,7 +41,7 @@ from gradproj.capture.microbatch import Microbatch, sequence_coefficients
 from gradproj.config import GradProjConfig, ResolvedStrategies
 from gradproj.diagnostics.gradients import GradientDiagnostics
 from gradproj.diagnostics.lora import LoraKLBound
-from gradproj.errors import CheckpointError, CoverageError, ProtocolError
+from gradproj.errors import CheckpointError, CoverageError, InputError, LossTermError, ProtocolError
 from gradproj.linalg.sequence_grads import Workspace
 from gradproj.linalg.sum_grads import SumGrads
 from gradproj.plugins.manager import Registry
@@ -43,14 +49,16 @@ from gradproj.strategies.base import LayerStep
 
 __all__ = ["CaptureEngine", "LayerCapture", "STATE_VERSION"]
 
-STATE_VERSION = 1
-_ENGINE_ATTR = "_gradproj_engine"
+STATE_VERSION = 2
+#: the engine attached to each wrapped model (not an attribute of the model: copies and pickles of
+#: a wrapped model carry no gradproj state)
+_ENGINES: "weakref.WeakKeyDictionary[nn.Module, CaptureEngine]" = weakref.WeakKeyDictionary()
 
 
 class LayerCapture:
-    """One covered module: its handler, its parameters and its per-microbatch use count."""
+    """One covered module: its handler, its parameters and its forwards still awaiting a backward."""
 
-    __slots__ = ("engine", "module", "name", "handler", "params", "forward_uses", "uninstall")
+    __slots__ = ("engine", "module", "name", "handler", "params", "pending", "uninstall")
 
     def __init__(self, engine, module, name, handler, params) -> None:
         self.engine = engine
@@ -58,11 +66,16 @@ class LayerCapture:
         self.name = name
         self.handler = handler
         self.params = params  # [(attribute, parameter, qualified name)]
-        self.forward_uses = 0
+        #: captured forwards of the module whose backward has not arrived yet (any microbatch)
+        self.pending = 0
         self.uninstall = None
 
     def count_forward(self) -> None:
         """Record a forward of the module whose backward will reach the handler.
+
+        Called by the handler's autograd Function in its forward. Refuses a module whose covered
+        parameters were replaced after ``wrap()`` (``module.weight = nn.Parameter(...)``): gradproj
+        would keep reading and writing the old tensors' gradients.
 
         The forward that non-reentrant gradient checkpointing runs again during the backward is
         not counted: it only refills the saved tensors of the original forward, whose backward
@@ -70,8 +83,28 @@ class LayerCapture:
         closes (the memory checkpointing saves). Reentrant checkpointing's recomputation is
         counted: there the original forward ran under ``no_grad`` and was not.
         """
+        if self.engine.sharded is None:  # FSDP2 swaps sharded and unsharded parameters itself
+            module = self.module
+            for attr, param, qname in self.params:
+                if getattr(module, attr, None) is not param:
+                    raise CoverageError(
+                        f"parameter {qname} was replaced after wrap() (a new tensor was assigned to "
+                        f"{self.name or 'the model'}.{attr}); gradproj still tracks the old one, so the new "
+                        "one would get a wrong gradient. Build the optimizer over the new parameters and "
+                        "wrap it again (opt.detach() first), or change the values in place "
+                        "(with torch.no_grad(): param.copy_(...))"
+                    )
         if not in_checkpoint_recomputation():
-            self.forward_uses += 1
+            self.pending += 1
+
+    def plain_backward(self) -> bool:
+        """Called once by the handler's backward: whether to return ordinary parameter gradients
+        (paused, detached, or a microbatch that needs no sequence gradients) instead of handing
+        the use to :meth:`CaptureEngine.on_backward`. A plain use is consumed here."""
+        if self.engine.plain_backward:
+            self.pending = max(self.pending - 1, 0)
+            return True
+        return False
 
     def __repr__(self) -> str:
         return f"LayerCapture({self.name!r}, {type(self.module).__name__})"
@@ -159,6 +192,10 @@ class CaptureEngine:
         self._groups: list[ParamGroup] = []
         self.steps = 0
         self._last_metrics: dict[str, float] | None = None
+        #: why the running gradient is incomplete (a failed microbatch that could not be undone)
+        self._broken: str | None = None
+        #: nonfinite="drop": every microbatch so far was dropped and .grad holds NaN for GradScaler
+        self._all_dropped = False
         self._reset_counters()
 
     # -- set-up ----------------------------------------------------------------------------
@@ -175,7 +212,7 @@ class CaptureEngine:
 
         Nothing is changed unless every check passes.
         """
-        if getattr(self.model, _ENGINE_ATTR, None) is not None:
+        if _ENGINES.get(self.model) is not None:
             raise ProtocolError(
                 "this model is already wrapped by a gradproj optimizer; call .detach() on that one "
                 "before wrapping the model again"
@@ -214,13 +251,16 @@ class CaptureEngine:
                 )
         if self.strategies.needs_tokens:
             self._check_tokens(plan)
+        if plan:
+            self._check_batch_first()
         for param in to_freeze:
             param.requires_grad_(False)
         self._frozen = to_freeze
         for layer in plan:
             layer.uninstall = layer.handler.install(layer.module, layer)
             for _attr, param, qname in layer.params:
-                self._guards.append(param.register_hook(partial(self._guard, qname)))
+                guard = unserializable_hook(partial(self._guard, qname))  # torch.save(model): no warning
+                self._guards.append(param.register_hook(guard))
         self.layers = plan
         users: dict[int, list[LayerCapture]] = {}
         for layer in plan:
@@ -242,8 +282,24 @@ class CaptureEngine:
             self.sharded = ShardedGradients(self._covered_params)
             self._plain_when_no_grad = False  # every microbatch goes through the rank-local gradients
         self._params = [p for _, p in named]
-        setattr(self.model, _ENGINE_ATTR, self)
+        backward_watch.install()
+        _ENGINES[self.model] = self
         self.attached = True
+
+    def _check_batch_first(self) -> None:
+        """Refuse sequence-first modules (``batch_first=False``): their activations are (T, B, d),
+        whose first axis gradproj would take for the sequence -- silently wrong when T == k."""
+        found = [
+            f"{name or type(self.model).__name__} ({type(module).__name__})"
+            for name, module in self.model.named_modules()
+            if getattr(module, "batch_first", None) is False
+        ]
+        if found:
+            raise InputError(
+                f"the model contains sequence-first module(s) {_list_names(found)} (batch_first=False): "
+                "their activations are (tokens, sequences, ...), but gradproj reads the first axis of "
+                "every activation as the sequence. Build them with batch_first=True."
+            )
 
     def _check_tokens(self, plan: list[LayerCapture]) -> None:
         """Strategies that need token-level factors: every covered layer must provide them."""
@@ -311,8 +367,8 @@ class CaptureEngine:
         self._guards, self._frozen, self.layers = [], [], []
         self._batched, self._groups, self._shared = {}, [], {}
         self._workspace.clear()
-        if getattr(self.model, _ENGINE_ATTR, None) is self:
-            delattr(self.model, _ENGINE_ATTR)
+        if _ENGINES.get(self.model) is self:
+            del _ENGINES[self.model]
         self.attached = False
 
     def _guard(self, qname: str, grad: torch.Tensor | None):
@@ -345,7 +401,15 @@ class CaptureEngine:
     # -- microbatches ----------------------------------------------------------------------
     @contextmanager
     def microbatch(self, logp: torch.Tensor, mask: torch.Tensor | None = None, cu_seqlens=None, position_ids=None, group_ids=None):
-        """Context for one microbatch; see :meth:`GradProjOptimizer.microbatch`."""
+        """Context for one microbatch; see :meth:`GradProjOptimizer.microbatch`.
+
+        All-or-nothing: if the block fails -- an error in the backward or after it, an exception
+        of the user's, KeyboardInterrupt -- ``.grad`` is left exactly as it was when the block
+        opened (staged updates are discarded; where autograd or direct writes already changed
+        ``.grad``, gradproj restores it when it was empty). Where that is impossible (strategy
+        ``none`` or ``nonfinite="propagate"`` after earlier microbatches), the step is marked
+        incomplete and refused until the gradients are zeroed.
+        """
         if not self.attached:
             raise ProtocolError("this gradproj optimizer was detached; wrap the optimizer again to capture")
         if self.current is not None:
@@ -355,6 +419,7 @@ class CaptureEngine:
             )
         if self._paused:
             raise ProtocolError("opt.microbatch() inside opt.paused(): leave the paused block first")
+        self.check_complete("opt.microbatch()")
         mb = Microbatch(logp, mask, self._mb_in_step, cu_seqlens, position_ids, group_ids, self.step_groups)
         if self.data_parallel is not None:
             self.data_parallel.check_not_synced(mb.where)
@@ -367,27 +432,142 @@ class CaptureEngine:
             transform.validate_microbatch(mb)
         if self.needs_capture:
             self._check_coverage(mb.where)
+        if self._all_dropped:  # the NaN left for a GradScaler: this microbatch starts from nothing
+            self._clear_grads()
+            self._all_dropped = False
+        mb.logp_node = logp.grad_fn
+        mb.fresh = all(p.grad is None for p in self._written_params()) and (
+            self.sharded is None or self.sharded.empty()
+        )
         handle = logp.register_hook(partial(self._on_logp_grad, mb))
         self.current = mb
         completed = False
         for strategy in self.strategies.all:
             strategy.start_microbatch()
         try:
-            yield mb
-            completed = True
+            with backward_watch.watching(partial(self._on_backward_call, mb)):
+                yield mb
+            completed = mb.error is None
         finally:
             handle.remove()
             self.current = None
             try:
+                applied = False
                 if completed:
-                    self._finish(mb)
+                    try:
+                        self._finish(mb)
+                        applied = True
+                    except BaseException as err:
+                        mb.error = err
+                        raise
+                    finally:
+                        if not applied:
+                            self._abort(mb)
+                else:
+                    self._abort(mb)
             finally:
-                for layer in self.layers:
-                    layer.forward_uses = 0
                 for strategy in self.strategies.all:
                     strategy.end_microbatch()
+        if mb.error is not None and not applied:  # the block's own code caught gradproj's error
+            raise ProtocolError(
+                f"{mb.where} failed in its backward ({type(mb.error).__name__}: {mb.error}) and the block "
+                "closed anyway; the microbatch was discarded (.grad is as before the block). Fix the "
+                "cause and run it again."
+            ) from mb.error
+
+    def _written_params(self) -> list[torch.Tensor]:
+        """The parameters whose ``.grad`` a microbatch may change (covered, or every trainable one
+        when nothing is captured)."""
+        return self._covered_params if self.needs_capture else [p for p in self._params if p.requires_grad]
+
+    def _clear_grads(self) -> None:
+        for param in self._written_params():
+            param.grad = None
+        if self.sharded is not None:
+            self.sharded.reset()
+
+    def _abort(self, mb: Microbatch) -> None:
+        """A failed microbatch: leave ``.grad`` as the block found it.
+
+        Staged updates are simply discarded. Writes already made to ``.grad`` (autograd's own in a
+        plain microbatch or without capture, direct writes with ``nonfinite="propagate"``) are undone
+        by clearing the gradients when they were all empty before the block; otherwise the step is
+        marked incomplete (:meth:`check_complete`)."""
+        mb.drop()
+        started = mb.fired or mb.backward_calls > 0 or not backward_watch.installed()
+        if not started:
+            return  # the error came before any backward: nothing was written
+        staged_only = self.needs_capture and not mb.plain and not self.writes_directly
+        if staged_only:
+            return
+        if mb.fresh:
+            self._clear_grads()
+            return
+        self._broken = (
+            f"{mb.where} failed after its backward had started adding to .grad "
+            f"({type(mb.error).__name__ if mb.error is not None else 'interrupted'}), which cannot be undone "
+            + ("with strategy 'none' (plain accumulation)" if not self.needs_capture else 'with nonfinite="propagate"')
+        )
+
+    def clear_incomplete(self) -> None:
+        """The gradients were zeroed: a failed microbatch no longer matters, nor a NaN marker."""
+        self._broken = None
+        self._all_dropped = False
+
+    def check_complete(self, what: str) -> None:
+        """Refuse to go on from a running gradient a failed microbatch left incomplete; zeroed
+        gradients (``optimizer.zero_grad()`` or ``model.zero_grad()``) start the step anew."""
+        if self._broken is None:
+            return
+        if all(p.grad is None for p in self._written_params()):
+            self._broken = None
+            return
+        raise ProtocolError(
+            f"{what}: {self._broken}, so the running gradient of this step is incomplete. Call "
+            "optimizer.zero_grad() and run the step's microbatches again."
+        )
+
+    def _on_backward_call(self, mb: Microbatch, roots) -> None:
+        """Before each backward started inside the block: refuse loss terms that reach a covered
+        parameter without passing through ``logp`` (see :mod:`gradproj.capture.backward_watch`)."""
+        mb.backward_calls += 1
+        if not self.needs_capture:
+            return  # plain accumulation: any loss is exact
+        path = backward_watch.path_around(roots, mb.logp_node, self._is_covered_node)
+        if path is None:
+            return
+        target = path[-1]
+        layer = getattr(target, "layer", None)
+        where = f"layer {layer.name!r}" if isinstance(layer, LayerCapture) else self._covered.get(id(getattr(target, "variable", None)), "a covered parameter")
+        chain = " -> ".join(backward_watch.node_name(node) for node in path[-8:])
+        mb.error = LossTermError(
+            f"{mb.where}: a term of the loss reaches {where} without passing through the log-probs given "
+            f"to opt.microbatch() (backward path {'... -> ' if len(path) > 8 else ''}{chain}). gradproj "
+            "re-weights each layer's gradient per sequence from the weights the loss puts on those "
+            "log-probs, so such a term (an entropy bonus, a z-loss or other penalty on the logits, an MoE "
+            "router auxiliary loss, a penalty on hidden states or weights, a second model output) would be "
+            "scaled wrongly. Remove it from the loss -- shape the reward instead -- or use strategy='none', "
+            "which accepts any loss. Nothing was changed."
+        )
+        raise mb.error
+
+    def _is_covered_node(self, node) -> bool:
+        """A captured layer's backward (its autograd Function's ctx carries the layer), or the
+        gradient accumulator of a covered parameter."""
+        layer = getattr(node, "layer", None)
+        if isinstance(layer, LayerCapture):
+            return layer.engine is self
+        variable = getattr(node, "variable", None)  # AccumulateGrad of a leaf
+        return variable is not None and id(variable) in self._covered
 
     def _on_logp_grad(self, mb: Microbatch, grad: torch.Tensor):
+        try:
+            return self._logp_weights(mb, grad)
+        except BaseException as err:
+            mb.error = mb.error or err
+            raise
+
+    def _logp_weights(self, mb: Microbatch, grad: torch.Tensor):
         if mb.fired:
             raise ProtocolError(
                 f"{mb.where}: the backward reached logp a second time; run exactly one backward per "
@@ -420,29 +600,41 @@ class CaptureEngine:
         return (mb.seed * mb.coefficients.to(device=grad.device, dtype=grad.dtype)[:, None]).to(grad.dtype)
 
     def on_backward(self, layer: LayerCapture, use) -> None:
-        """Called by a handler's backward with one use ``(inputs, output_grads)`` of ``layer``."""
+        """Called by a handler's backward with one use ``(inputs, output_grads)`` of ``layer``.
+
+        The layer is finished -- its sequence gradients built and the strategy run -- once no
+        captured forward of it is left waiting for its backward; otherwise (forwards of later
+        microbatches already run, or a forward whose output was never used) when the block closes.
+        """
         start = perf_counter()
         mb = self.current
+        layer.pending = max(layer.pending - 1, 0)
         if mb is None:
             raise ProtocolError(
                 f"the backward reached layer {layer.name!r} outside an opt.microbatch(logp, mask) "
                 "block; run the loss's backward inside the block, or use opt.paused() for a plain "
                 "backward"
             )
-        if mb.dropped:
-            return
-        if mb.coefficients is None:
-            raise ProtocolError(
-                f"{mb.where}: the backward reached layer {layer.name!r} before the log-probs given to "
-                "opt.microbatch(): the loss must depend on the trainable parameters only through "
-                "those log-probs"
-            )
-        uses = mb.uses.setdefault(layer, [])
-        uses.append(use)
-        if len(uses) >= layer.forward_uses:
-            del mb.uses[layer]
-            self._finalize(layer, mb, uses)
-        self._capture_seconds += perf_counter() - start
+        try:
+            if mb.dropped:
+                return
+            if mb.coefficients is None:
+                raise ProtocolError(
+                    f"{mb.where}: the backward reached layer {layer.name!r} before the log-probs given to "
+                    "opt.microbatch(): the loss must depend on the trainable parameters only through "
+                    "those log-probs"
+                )
+            mb.touched.add(layer)
+            uses = mb.uses.setdefault(layer, [])
+            uses.append(use)
+            if layer.pending == 0:
+                del mb.uses[layer]
+                self._finalize(layer, mb, uses)
+        except BaseException as err:
+            mb.error = mb.error or err
+            raise
+        finally:
+            self._capture_seconds += perf_counter() - start
 
     def _finalize(self, layer: LayerCapture, mb: Microbatch, uses) -> None:
         slots = None
@@ -464,7 +656,7 @@ class CaptureEngine:
             if id(param) in self._shared:
                 _, _, pieces = mb.pieces.setdefault(id(param), (param, qname, []))
                 pieces.append(seq)
-                expected = sum(1 for user in self._shared[id(param)] if user.forward_uses > 0)
+                expected = sum(1 for user in self._shared[id(param)] if user.pending > 0 or user in mb.touched)
                 if len(pieces) < expected:
                     continue  # wait for the parameter's other modules
                 del mb.pieces[id(param)]
@@ -581,6 +773,7 @@ class CaptureEngine:
                     return
                 for param in self._covered_params:
                     param.grad = None  # exactly the state before the microbatch
+                self._mark_all_dropped()
             return
         start = perf_counter()
         for layer, uses in list(mb.uses.items()):  # layers whose forward count exceeded their backward
@@ -604,6 +797,8 @@ class CaptureEngine:
             self._dropped += 1
             if self.config.nonfinite == "propagate":
                 self._poison()
+            else:
+                self._mark_all_dropped()
         else:
             self._apply(mb)
         mb.staged.clear()
@@ -651,6 +846,20 @@ class CaptureEngine:
                 param.grad = torch.full_like(param, float("nan"))
             else:
                 param.grad.fill_(float("nan"))
+
+    def _mark_all_dropped(self) -> None:
+        """``nonfinite="drop"``: a dropped microbatch changes no gradient -- but when every
+        microbatch of the step so far was dropped (all gradients still empty), leave NaN in them,
+        as plain autograd would after an fp16 overflow: a ``GradScaler`` then skips the step and
+        lowers its scale (with no gradient at all it would fail its own assertion). The next
+        microbatch starts from empty gradients again, and :meth:`check_step` makes ``step()``
+        apply nothing while the NaN is there."""
+        if self._all_dropped or not all(p.grad is None for p in self._covered_params):
+            return
+        if self.sharded is not None and not self.sharded.empty():
+            return
+        self._poison()
+        self._all_dropped = True
 
     @staticmethod
     def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -735,8 +944,13 @@ class CaptureEngine:
         self.check_idle("opt.set_groups()")
         self.step_groups = StepGroups(group_ids, rewards)
 
-    def check_step(self) -> None:
-        """Before the inner step: refuse a step whose transforms never saw a microbatch."""
+    def check_step(self) -> bool:
+        """Before the inner step: refuse a step whose transforms never saw a microbatch, or whose
+        running gradient a failed microbatch left incomplete. Returns False when the inner step
+        must be skipped: every microbatch of the step was dropped as non-finite."""
+        self.check_complete("optimizer.step()")
+        if self._all_dropped:
+            return False
         if self._mb_transforms and self._microbatches == 0 and any(p.grad is not None for p in self._params):
             names = ", ".join(type(t).__name__ for t in self._mb_transforms)
             raise ProtocolError(
@@ -744,22 +958,31 @@ class CaptureEngine:
                 f"coefficient transform(s) {names} never applied; run each microbatch's backward inside "
                 "`with opt.microbatch(logp, mask, group_ids=...):`"
             )
+        return True
 
     def sync_gradients(self) -> None:
         """Average the accumulated gradients over the data-parallel ranks (no-op without DDP)."""
         self.check_idle("opt.sync_gradients()")
+        self.check_complete("opt.sync_gradients()")
         if self.data_parallel is not None:
             self.data_parallel.sync([p for p in self._params if p.requires_grad])
         if self.sharded is not None:
             self.sharded.sync()
 
-    def end_step(self) -> None:
-        """Close the optimizer step: snapshot its metrics and start counting anew."""
+    def end_step(self, skipped: bool = False) -> None:
+        """Close the optimizer step: snapshot its metrics and start counting anew.
+
+        ``skipped``: the inner step did not run (every microbatch was dropped, or a ``GradScaler``
+        skipped it and the gradients are being zeroed)."""
+        for layer in self.layers:  # forwards never backpropagated (discarded outputs) end here
+            layer.pending = 0
+        self._all_dropped = False
         if self.data_parallel is not None:
             self.data_parallel.reset()
         if self.sharded is not None:
             self.sharded.reset()
         self._last_metrics = self.running_metrics()
+        self._last_metrics["gradproj/step_skipped"] = float(skipped)
         self.step_groups = None
         self._buffers.clear()
         self._scratch.clear()
@@ -770,21 +993,67 @@ class CaptureEngine:
         """Metrics of the last completed step (of the step in progress before the first one)."""
         return dict(self._last_metrics) if self._last_metrics is not None else self.running_metrics()
 
-    def state_dict(self) -> dict:
-        """Tensor/primitive-only state (loads with ``torch.load(weights_only=True)``)."""
-        return {"version": STATE_VERSION, "strategies": [s.name for s in self.strategies.specs], "steps": self.steps}
+    def step_pending(self) -> bool:
+        """Whether microbatches ran since the last optimizer step."""
+        return self._mb_in_step > 0 or self._microbatches > 0 or self._dropped > 0
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` output; refuses other versions or other strategies."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+    def state_dict(self) -> dict:
+        """Tensor/primitive-only state (loads with ``torch.load(weights_only=True)``): the format
+        version, the strategies, the whole configuration (options included) and the step count."""
+        return {
+            "version": STATE_VERSION,
+            "strategies": [s.name for s in self.strategies.specs],
+            "config": self.config.to_dict(),
+            "steps": self.steps,
+        }
+
+    def check_state_dict(self, state) -> int:
+        """Validate :meth:`state_dict` output against this optimizer without changing anything;
+        return the step count to restore.
+
+        Raises:
+            CheckpointError: not gradproj state, another format version, another strategy or other
+                options (resuming with other settings would silently change the run).
+        """
+        if not isinstance(state, dict):
             raise CheckpointError(
-                f"gradproj state has version {state.get('version') if isinstance(state, dict) else state!r}, "
-                f"this gradproj reads version {STATE_VERSION}"
+                f"the 'gradproj' entry of this optimizer state dict is a {type(state).__name__}, not the dict "
+                "GradProjOptimizer.state_dict() writes; the checkpoint is corrupted or from another program"
+            )
+        version = state.get("version")
+        if version not in (1, STATE_VERSION):
+            raise CheckpointError(
+                f"gradproj state has version {version!r}, this gradproj reads versions 1 and {STATE_VERSION}; "
+                "load it with the gradproj version that wrote it"
+            )
+        steps = state.get("steps", 0)
+        strategies = state.get("strategies")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or not isinstance(strategies, (list, tuple)):
+            raise CheckpointError(
+                f"gradproj state is malformed (steps={steps!r}, strategies={strategies!r}); the checkpoint is "
+                "corrupted -- resume from another one"
             )
         mine = [s.name for s in self.strategies.specs]
-        if list(state.get("strategies", [])) != mine:
+        if list(strategies) != mine:
             raise CheckpointError(
-                f"checkpoint was written with strategies {state.get('strategies')} but this optimizer "
+                f"checkpoint was written with strategies {list(strategies)} but this optimizer "
                 f"uses {mine}; wrap with the same strategy to resume"
             )
-        self.steps = int(state.get("steps", 0))
+        if version >= 2:
+            saved = state.get("config")
+            if not isinstance(saved, dict):
+                raise CheckpointError(f"gradproj state is malformed (config={saved!r}); the checkpoint is corrupted")
+            current = self.config.to_dict()
+            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            if changed:
+                diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
+                raise CheckpointError(
+                    f"checkpoint was written with other gradproj settings ({diffs}); wrap with the settings "
+                    "it was written with to resume exactly. To change them deliberately, drop the "
+                    "'gradproj' entry from the state dict before loading it"
+                )
+        return steps
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output (see :meth:`check_state_dict` for what is refused)."""
+        self.steps = self.check_state_dict(state)

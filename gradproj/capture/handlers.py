@@ -3,10 +3,12 @@
 A handler is registered through the ``gradproj_layer_handlers`` hook (the built-in ``nn.Linear``
 handler below is registered that way). It must
 
-* ``install`` itself on a module so that, while gradproj captures, the module's backward hands
-  ``(inputs, output_grads)`` to the engine instead of accumulating its parameters' gradients
-  (no extra matmul: the weight gradient is never computed twice) -- unless
-  ``engine.plain_backward`` is true, in which case it returns ordinary parameter gradients, and
+* ``install`` itself on a module (:func:`gradproj.capture.forwards.install_forward`) so that, while
+  gradproj captures, the module's backward hands ``(inputs, output_grads)`` to the engine
+  (``layer.engine.on_backward``) instead of accumulating its parameters' gradients (no extra
+  matmul: the weight gradient is never computed twice) -- unless ``layer.plain_backward()`` is
+  true, in which case it returns ordinary parameter gradients. Its autograd Function's forward
+  calls ``layer.count_forward()`` once per use, and its backward calls exactly one of the two;
 * turn the collected uses into :mod:`gradproj.linalg` sequence gradients per parameter.
 
 peft's LoRA adapters (``lora_A``/``lora_B``) are ``nn.Linear`` and need nothing more.
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradproj.capture.forwards import install_forward, runs_class_forward
 from gradproj.linalg.sequence_grads import TokenSumGrads, linear_weight_grads
 from gradproj.plugins.hookspecs import hookimpl
 
@@ -92,13 +95,12 @@ class _CapturedLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
-        engine = ctx.layer.engine
-        if engine.plain_backward:  # paused, or a microbatch that needs no sequence gradients
+        if ctx.layer.plain_backward():  # paused, or a microbatch that needs no sequence gradients
             d2 = grad_out.reshape(-1, grad_out.shape[-1])
             grad_w = d2.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
             grad_b = d2.sum(dim=0) if ctx.needs_input_grad[2] else None
             return grad_x, grad_w, grad_b, None
-        engine.on_backward(ctx.layer, (x, grad_out))
+        ctx.layer.engine.on_backward(ctx.layer, (x, grad_out))
         return grad_x, None, None, None
 
 
@@ -115,7 +117,7 @@ class LinearHandler(LayerHandler):
 
     def accepts(self, module: nn.Module) -> bool:
         """Only modules that run ``nn.Linear.forward`` unchanged (subclasses overriding it are not)."""
-        return type(module).forward is nn.Linear.forward and "forward" not in module.__dict__
+        return type(module).forward is nn.Linear.forward and runs_class_forward(module)
 
     def install(self, module: nn.Linear, layer) -> Callable[[], None]:
         """Route the module's forward through :class:`_CapturedLinear` while capture is on."""
@@ -131,8 +133,7 @@ class LinearHandler(LayerHandler):
                 return _CapturedLinear.apply(input, weight, bias, layer)
             return F.linear(input, weight, bias)
 
-        module.forward = forward
-        return lambda: module.__dict__.pop("forward", None)
+        return install_forward(module, forward)
 
     def _factors(self, layer, uses, layout):
         dtype = compute_dtype(layer.module.weight.dtype)
@@ -184,13 +185,12 @@ class _CapturedConv1D(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         grad_x = grad_out.matmul(weight.to(grad_out.dtype).T) if ctx.needs_input_grad[0] else None
-        engine = ctx.layer.engine
-        if engine.plain_backward:
+        if ctx.layer.plain_backward():
             d2 = grad_out.reshape(-1, grad_out.shape[-1])
             grad_w = x.reshape(-1, x.shape[-1]).T @ d2 if ctx.needs_input_grad[1] else None
             grad_b = d2.sum(dim=0) if ctx.needs_input_grad[2] else None
             return grad_x, grad_w, grad_b, None
-        engine.on_backward(ctx.layer, (x, grad_out))
+        ctx.layer.engine.on_backward(ctx.layer, (x, grad_out))
         return grad_x, None, None, None
 
 
@@ -204,7 +204,7 @@ class Conv1DHandler(LinearHandler):
 
     def accepts(self, module: nn.Module) -> bool:
         """Modules running ``Conv1D.forward`` unchanged."""
-        return type(module) in self.module_types and "forward" not in module.__dict__
+        return type(module) in self.module_types and runs_class_forward(module)
 
     def install(self, module: nn.Module, layer) -> Callable[[], None]:
         """Route the module's forward through :class:`_CapturedConv1D` while capture is on."""
@@ -216,8 +216,7 @@ class Conv1DHandler(LinearHandler):
                 return _CapturedConv1D.apply(x, module.weight, module.bias, layer)
             return original(module, x)
 
-        module.forward = forward
-        return lambda: module.__dict__.pop("forward", None)
+        return install_forward(module, forward)
 
 
 @hookimpl

@@ -18,13 +18,31 @@ __all__ = ["PaddedLayout", "PackedLayout", "make_layout", "cu_seqlens_from_posit
 
 
 class PaddedLayout:
-    """Batch-first activations: the first dimension is the sequence."""
+    """Batch-first activations: the first dimension is the sequence.
 
-    def __init__(self, k: int) -> None:
+    Args:
+        k: the number of sequences.
+        token_axis: whether the sequences have several tokens each (``logp`` has more than one
+            column), so that activations are (k, tokens, features); then a 2-D activation
+            (rows, features) holds one row per *token* -- flattened or gathered tokens, e.g. MoE
+            experts -- and is refused even when it happens to have k rows. With one token per
+            sequence (or ``None``: unknown) a 2-D activation is one row per sequence.
+    """
+
+    def __init__(self, k: int, token_axis: bool | None = None) -> None:
         self.k = k
+        self.token_axis = token_axis
 
     def rows(self, tensor: torch.Tensor, layer, what: str) -> torch.Tensor:
         """(k, positions, features) view of a batch-first ``tensor`` (..., features)."""
+        if tensor.dim() == 2 and self.token_axis:
+            raise InputError(
+                f"layer {layer.name!r} saw {what} of shape {tuple(tensor.shape)}: one row per token with the "
+                "sequence axis gone (tokens flattened or gathered across sequences, as in MoE experts, routers "
+                "or shared experts), while each sequence has several tokens. gradproj cannot tell which "
+                "sequence each row belongs to. Freeze or exclude this layer (wrap(..., exclude=['<glob>'])), "
+                "or train a model whose layers see (sequences, tokens, features) activations."
+            )
         if tensor.dim() < 2 or tensor.shape[0] != self.k:
             raise InputError(
                 f"layer {layer.name!r} saw {what} of shape {tuple(tensor.shape)} but the microbatch has "
@@ -106,10 +124,13 @@ def cu_seqlens_from_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts, total]).to(torch.int64)
 
 
-def make_layout(k: int, cu_seqlens: torch.Tensor | None, position_ids: torch.Tensor | None, where: str):
-    """The layout of a microbatch of ``k`` sequences (padded unless ``cu_seqlens``/``position_ids``)."""
+def make_layout(
+    k: int, cu_seqlens: torch.Tensor | None, position_ids: torch.Tensor | None, where: str, token_axis: bool | None = None
+):
+    """The layout of a microbatch of ``k`` sequences (padded unless ``cu_seqlens``/``position_ids``);
+    ``token_axis`` as in :class:`PaddedLayout`."""
     if cu_seqlens is None and position_ids is None:
-        return PaddedLayout(k)
+        return PaddedLayout(k, token_axis)
     if cu_seqlens is not None and position_ids is not None:
         raise InputError(f"{where}: pass cu_seqlens= or position_ids=, not both")
     if cu_seqlens is None:

@@ -121,6 +121,8 @@ class Microbatch:
         dropped: True once a non-finite value was seen; nothing of it reaches ``.grad``.
         group_ids: the prompt group of each row (``None`` if the pipeline gave none).
         step_groups: the step's :class:`gradproj.capture.groups.StepGroups` (or ``None``).
+        error: the error gradproj raised inside this block's backward, if any (the block is then
+            discarded even if the user's code caught it).
     """
 
     def __init__(
@@ -137,7 +139,8 @@ class Microbatch:
         self.where = f"opt.microbatch() #{index} of this step"
         self.mask, self.seed = validate_inputs(logp, mask, self.where)
         self.k = logp.shape[0]
-        self.layout = make_layout(self.k, cu_seqlens, position_ids, self.where)
+        # log-probs of several tokens per sequence: the model's activations have a token axis
+        self.layout = make_layout(self.k, cu_seqlens, position_ids, self.where, token_axis=logp.shape[1] > 1)
         self.group_ids = None if group_ids is None else as_group_ids(group_ids, self.where)
         if self.group_ids is not None and len(self.group_ids) != self.k:
             raise InputError(
@@ -156,6 +159,11 @@ class Microbatch:
         self.written: list[torch.Tensor] = []  # parameters whose .grad took an unchecked update
         self.deferred_writes: list = []  # direct writes: (param, update) waiting for finish_microbatch()
         self.deferred_bytes = 0
+        self.touched: set = set()  # layers whose backward reached the engine in this microbatch
+        self.logp_node = None  # logp.grad_fn: where a backward's walk for stray loss terms stops
+        self.fresh = False  # every gradient it may change was empty when the block opened
+        self.backward_calls = 0  # backward calls started inside the block
+        self.error: BaseException | None = None  # an error raised by gradproj inside the backward
 
     def stage(self, param: torch.Tensor, update: torch.Tensor, finite: bool = False) -> None:
         """Remember ``update`` for ``param`` (adding up several uses, e.g. tied weights).

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradproj.capture.forwards import install_forward, runs_class_forward
 from gradproj.capture.handlers import LayerHandler, compute_dtype
 from gradproj.linalg.sequence_grads import TokenSumGrads
 from gradproj.plugins.hookspecs import hookimpl
@@ -46,13 +47,12 @@ class _CapturedAffine(torch.autograd.Function):
         grad = grad_out.to(xhat.dtype)
         scale = weight.to(xhat.dtype) + ctx.offset if ctx.offset else weight.to(xhat.dtype)
         grad_xhat = grad * scale if ctx.needs_input_grad[0] else None
-        engine = ctx.layer.engine
-        if engine.plain_backward:
+        if ctx.layer.plain_backward():
             dims = tuple(range(grad.dim() - 1))
             grad_w = (grad * xhat).sum(dim=dims) if ctx.needs_input_grad[1] else None
             grad_b = grad.sum(dim=dims) if ctx.needs_input_grad[2] else None
             return grad_xhat, grad_w, grad_b, None, None, None
-        engine.on_backward(ctx.layer, (xhat, grad))
+        ctx.layer.engine.on_backward(ctx.layer, (xhat, grad))
         return grad_xhat, None, None, None, None, None
 
 
@@ -70,7 +70,7 @@ class _AffineHandler(LayerHandler):
 
     def accepts(self, module: nn.Module) -> bool:
         """Only modules running their class's own forward (no instance override)."""
-        return "forward" not in module.__dict__ and type(module) in self.module_types
+        return runs_class_forward(module) and type(module) in self.module_types
 
     def install(self, module: nn.Module, layer) -> Callable[[], None]:
         """Route the affine step through :class:`_CapturedAffine` while gradproj captures."""
@@ -86,8 +86,7 @@ class _AffineHandler(LayerHandler):
                 return _CapturedAffine.apply(xhat, weight, bias, layer, self.offset, out_dtype)
             return original(module, x)
 
-        module.forward = forward
-        return lambda: module.__dict__.pop("forward", None)
+        return install_forward(module, forward)
 
     def sequence_gradients(self, layer, uses, layout, gram: str, workspace=None, slots=None) -> dict:
         """Per-sequence sums of ``dy * xhat`` (weight) and ``dy`` (bias)."""

@@ -39,6 +39,10 @@ class ShardedGradients:
         """The running gradient of ``param`` on this rank (``None`` = 0)."""
         return self.local.get(id(param))
 
+    def empty(self) -> bool:
+        """Whether no running gradient is held (the step's first microbatch is still to come)."""
+        return not self.local
+
     def set(self, param: torch.Tensor, value: torch.Tensor) -> None:
         """Replace the running gradient of ``param``."""
         self.local[id(param)] = value

@@ -29,13 +29,40 @@ def group_advantages(rewards: torch.Tensor, group_size: int, normalize_std: bool
     return centred.reshape(-1)
 
 
-def policy_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """On-policy REINFORCE/GRPO loss, token-mean aggregation: ``-sum(A_i logp mask) / sum(mask) * scale``.
+def policy_loss(
+    logp: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    scale: float = 1.0,
+    old_logp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """REINFORCE/GRPO loss, token-mean aggregation: ``-sum(A_i logp mask) / sum(mask) * scale``.
 
-    ``scale`` is usually ``1 / number_of_microbatches`` (gradient accumulation).
+    Args:
+        logp: (B, T) token log-probs of the current policy, with grad.
+        mask: (B, T) which tokens count.
+        advantages: (B,) one advantage per sequence.
+        scale: usually ``1 / number_of_microbatches`` (gradient accumulation).
+        old_logp: (B, T) log-probs of the policy that *sampled* the sequences, when it is no longer
+            the current one (a second update on the same rollouts). Each sequence is then weighted
+            by its importance ratio ``r_i = exp(sum_t mask (logp - old_logp))`` -- the likelihood
+            ratio of the whole response, constant along the row, so every gradproj strategy stays
+            exact -- which makes the gradient an unbiased estimate of the on-policy gradient at the
+            current policy. (Its variance grows with the response length and with how far the policy
+            moved.) Without it, reusing rollouts trains on the old policy's samples as if they were
+            the current policy's: a biased gradient that gradproj cannot detect.
+
+    Returns:
+        The scalar loss; call ``.backward()`` inside ``opt.microbatch(logp, mask)``.
     """
     mask = mask.to(logp.dtype)
-    return -(advantages[:, None].to(logp.dtype) * logp * mask).sum() / mask.sum().clamp(min=1) * scale
+    weights = advantages[:, None].to(logp.dtype)
+    if old_logp is not None:
+        if old_logp.shape != logp.shape:
+            raise ValueError(f"old_logp has shape {tuple(old_logp.shape)} but logp has {tuple(logp.shape)}")
+        ratio = torch.exp(((logp.detach() - old_logp.to(logp.dtype)) * mask).sum(dim=1))
+        weights = weights * ratio[:, None]
+    return -(weights * logp * mask).sum() / mask.sum().clamp(min=1) * scale
 
 
 def token_kl(logits_before: torch.Tensor, logits_after: torch.Tensor, mask: torch.Tensor) -> float:

@@ -8,9 +8,14 @@ strategy differ (:data:`METHODS`):
 
 * ``grpo`` -- PPO-clip on the likelihood ratio against the sampling policy (the usual baseline;
   the clip acts from the second update of a rollout on), plain accumulation;
-* ``reinforce`` -- the REINFORCE/GRPO policy gradient, no ratio, no clipping, plain accumulation;
+* ``reinforce`` -- the REINFORCE/GRPO policy gradient, no clipping, plain accumulation;
 * any gradproj strategy name (``proma``, ``intra_proma``, ``proma_reference``, ...) -- the
   REINFORCE loss with that strategy accumulating the microbatches.
+
+From the second update of a rollout on, the policy has moved: the REINFORCE loss then weights each
+sequence by its importance ratio to the sampling policy (the likelihood ratio of the whole response,
+:func:`gradproj.integrations.torch.grpo.policy_loss` with ``old_logp``), so every update follows the
+policy gradient at the current policy -- one coefficient per sequence, as gradproj needs.
 
 Options for the reproductions (``benchmarks/reproduce.py``): ``kl_coef`` adds the usual per-token
 KL penalty (k3) to the initial policy; ``track_initial_kl`` records KL(policy ‖ initial policy) on
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 
 import gradproj
 from gradproj.errors import ConfigError
-from gradproj.integrations.torch.grpo import group_advantages
+from gradproj.integrations.torch.grpo import group_advantages, policy_loss
 from gradproj.integrations.torch.logprobs import token_logprobs
 from gradproj.integrations.torch.rollout import Rollout, sample_rollout
 from gradproj.integrations.torch.tasks import Task
@@ -104,11 +109,6 @@ def clipped_loss(logp, logp_old, mask, advantages, clip_eps: float, scale: float
     per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
     mask = mask.to(logp.dtype)
     return (per_token * mask).sum() / mask.sum().clamp(min=1) * scale
-
-
-def _reinforce_loss(logp, mask, advantages, scale: float):
-    mask = mask.to(logp.dtype)
-    return -(advantages[:, None].to(logp.dtype) * logp * mask).sum() / mask.sum().clamp(min=1) * scale
 
 
 def kl_penalty(logp, ref_logp, mask, scale: float):
@@ -277,8 +277,8 @@ def run_method(
                 with opt.microbatch(logp, mask, group_ids=group_ids[rows] if config.diagnostics else None):
                     if loss_kind == "clip":
                         loss = clipped_loss(logp, old[index], mask, advantages[rows], config.clip_eps, scale)
-                    else:
-                        loss = _reinforce_loss(logp, mask, advantages[rows], scale)
+                    else:  # the sampling policy's log-probs only once it has moved (ratio exactly 1 before)
+                        loss = policy_loss(logp, mask, advantages[rows], scale, old_logp=old[index] if _update else None)
                     if ref is not None:
                         loss = loss + config.kl_coef * kl_penalty(logp, ref, mask, scale)
                     loss.backward()

@@ -21,7 +21,12 @@ check_verl_version()
 
 from gradproj.integrations.verl import loss as _loss  # noqa: E402
 from gradproj.integrations.verl import patches as _patches  # noqa: E402
-from gradproj.integrations.verl.checks import LOSS_MODE, check_actor_config, check_engine_config  # noqa: E402
+from gradproj.integrations.verl.checks import (  # noqa: E402
+    LOSS_MODE,
+    check_actor_config,
+    check_engine_config,
+    check_trainer_config,
+)
 from gradproj.integrations.verl.loss import compute_policy_loss_gradproj  # noqa: E402
 from gradproj.integrations.verl.optimizers import SGD, Adam, AdamW, Optimizer  # noqa: E402
 
@@ -37,6 +42,7 @@ __all__ = [
     "compute_policy_loss_gradproj",
     "check_actor_config",
     "check_engine_config",
+    "check_trainer_config",
     "SUPPORTED_VERL",
     "check_verl_version",
 ]

@@ -9,7 +9,14 @@ from __future__ import annotations
 from gradproj.config import GradProjConfig
 from gradproj.errors import ConfigError
 
-__all__ = ["LOSS_MODE", "check_engine_config", "check_actor_config"]
+__all__ = [
+    "LOSS_MODE",
+    "check_engine_config",
+    "check_actor_config",
+    "check_trainer_config",
+    "check_optimizer_steps",
+    "requested_gradproj",
+]
 
 #: the policy loss gradproj registers with verl (REINFORCE on the advantages, no ratio clipping)
 LOSS_MODE = "gradproj"
@@ -42,6 +49,90 @@ def check_engine_config(engine_config, model_config=None) -> None:
         )
 
 
+def _get(node, path: str, default=None):
+    """``node.a.b.c`` of an OmegaConf node, a dataclass or a dict; ``default`` where a key is missing."""
+    for key in path.split("."):
+        if node is None:
+            return default
+        node = node.get(key, None) if hasattr(node, "get") and not hasattr(node, "__dataclass_fields__") else getattr(node, key, None)
+    return default if node is None else node
+
+
+def requested_gradproj(actor_config) -> tuple[GradProjConfig | None, bool]:
+    """From the actor's config: the gradproj config its optimizer asks for (``None`` if it does not
+    use gradproj's optimizer), and whether gradproj captures per-sequence gradients -- the setting
+    under which every optimizer step must be on-policy (also when only the loss is gradproj's)."""
+    from gradproj.integrations.verl.optimizers import gradproj_config, requested_config
+
+    config = None
+    if requested_config(_get(actor_config, "optim")):
+        config = gradproj_config(_get(actor_config, "optim.override_optimizer_config.gradproj"))
+    captures = config is not None and (config.resolve().needs_capture or config.diagnostics)
+    loss_mode = _get(actor_config, "policy_loss.loss_mode", "vanilla")
+    return config, captures or loss_mode == LOSS_MODE
+
+
+def check_trainer_config(config) -> None:
+    """The whole verl configuration, in the trainer process before any worker starts: with gradproj
+    capturing, every optimizer step must use rollouts of the current policy.
+
+    gradproj's ``gradproj`` loss is REINFORCE without an importance ratio: it is exact for one
+    optimizer step per rollout batch, and would silently train later steps on an older policy's
+    samples. Refused, each with the key to change: ``ppo_epochs > 1``, ``ppo_mini_batch_size <
+    data.train_batch_size``, the v1 trainer's asynchronous modes and ``parameter_sync_step > 1``, a
+    custom replay sampler, and replayed (skipped) rollouts.
+    """
+    actor = _get(config, "actor_rollout_ref.actor")
+    _, captures = requested_gradproj(actor)
+    if not captures:
+        return
+    problems = []
+    epochs = int(_get(actor, "ppo_epochs", 1))
+    if epochs != 1:
+        problems.append(f"{_ACTOR}.ppo_epochs={epochs} reuses each rollout {epochs} times; set ppo_epochs=1")
+    mini, train = _get(actor, "ppo_mini_batch_size"), _get(config, "data.train_batch_size")
+    if mini is not None and train is not None and int(mini) != int(train):
+        problems.append(
+            f"{_ACTOR}.ppo_mini_batch_size={mini} < data.train_batch_size={train} takes several optimizer steps per "
+            f"rollout; set ppo_mini_batch_size={train} (one step per rollout: gradproj projects across its "
+            "micro-batches instead)"
+        )
+    if bool(_get(config, "trainer.use_v1", True)):
+        mode = _get(config, "trainer.v1.trainer_mode", "sync")
+        if mode != "sync":
+            problems.append(
+                f"trainer.v1.trainer_mode={mode} trains on rollouts of older policies; use trainer.v1.trainer_mode=sync"
+            )
+        sync_step = int(_get(config, f"trainer.v1.{mode}.parameter_sync_step", 1) or 1)
+        if sync_step != 1:
+            problems.append(
+                f"trainer.v1.{mode}.parameter_sync_step={sync_step} takes {sync_step} optimizer steps between weight "
+                "syncs to the rollout; set it to 1"
+            )
+        if _get(config, "trainer.v1.sampler.custom_sampler.path") and _get(config, "trainer.v1.sampler.custom_sampler.name"):
+            problems.append(
+                "trainer.v1.sampler.custom_sampler may hand the actor rollouts of older policies; remove it"
+            )
+    for name in ("rollout", "rollout_tq", "async_rollout"):
+        if bool(_get(config, f"skip.{name}.enable", False)):
+            problems.append(f"skip.{name}.enable=True replays cached rollouts of another policy; set it to False")
+    if problems:
+        raise ConfigError(
+            "gradproj's loss is exact only when every optimizer step uses rollouts of the current policy (it has no "
+            "importance ratio); this verl configuration breaks that: " + "; ".join(problems)
+        )
+
+
+def check_optimizer_steps(steps: int) -> None:
+    """At an actor update: refuse more than one optimizer step on one rollout batch (before any)."""
+    if steps > 1:
+        raise ConfigError(
+            f"verl is about to take {steps} optimizer steps on one rollout batch (ppo_epochs x mini-batches); "
+            "gradproj's loss is exact only for one step per rollout (it has no importance ratio). Set "
+            f"{_ACTOR}.ppo_epochs=1 and {_ACTOR}.ppo_mini_batch_size=data.train_batch_size"
+        )
+
+
 def check_actor_config(actor_config, gradproj_config: GradProjConfig, needs_capture: bool = True) -> None:
     """The actor's loss must be the ``gradproj`` policy loss, with nothing whose gradient varies per token.
 
@@ -56,6 +147,12 @@ def check_actor_config(actor_config, gradproj_config: GradProjConfig, needs_capt
         )
     if not needs_capture:
         return
+    epochs = int(getattr(actor_config, "ppo_epochs", 1) or 1)
+    if epochs != 1:
+        raise ConfigError(
+            f"{_ACTOR}.ppo_epochs={epochs} reuses each rollout {epochs} times, so from the second pass on the "
+            "policy has moved and gradproj's loss (no importance ratio) would be off-policy; set ppo_epochs=1"
+        )
     policy_loss = getattr(actor_config, "policy_loss", None)
     loss_mode = policy_loss.get("loss_mode", "vanilla") if policy_loss is not None else "vanilla"
     if loss_mode != LOSS_MODE:

@@ -10,6 +10,7 @@ with :func:`gradproj.wrap` -- the factory alone cannot, verl gives it parameters
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,10 +18,29 @@ import torch
 from gradproj.config import GradProjConfig
 from gradproj.errors import ConfigError
 
-__all__ = ["AdamW", "Adam", "SGD", "Optimizer", "requested_config", "CONFIG_ATTR"]
+__all__ = ["AdamW", "Adam", "SGD", "Optimizer", "requested_config", "gradproj_config", "building", "CONFIG_ATTR"]
 
 #: attribute of the inner optimizer that carries its :class:`GradProjConfig` until it is wrapped
 CONFIG_ATTR = "_gradproj_verl_config"
+
+_building = 0
+
+
+@contextmanager
+def building():
+    """Marks the FSDP engine's optimizer build (gradproj's wrapper of ``_build_optimizer``): only
+    there is a factory's optimizer wrapped around the model afterwards."""
+    global _building
+    _building += 1
+    try:
+        yield
+    finally:
+        _building -= 1
+
+
+def gradproj_config(gradproj: Any) -> GradProjConfig:
+    """The :class:`GradProjConfig` of ``override_optimizer_config.gradproj`` (a name, a mapping or a config)."""
+    return _gradproj_config(gradproj)
 
 
 def _gradproj_config(gradproj: Any) -> GradProjConfig:
@@ -50,7 +70,15 @@ def _gradproj_config(gradproj: Any) -> GradProjConfig:
 
 
 def _tagged(inner: torch.optim.Optimizer, gradproj: Any) -> torch.optim.Optimizer:
-    setattr(inner, CONFIG_ATTR, _gradproj_config(gradproj))
+    config = _gradproj_config(gradproj)
+    if not _building:
+        raise ConfigError(
+            "optim.optimizer_impl=gradproj.integrations.verl built an optimizer outside verl's FSDP engine set-up as "
+            "gradproj hooks it, so it would train as a plain optimizer. Set "
+            "actor_rollout_ref.model.external_lib=gradproj.integrations.verl (it installs gradproj's hooks before the "
+            "engine is built) and actor_rollout_ref.actor.strategy=fsdp2 (gradproj supports verl's FSDP2 engine)"
+        )
+    setattr(inner, CONFIG_ATTR, config)
     return inner
 
 

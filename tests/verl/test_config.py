@@ -114,14 +114,13 @@ def test_misconfigurations_fail_at_start_up(extra, needle, tmp_path):
     assert needle in str(info.value)
 
 
-def test_gradproj_loss_without_gradproj_optimizer_is_an_error(tmp_path):
-    config, worker = make_worker(
-        tmp_path, ["actor_rollout_ref.actor.optim.optimizer_impl=torch.optim", "actor_rollout_ref.actor.optim.override_optimizer_config=null"]
-    )
-    assert not hasattr(worker.actor.engine.optimizer, "microbatch")
-    batch = smoke.rollout_batch(worker.actor.engine.module.config.vocab_size)
-    with pytest.raises(ConfigError, match="optimizer_impl=gradproj.integrations.verl"):
-        smoke.update_actor(worker, batch, config)
+def test_gradproj_loss_without_gradproj_optimizer_is_an_error_at_start_up(tmp_path):
+    with pytest.raises(ConfigError, match="optimizer_impl=gradproj.integrations.verl") as info:
+        make_worker(
+            tmp_path,
+            ["actor_rollout_ref.actor.optim.optimizer_impl=torch.optim", "actor_rollout_ref.actor.optim.override_optimizer_config=null"],
+        )
+    assert "strategy='fsdp2'" in str(info.value) and "FSDPEngine" in str(info.value)
 
 
 def test_plain_loss_with_gradproj_optimizer_is_an_error_at_the_first_micro_batch(tmp_path):

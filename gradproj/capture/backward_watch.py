@@ -1,0 +1,121 @@
+"""Backward calls made while a microbatch block is open, and loss terms that bypass the log-probs.
+
+gradproj sees the loss only through the gradient that arrives at ``logp``: the hook there records
+the per-sequence coefficients and sends the unweighted mask down, and the layer handlers re-apply
+the coefficients per sequence. A loss term that reaches the trainable parameters by another path --
+an entropy bonus or a z-loss on the logits, an MoE router auxiliary loss, a penalty on hidden states
+or on the weights -- would arrive at the covered layers mixed with those unweighted gradients and be
+re-weighted as if it were part of them: a wrong gradient.
+
+This module wraps torch's backward entry point (``torch.autograd._engine_run_backward``, which
+``Tensor.backward``, ``torch.autograd.backward`` and ``torch.autograd.grad`` all call). When a
+backward starts while a block is open, each watcher (one per engine with an open block) sees the
+roots first: the engine walks the loss's graph from them, stopping at ``logp``
+(:func:`path_around`), and refuses the backward -- before it runs, so nothing has changed -- if a
+covered parameter is reachable without passing through ``logp``. Without such a term the walk
+visits only the loss's own few nodes. Backward calls nested inside a running backward (reentrant
+gradient checkpointing recomputes and backpropagates segments) are not watched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+
+import torch
+
+__all__ = ["install", "installed", "watching", "path_around", "node_name"]
+
+_watchers: list[Callable] = []
+_depth = 0
+_original: Callable | None = None
+
+
+def _run_backward(t_outputs, *args, **kwargs):
+    global _depth
+    if _depth == 0 and _watchers:
+        for watcher in list(_watchers):
+            watcher(t_outputs)
+    _depth += 1
+    try:
+        return _original(t_outputs, *args, **kwargs)
+    finally:
+        _depth -= 1
+
+
+def install() -> bool:
+    """Wrap torch's backward entry point (once per process). False if this torch has none: then
+    no backward is watched (loss terms outside the log-probs go undetected)."""
+    global _original
+    if _original is not None:
+        return True
+    import torch.autograd as autograd
+
+    original = getattr(autograd, "_engine_run_backward", None)
+    if original is None:  # pragma: no cover - torch < 2.3
+        return False
+    _original = original
+    autograd._engine_run_backward = _run_backward
+    return True
+
+
+def installed() -> bool:
+    """Whether backward calls are being watched in this process."""
+    return _original is not None
+
+
+@contextmanager
+def watching(watcher: Callable[[tuple], None]):
+    """While open, ``watcher(roots)`` runs before every (outermost) backward call."""
+    _watchers.append(watcher)
+    try:
+        yield
+    finally:
+        _watchers.remove(watcher)
+
+
+def node_name(node) -> str:
+    """A readable name of an autograd graph node (``MulBackward0``, ``_CapturedLinearBackward``)."""
+    try:
+        return node.name()
+    except Exception:  # noqa: BLE001 - any node type
+        return type(node).__name__
+
+
+def _root_nodes(roots: Iterable) -> list:
+    nodes = []
+    for root in roots:
+        if isinstance(root, torch.Tensor):
+            if root.grad_fn is not None:
+                nodes.append(root.grad_fn)
+        else:  # a GradientEdge
+            node = getattr(root, "node", None)
+            if node is not None:
+                nodes.append(node)
+    return nodes
+
+
+def path_around(roots: Iterable, barrier, is_target: Callable) -> list | None:
+    """The chain of graph nodes from a root of the backward to the first node ``is_target``
+    accepts, found without passing through ``barrier`` (``logp.grad_fn``); ``None`` if there is
+    none. Depth-first over ``next_functions``; each node is visited once."""
+    parents: dict = {}
+    stack = []
+    for node in _root_nodes(roots):
+        if node not in parents:
+            parents[node] = None
+            stack.append(node)
+    while stack:
+        node = stack.pop()
+        if node is barrier:
+            continue
+        if is_target(node):
+            path = [node]
+            while parents[path[-1]] is not None:
+                path.append(parents[path[-1]])
+            return path[::-1]
+        for child, _ in node.next_functions:
+            if child is not None and child not in parents:
+                parents[child] = node
+                stack.append(child)
+    return None
