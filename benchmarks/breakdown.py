@@ -9,14 +9,17 @@ the plain step over the same microbatches (the shape and options of :mod:`benchm
 * ``proma/capture``     -- capture only: hooks, staging, and each layer's update ``g_m`` from the
   token factors (one weighted weight-gradient matmul); nothing projected, no ``s_i`` built;
 * ``proma/materialize`` -- also materialise the k sequence gradients and combine through them;
-* ``proma``             -- the full strategy (Gram of ``[S; G]``, k x k solve, combine);
+* ``proma/no-checks``   -- the full strategy (Gram of ``[S; G]``, k x k solve, combine) without the
+  never-silently-wrong checks of each microbatch and forward (the walk of the loss's graph for terms
+  that bypass the log-probs, the optimizer's parameters covered, replaced parameters);
+* ``proma``             -- the full strategy with those checks: the last row's increment is their cost;
 * ``intra_proma/capture`` -- intra_proma's capture and ``g_m`` (every microbatch), no subspace;
 * ``intra_proma/subspaces`` -- also the input and output-gradient subspaces of every weight,
   without projecting ``g_m`` off them;
 * ``intra_proma``       -- the full strategy.
 
-The cut-short rows replace the strategies' ``accumulate`` methods in this process only, so their
-updates are wrong on purpose: they measure cost, nothing else. Differences between consecutive rows
+The cut-short rows replace the strategies' ``accumulate`` methods (or the engine's checks) in this
+process only, so their updates are wrong on purpose: they measure cost, nothing else. Differences between consecutive rows
 are the cost of each stage.
 """
 
@@ -64,10 +67,38 @@ def _subspaces_only(self, entries):
         factored._project_matrix = saved
 
 
-#: stage name -> (strategy, {method name: replacement})
+def _count_backward_call(self, mb, roots):
+    mb.backward_calls += 1  # what the engine needs for rollback, without the walk of the loss's graph
+
+
+def _no_optimizer_check(self):
+    return None
+
+
+def _count_forward_only(self):
+    from gradproj.capture.engine import in_checkpoint_recomputation
+
+    if not in_checkpoint_recomputation():
+        self.pending += 1
+
+
+def _checks_off():
+    from gradproj.capture.engine import CaptureEngine, LayerCapture
+    from gradproj.optimizer import GradProjOptimizer
+
+    return {
+        (CaptureEngine, "_on_backward_call"): _count_backward_call,
+        (GradProjOptimizer, "_check_optimizer_params"): _no_optimizer_check,
+        (LayerCapture, "count_forward"): _count_forward_only,
+    }
+
+
+#: stage name -> (strategy, {method name or (class, method name): replacement}); a callable value
+#: builds that mapping when the stage is set up
 STAGES = {
     "proma/capture": ("proma", {"accumulate": _capture_only, "accumulate_batch": _batch_combine}),
     "proma/materialize": ("proma", {"accumulate": _materialize, "accumulate_batch": _batch_combine}),
+    "proma/no-checks": ("proma", _checks_off),
     "proma": ("proma", {}),
     "intra_proma/capture": ("intra_proma", {"accumulate": _capture_only}),
     "intra_proma/subspaces": ("intra_proma", {"_project": _subspaces_only}),
@@ -76,20 +107,21 @@ STAGES = {
 
 
 class _Cut:
-    """A step function that swaps the strategy class's methods in for the duration of the step."""
+    """A step function that swaps methods in for the duration of the step (names alone: the
+    strategy class's; ``(class, name)``: that class's)."""
 
     def __init__(self, cls, methods: dict) -> None:
-        self.cls, self.methods = cls, methods
+        self.methods = {(key if isinstance(key, tuple) else (cls, key)): fn for key, fn in methods.items()}
 
     def __call__(self, model, opt, data) -> None:
-        saved = {name: self.cls.__dict__[name] for name in self.methods}
-        for name, fn in self.methods.items():
-            setattr(self.cls, name, fn)
+        saved = {(owner, name): owner.__dict__[name] for owner, name in self.methods}
+        for (owner, name), fn in self.methods.items():
+            setattr(owner, name, fn)
         try:
             step_overhead.step_wrapped(model, opt, data)
         finally:
-            for name, fn in saved.items():
-                setattr(self.cls, name, fn)
+            for (owner, name), fn in saved.items():
+                setattr(owner, name, fn)
 
 
 def time_setup(args, setup: str) -> dict[str, float]:
@@ -106,8 +138,41 @@ def time_setup(args, setup: str) -> dict[str, float]:
     for stage, (strategy, methods) in STAGES.items():
         model = step_overhead.build_model(args, setup)
         inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        runs[stage] = (model, gradproj.wrap(inner, model, strategy), _Cut(classes[strategy], methods))
+        runs[stage] = (model, gradproj.wrap(inner, model, strategy), _Cut(classes[strategy], methods() if callable(methods) else methods))
     return step_overhead.time_interleaved(runs, data, args.repeats, setup)
+
+
+def check_costs(args, setup: str, repeats: int = 2000) -> dict[str, float]:
+    """The checks alone, isolated (seconds): the optimizer's parameters covered (per microbatch), the
+    walk of a real loss's graph from its root to ``logp`` (per microbatch), and the replaced-parameter
+    check (per covered layer and forward), with the layer count to scale it."""
+    import time
+
+    import gradproj
+    from gradproj.capture import backward_watch
+
+    model = step_overhead.build_model(args, setup)
+    opt = gradproj.wrap(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5), model, "proma")
+    ids, attn, mask, adv = step_overhead.make_data(args)[0]
+    logp = step_overhead.logprobs(model, ids, attn)
+    loss = step_overhead.loss_fn(logp, mask, adv, 1.0)
+    layer = opt.engine.layers[0]
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats
+
+    costs = {
+        "optimizer_params": timed(opt._check_optimizer_params),
+        "loss_graph_walk": timed(lambda: backward_watch.path_around((loss,), logp.grad_fn, opt.engine._is_covered_node)),
+        "replaced_params_per_layer": timed(layer.count_forward) - timed(lambda: _count_forward_only(layer)),
+        "layers": float(len(opt.engine.layers)),
+    }
+    costs["per_microbatch"] = costs["optimizer_params"] + costs["loss_graph_walk"] + costs["layers"] * costs["replaced_params_per_layer"]
+    opt.detach()
+    return costs
 
 
 def main(argv=None) -> dict:
@@ -133,6 +198,18 @@ def main(argv=None) -> dict:
             added = "" if name == "plain" else f"{ratio - previous:+.3f}"
             lines.append(f"| {setup} | {name} | {ratio:.3f} | {added} |")
             previous = 1.0 if name in ("proma", "plain") else ratio
+    lines += ["", "The checks alone (isolated, same run): per microbatch, the optimizer's parameters covered, the walk "
+              "of the loss's graph to logp, and the replaced-parameter check of every covered layer's forward.", "",
+              "| setup | optimizer parameters | loss graph walk | replaced parameters (all layers) | per microbatch | x plain step (all microbatches) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for setup, med in results.items():
+        costs = check_costs(args, setup)
+        share = costs["per_microbatch"] * args.microbatches / med["plain"]
+        lines.append(
+            f"| {setup} | {costs['optimizer_params'] * 1e6:.1f} us | {costs['loss_graph_walk'] * 1e6:.1f} us | "
+            f"{costs['layers'] * costs['replaced_params_per_layer'] * 1e6:.1f} us | {costs['per_microbatch'] * 1e6:.1f} us | "
+            f"{share:.5f} |"
+        )
     step_overhead.publish(lines, known.markdown)
     return results
 

@@ -228,12 +228,14 @@ class GradProjOptimizer(torch.optim.Optimizer):
         covered = engine._covered
         bad = [p for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad and id(p) not in covered]
         if bad:
+            names = {id(p): n for n, p in engine.model.named_parameters()}
+            shown = [names.get(id(p), f"<a {tuple(p.shape)} tensor outside the model>") for p in bad[:6]]
             raise CoverageError(
-                f"the optimizer holds {len(bad)} trainable parameter(s) that gradproj does not cover (shapes "
-                f"{[tuple(p.shape) for p in bad[:4]]}{' ...' if len(bad) > 4 else ''}): they were given to the inner "
-                "optimizer or swapped into its param groups after wrap(), so their gradients would not be "
-                "projected. Call opt.detach() and wrap() the optimizer again after changing which parameters "
-                "train (or add them with opt.add_param_group(), which checks them)"
+                f"the optimizer holds {len(bad)} trainable parameter(s) that gradproj does not cover "
+                f"({', '.join(shown)}{' ...' if len(bad) > 6 else ''}): unfrozen, given to the inner optimizer or "
+                "swapped into its param groups after wrap(), so their gradients would not be projected. Freeze "
+                "them again, or call opt.detach() and wrap() the optimizer again after changing which parameters "
+                "train (opt.add_param_group() checks what it adds)"
             )
 
     def set_groups(self, group_ids: torch.Tensor | Sequence[Hashable], rewards: torch.Tensor | Sequence[float]) -> None:

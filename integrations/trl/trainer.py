@@ -66,12 +66,27 @@ def check_grpo_config(args, config: GradProjConfig) -> None:
             f"num_iterations={args.num_iterations} reuses rollouts after an update, so the likelihood ratio is not 1 "
             "and clipping varies per token; set num_iterations=1"
         )
-    spg = args.steps_per_generation or args.gradient_accumulation_steps
-    if spg > args.gradient_accumulation_steps:
+    ga = args.gradient_accumulation_steps
+    spg = args.steps_per_generation or ga
+    if ga % (spg * max(args.num_iterations, 1)):
+        # TRL's own test for an off-policy step (it then computes old log-probs): some optimizer step
+        # would use completions generated before the previous step
         problems.append(
-            f"steps_per_generation={spg} > gradient_accumulation_steps={args.gradient_accumulation_steps} takes "
-            "several optimizer steps per generation (off-policy, ratio != 1); keep steps_per_generation <= "
-            "gradient_accumulation_steps"
+            f"steps_per_generation={spg} does not divide gradient_accumulation_steps={ga}, so some optimizer steps "
+            "train on completions generated before an earlier step (off-policy; the ratio is not 1). Set "
+            "steps_per_generation to gradient_accumulation_steps (the default) or a divisor of it (generation_batch_size "
+            "sets it too)"
+        )
+    if getattr(args, "deepspeed", None):
+        problems.append(
+            "DeepSpeed steps the optimizer inside its backward, before gradproj has added the microbatch to the "
+            "running gradient, and owns the optimizer; use DDP or FSDP2 (accelerate) instead of deepspeed="
+        )
+    optim = str(getattr(args, "optim", "") or "")
+    if "lomo" in optim or "layerwise" in optim:
+        problems.append(
+            f"optim={optim!r} updates the parameters during the backward (per layer), before gradproj has "
+            "projected the microbatch; choose an optimizer that steps once per optimizer step (adamw_torch, ...)"
         )
     if args.entropy_coef != 0.0 or args.use_adaptive_entropy:
         problems.append("an entropy bonus (entropy_coef / use_adaptive_entropy) adds a gradient outside the log-probs; disable it")
@@ -120,6 +135,11 @@ class GradProjGRPOMixin:
         if self.aux_loss_enabled and self._gp_config.resolve().needs_capture:
             raise ConfigError(
                 "the model adds a MoE router load-balancing loss outside the log-probs; set router_aux_loss_coef=0.0"
+            )
+        if getattr(self, "is_deepspeed_enabled", False) and self._gp_config.resolve().needs_capture:
+            raise ConfigError(
+                "DeepSpeed (from the accelerate config) steps the optimizer inside its backward, before gradproj has "
+                "added the microbatch to the running gradient; use DDP or FSDP2 instead"
             )
 
     # -- optimizer -------------------------------------------------------------------------
@@ -172,6 +192,14 @@ class GradProjGRPOMixin:
         loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         opt = self._gp_optimizer
         if opt is not None and model.training and torch.is_grad_enabled():
+            stale = [key for key in ("old_per_token_logps", "importance_sampling_ratio") if inputs.get(key) is not None]
+            if stale and opt.engine.needs_capture:
+                raise ConfigError(
+                    f"gradproj: TRL handed this step {', '.join(stale)}: its completions come from an older policy "
+                    "(num_iterations, steps_per_generation or vLLM importance sampling), which gradproj refuses; "
+                    "set num_iterations=1, steps_per_generation=gradient_accumulation_steps and "
+                    "vllm_importance_sampling_correction=False"
+                )
             if self._gp_logps is None:
                 raise ProtocolError("gradproj: TRL computed the loss without the training log-probs (unsupported TRL code path)")
             mask = inputs["completion_mask"]

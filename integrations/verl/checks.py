@@ -173,3 +173,9 @@ def check_actor_config(actor_config, gradproj_config: GradProjConfig, needs_capt
             f"{_ACTOR}.entropy_coeff={entropy} adds an entropy-bonus gradient that gradproj cannot split per "
             "sequence; set entropy_coeff=0"
         )
+    if getattr(actor_config, "calculate_entropy", False):
+        raise ConfigError(
+            f"{_ACTOR}.calculate_entropy=True makes verl add its entropy term to the loss (times entropy_coeff, "
+            "even when that is 0), a term computed from the logits outside the log-probs, which gradproj refuses; "
+            "set calculate_entropy=False"
+        )
