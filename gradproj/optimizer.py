@@ -19,7 +19,7 @@ from torch import nn
 
 from gradproj.capture.engine import CaptureEngine
 from gradproj.config import GradProjConfig
-from gradproj.errors import CheckpointError, ConfigError, CoverageError
+from gradproj.errors import CheckpointError, ConfigError, CoverageError, ProtocolError
 
 __all__ = ["GradProjOptimizer", "wrap"]
 
@@ -41,6 +41,16 @@ class GradProjOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self._engine = engine
         self.config = engine.config
+        self._in_step = False
+        # the inner optimizer stepped directly (a kept reference to it) does what step() does
+        # (optimizers that bypass Optimizer.__init__, e.g. torch_optimizer's Lookahead, have no hooks)
+        try:
+            self._inner_hooks = [
+                optimizer.register_step_pre_hook(self._before_inner_step),
+                optimizer.register_step_post_hook(self._after_inner_step),
+            ]
+        except AttributeError:
+            self._inner_hooks = []
 
     # -- delegation ------------------------------------------------------------------------
     @property
@@ -86,9 +96,32 @@ class GradProjOptimizer(torch.optim.Optimizer):
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self._engine.sync_gradients()  # DDP: average over the ranks, unless sync_gradients() already did
-        result = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._in_step = True
+        try:
+            result = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        finally:
+            self._in_step = False
         self._engine.end_step()
         return result
+
+    def _before_inner_step(self, optimizer, args, kwargs) -> None:
+        """The inner optimizer's own ``step()`` called directly: the same checks and data-parallel
+        averaging as :meth:`step` (otherwise DDP ranks would step on their local gradients and
+        FSDP2 parameters on no gradient at all)."""
+        if self._in_step or not self._engine.attached:
+            return
+        engine = self._engine
+        engine.check_idle("the inner optimizer's step()")
+        if not engine.check_step():
+            raise ProtocolError(
+                "the inner optimizer's step() was called although every microbatch of this step was dropped as "
+                "non-finite (.grad holds NaN markers); call opt.step() (which skips the step) or opt.zero_grad()"
+            )
+        engine.sync_gradients()
+
+    def _after_inner_step(self, optimizer, args, kwargs) -> None:
+        if not self._in_step and self._engine.attached:
+            self._engine.end_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or drop) the gradients: the next microbatch starts a new running gradient.
@@ -171,7 +204,7 @@ class GradProjOptimizer(torch.optim.Optimizer):
     def __getattr__(self, name: str) -> Any:
         # Only reached for attributes not found normally: optimizer-specific extras
         # (e.g. Lookahead's ``base_optimizer``) come from the inner optimizer.
-        if name in ("optimizer", "_engine", "config"):
+        if name in ("optimizer", "_engine", "config", "_in_step", "_inner_hooks"):
             raise AttributeError(name)
         return getattr(self.optimizer, name)
 
@@ -267,8 +300,12 @@ class GradProjOptimizer(torch.optim.Optimizer):
         return self._engine.paused()
 
     def detach(self) -> torch.optim.Optimizer:
-        """Remove every hook gradproj installed on the model; returns the inner optimizer."""
+        """Remove every hook gradproj installed on the model and the inner optimizer; returns the
+        inner optimizer."""
         self._engine.detach()
+        for handle in self._inner_hooks:
+            handle.remove()
+        self._inner_hooks = []
         return self.optimizer
 
     def metrics(self) -> dict[str, float]:

@@ -102,3 +102,41 @@ def test_ddp_two_processes(strategy, tmp_path):
         for res in results:
             assert rel_err(res["synced"][n].reshape(-1).double(), mean) <= 1e-10, n
             assert torch.equal(res["after_step"][n], res["synced"][n])
+
+
+def inner_step_worker(rank, port, outdir):
+    """A kept reference to the inner optimizer stepped directly: gradproj still averages first."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model = TinyLM(seed=1)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        inner = torch.optim.SGD([p for _, p in trainable(model)], lr=1.0)
+        opt = gradproj.wrap(inner, ddp, "proma")
+        before = {n: p.detach().clone() for n, p in trainable(model)}
+        for ids, attn, mask, adv in rank_microbatches(rank):
+            logp = token_logprobs(ddp, ids, attn)
+            with opt.microbatch(logp, mask):
+                grpo_loss(logp, mask, adv, 0.5).backward()
+        inner.step()  # not opt.step()
+        moved = {n: before[n] - p.detach() for n, p in trainable(model)}
+        steps = opt.engine.steps
+        opt.detach()
+        torch.save({"moved": moved, "steps": steps}, os.path.join(outdir, f"inner{rank}.pt"))
+        del opt, ddp, model
+        dist.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def test_ddp_inner_optimizer_step_averages_first(tmp_path):
+    mp.spawn(inner_step_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    results = [torch.load(tmp_path / f"inner{r}.pt", weights_only=True) for r in range(WORLD)]
+    expected = [brute_local(r, "proma") for r in range(WORLD)]
+    for n in expected[0]:
+        mean = (expected[0][n] + expected[1][n]) / WORLD  # SGD with lr 1: the step is the gradient
+        for res in results:
+            assert rel_err(res["moved"][n].reshape(-1).double(), mean) <= 1e-10, n
+            assert res["steps"] == 1

@@ -980,3 +980,32 @@ def test_trl_generations_that_divide_the_accumulation_are_on_policy(spg, tmp_pat
     from gradproj.integrations.trl import check_grpo_config
 
     check_grpo_config(_grpo_config(tmp_path, steps_per_generation=spg), gradproj.GradProjConfig(strategy="proma"))
+
+
+# -- 11. the inner optimizer stepped directly ------------------------------------------------------
+
+
+def test_inner_optimizer_step_equals_the_wrapper_step():
+    model, opt = wrapped("proma")
+    for batch in BATCHES[:2]:
+        block(model, opt, batch)
+    opt.optimizer.step()  # a kept reference to the inner optimizer
+    assert opt.engine.steps == 1 and opt.metrics()["gradproj/microbatches"] == 2.0
+    expect, expect_opt = twin(["proma"], [], BATCHES[:2])
+    expect_opt.step()
+    assert same(params(model), params(expect))
+
+
+def test_inner_optimizer_step_inside_a_block_or_on_nan_markers_is_refused():
+    model, opt = wrapped("proma")
+    before, state = params(model), optimizer_state(opt)
+    ids, attn, mask, adv = BATCHES[0]
+    logp = token_logprobs(model, ids, attn)
+    with pytest.raises(gradproj.ProtocolError, match="inner optimizer"):
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 0.5).backward()
+            opt.optimizer.step()
+    block(model, opt, _overflowing(BATCHES[1]))  # every microbatch dropped: NaN markers in .grad
+    with pytest.raises(gradproj.ProtocolError, match="dropped"):
+        opt.optimizer.step()
+    assert same(params(model), before) and same_optimizer_state(optimizer_state(opt), state)
