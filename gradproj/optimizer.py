@@ -10,6 +10,7 @@ The wrapper is a real :class:`torch.optim.Optimizer` that *shares* the inner opt
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Hashable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
@@ -56,6 +57,11 @@ class GradProjOptimizer(torch.optim.Optimizer):
     @property
     def param_groups(self):
         """The inner optimizer's ``param_groups`` (the same list object)."""
+        if self._engine.current is not None and _called_by_grad_scaler():
+            raise ProtocolError(
+                "GradScaler.unscale_(opt) inside an open opt.microbatch() block: the block's update is added to .grad "
+                "when the block closes, so it would stay scaled. Unscale (and clip) once, after the step's last block"
+            )
         return self.optimizer.param_groups
 
     @param_groups.setter
@@ -316,6 +322,13 @@ class GradProjOptimizer(torch.optim.Optimizer):
     def engine(self) -> CaptureEngine:
         """The capture engine (layers covered, microbatch state)."""
         return self._engine
+
+
+def _called_by_grad_scaler() -> bool:
+    """Whether the caller of the ``param_groups`` getter is torch's ``GradScaler`` (it rewrites
+    ``.grad`` in place, without the version bump the engine's own check relies on)."""
+    frame = sys._getframe(2)
+    return frame is not None and str(frame.f_globals.get("__name__", "")).endswith("grad_scaler")
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer):

@@ -1009,3 +1009,262 @@ def test_inner_optimizer_step_inside_a_block_or_on_nan_markers_is_refused():
     with pytest.raises(gradproj.ProtocolError, match="dropped"):
         opt.optimizer.step()
     assert same(params(model), before) and same_optimizer_state(optimizer_state(opt), state)
+
+
+# -- 12. found by trying to break it: more siblings ------------------------------------------------
+
+
+def _later(strategy="proma"):
+    """A model whose step already holds one microbatch (the next block is a projected one)."""
+    return twin([strategy], [], [BATCHES[0]])
+
+
+@pytest.mark.parametrize("edit", ["clip_grad_norm_", "model.zero_grad", "grad.mul_"])
+def test_gradient_edited_inside_the_block_is_refused(edit):
+    model, opt = _later()
+    ids, attn, mask, adv = BATCHES[1]
+    logp = token_logprobs(model, ids, attn)
+    with pytest.raises(gradproj.ProtocolError, match="changed inside the opt.microbatch"):
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 0.5).backward()
+            if edit == "clip_grad_norm_":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            elif edit == "model.zero_grad":
+                model.zero_grad()
+            else:
+                model.head.weight.grad.mul_(0.5)
+            edited = grads(model)
+    assert same(grads(model), edited)  # the user's edit stays; the microbatch's update was discarded
+
+
+def test_gradscaler_unscale_inside_the_block_is_refused_before_it_unscales():
+    model, opt = _later()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    before = grads(model)
+    ids, attn, mask, adv = BATCHES[1]
+    logp = token_logprobs(model, ids, attn)
+    with pytest.raises(gradproj.ProtocolError, match="unscale_"):
+        with opt.microbatch(logp, mask):
+            scaler.scale(grpo_loss(logp, mask, adv, 0.5)).backward()
+            scaler.unscale_(opt)
+    assert same(grads(model), before)
+
+
+class _SharedSegments(TinyLM):
+    """fc2 used in two separately checkpointed segments (ALBERT-style sharing)."""
+
+    reentrant = None
+
+    def hidden(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = torch.tanh(self.fc1(x))
+        segment = lambda t: torch.tanh(self.fc2(t))  # noqa: E731
+        if self.reentrant is None:
+            return h + segment(h + segment(h))
+        inner = checkpoint(segment, h, use_reentrant=self.reentrant)
+        return h + checkpoint(segment, h + inner, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_module_in_two_checkpointed_segments(reentrant):
+    """Non-reentrant: exact. Reentrant: the second segment's recomputation would split the layer's
+    uses -- refused, the microbatch discarded."""
+    model = _SharedSegments(seed=2)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+    reference = _brute_force(model, opt, BATCHES[:2], 0.5)
+    model.reentrant = reentrant
+    block(model, opt, BATCHES[0])
+    if not reentrant:
+        block(model, opt, BATCHES[1])
+        assert max(rel_err(p.grad.reshape(-1).double(), reference[n]) for n, p in trainable(model)) <= 1e-10
+        return
+    before = grads(model)
+    with pytest.raises(gradproj.ProtocolError, match="use_reentrant"):
+        block(model, opt, BATCHES[1])
+    assert same(grads(model), before)
+
+
+class _CheckpointedHidden(TinyLM):
+    reentrant = True
+    seen: list
+
+    def hidden(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = torch.tanh(self.fc1(x))  # (the segment's input must require grad for reentrant checkpointing)
+        h = checkpoint(lambda t: torch.tanh(self.fc2(t)), h, use_reentrant=self.reentrant)
+        self.seen = [h]
+        return h
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_loss_term_on_a_checkpointed_segment_is_refused(reentrant):
+    model = _CheckpointedHidden(seed=2)
+    model.reentrant = reentrant
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+    block(model, opt, BATCHES[0])
+    before = grads(model)
+    ids, attn, mask, adv = BATCHES[1]
+    logp = token_logprobs(model, ids, attn)
+    penalty = 1e-3 * model.seen[0].pow(2).sum()
+    with pytest.raises(gradproj.LossTermError):
+        with opt.microbatch(logp, mask):
+            (grpo_loss(logp, mask, adv, 0.5) + penalty).backward()
+    assert same(grads(model), before)
+
+
+class _FusedLogpEntropy(torch.autograd.Function):
+    """One kernel returning (log-probs, entropy), as fused log-prob kernels do."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        logs = torch.log_softmax(logits, -1)
+        ctx.save_for_backward(logs, targets)
+        return logs.gather(-1, targets[..., None]).squeeze(-1), -(logs.exp() * logs).sum(-1)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_entropy):
+        logs, targets = ctx.saved_tensors
+        p = logs.exp()
+        onehot = torch.zeros_like(logs).scatter_(-1, targets[..., None], 1.0)
+        entropy = -(p * logs).sum(-1, keepdim=True)
+        return g_logp[..., None] * (onehot - p) + g_entropy[..., None] * (-p * (logs + entropy)), None
+
+
+@pytest.mark.parametrize("sibling", ["split", "fused-kernel"])
+def test_a_sibling_output_of_logps_node_is_a_loss_term_outside_logp(sibling):
+    model, opt = _later()
+    before = grads(model)
+    ids, attn, mask, adv = BATCHES[1]
+    logits = model(ids, attn).logits[:, :-1]
+    if sibling == "split":
+        logp, other = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1).split([2, 2])
+        logp = torch.cat([logp, other.detach()])  # rows 2-3 only through the sibling
+        extra = 0.3 * other.sum()
+    else:
+        logp, entropy = _FusedLogpEntropy.apply(logits, ids[:, 1:])
+        extra = -0.01 * (entropy * mask).sum()
+    with pytest.raises(gradproj.GradProjError):
+        with opt.microbatch(logp, mask):
+            (grpo_loss(logp, mask, adv, 0.5) + extra).backward()
+    assert same(grads(model), before)
+
+
+@pytest.mark.parametrize(
+    "reorder",
+    [lambda t: t[torch.tensor([1, 0, 2, 3])], lambda t: t.flip(0), lambda t: t.roll(1, 0),
+     lambda t: t.index_select(0, torch.tensor([3, 2, 1, 0]))],
+    ids=["index", "flip", "roll", "index-select"],
+)
+def test_rows_reordered_after_the_model_are_refused(reorder):
+    model, opt = _later()
+    ids, attn, mask, adv = BATCHES[1]
+    logits = reorder(model(ids, attn).logits[:, :-1])
+    logp = torch.log_softmax(logits, -1).gather(-1, reorder(ids[:, 1:])[..., None]).squeeze(-1)
+    before = grads(model)
+    with pytest.raises(gradproj.InputError, match="rows of logp were reordered"):
+        opt.microbatch(logp, reorder(mask)).__enter__()
+    assert same(grads(model), before) and opt.engine.current is None
+    identity = model(ids, attn).logits[:, :-1][torch.arange(4)]  # an identity index is fine
+    logp = torch.log_softmax(identity, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    with opt.microbatch(logp, mask):
+        grpo_loss(logp, mask, adv, 0.5).backward()
+    expect, _ = twin(["proma"], [], BATCHES[:2])
+    assert same(grads(model), grads(expect))
+
+
+class _BatchNormLM(TinyLM):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.norm = nn.BatchNorm1d(24, affine=False).double()
+
+    def hidden(self, x):
+        h = torch.tanh(self.fc1(x))
+        h = self.norm(h.transpose(1, 2)).transpose(1, 2)
+        return torch.tanh(self.fc2(h))
+
+
+def test_batch_norm_in_training_mode_is_refused_and_in_eval_mode_exact():
+    model = _BatchNormLM(seed=2)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+    with pytest.raises(gradproj.InputError, match="BatchNorm1d in training mode"):
+        block(model, opt, BATCHES[0])
+    assert all(p.grad is None for _, p in trainable(model))
+    model.norm.eval()
+    reference = _brute_force(model, opt, BATCHES[:2], 0.5)
+    for batch in BATCHES[:2]:
+        block(model, opt, batch)
+    assert max(rel_err(p.grad.reshape(-1).double(), reference[n]) for n, p in trainable(model)) <= 1e-10
+
+
+def test_a_module_added_after_wrap_is_refused():
+    model, opt = _later()
+    before = grads(model)
+    model.head = nn.Linear(24, 40).double()  # replaced by a new, uncovered module
+    with pytest.raises(gradproj.CoverageError, match="head.weight"):
+        block(model, opt, BATCHES[1])
+    assert same({n: g for n, g in grads(model).items() if not n.startswith("head")},
+                {n: g for n, g in before.items() if not n.startswith("head")})
+
+
+def test_a_peft_adapter_added_and_activated_after_wrap_is_refused():
+    from peft import LoraConfig
+
+    from helpers import tiny_hf, with_lora
+
+    model = with_lora(tiny_hf("llama", layers=1, hidden=16), r=2)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+    model.base_model.set_adapter(["default", "b"])
+    with pytest.raises(gradproj.CoverageError, match="lora_A.b.weight"):
+        block(model, opt, BATCHES[0])
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_hook_on_logp_registered_inside_the_block_is_refused():
+    model, opt = _later()
+    before = grads(model)
+    ids, attn, mask, adv = BATCHES[1]
+    logp = token_logprobs(model, ids, attn)
+    weights = torch.linspace(0.2, 1.8, logp.shape[1], dtype=logp.dtype)[None]
+    with pytest.raises(gradproj.CoefficientError, match="hook was registered on logp"):
+        with opt.microbatch(logp, mask):
+            logp.register_hook(lambda g: g * weights)
+            grpo_loss(logp, mask, adv, 0.5).backward()
+    assert same(grads(model), before)
+
+
+def test_mask_changed_in_place_inside_the_block_is_refused():
+    model, opt = _later()
+    before = grads(model)
+    ids, attn, mask, adv = BATCHES[1]
+    mask = mask.clone()
+    logp = token_logprobs(model, ids, attn)
+    with pytest.raises(gradproj.InputError, match="changed in place"):
+        with opt.microbatch(logp, mask):
+            mask[2] = False
+            grpo_loss(logp, mask, adv, 0.5).backward()
+    assert same(grads(model), before)
+
+
+def test_set_groups_with_other_groups_mid_step_is_refused():
+    model = TinyLM(seed=2)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, ["variance_scaling", "proma"])
+    groups, rewards = [0, 0, 1, 1, 2, 2, 3, 3], torch.tensor([1.0, 0.0, 0.5, 0.2, 1.0, 0.9, 0.1, 0.3])
+    opt.set_groups(groups, rewards)
+    ids, attn, mask, adv = BATCHES[0]
+    logp = token_logprobs(model, ids, attn)
+    with opt.microbatch(logp, mask, group_ids=groups[:4]):
+        grpo_loss(logp, mask, adv, 0.5).backward()
+    opt.set_groups(groups, rewards)  # the same again: fine
+    with pytest.raises(gradproj.ProtocolError, match="set_groups"):
+        opt.set_groups(groups[4:], rewards[4:])
+    assert opt.engine.step_groups.same_as(opt.engine.step_groups) and len(opt.engine.step_groups) == 8
+
+
+def test_dtype_changed_after_wrap_is_refused():
+    model, opt = _later()
+    model.float()
+    with pytest.raises(gradproj.CoverageError, match="changed from torch.float64"):
+        token_logprobs(model, *BATCHES[1][:2])

@@ -14,7 +14,8 @@ roots first: the engine walks the loss's graph from them, stopping at ``logp``
 (:func:`path_around`), and refuses the backward -- before it runs, so nothing has changed -- if a
 covered parameter is reachable without passing through ``logp``. Without such a term the walk
 visits only the loss's own few nodes. Backward calls nested inside a running backward (reentrant
-gradient checkpointing recomputes and backpropagates segments) are not watched.
+gradient checkpointing recomputes and backpropagates segments) are not watched; :func:`depth` tells
+whether one is running.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["install", "installed", "watching", "path_around", "node_name"]
+__all__ = ["install", "installed", "watching", "path_around", "node_name", "depth"]
 
 _watchers: list[Callable] = []
 _depth = 0
@@ -59,6 +60,11 @@ def install() -> bool:
     return True
 
 
+def depth() -> int:
+    """How many watched backward calls are running (nested ones included)."""
+    return _depth
+
+
 def installed() -> bool:
     """Whether backward calls are being watched in this process."""
     return _original is not None
@@ -82,40 +88,46 @@ def node_name(node) -> str:
         return type(node).__name__
 
 
-def _root_nodes(roots: Iterable) -> list:
-    nodes = []
+def _root_edges(roots: Iterable) -> list:
+    """``(node, output number)`` of each root of a backward call."""
+    edges = []
     for root in roots:
         if isinstance(root, torch.Tensor):
             if root.grad_fn is not None:
-                nodes.append(root.grad_fn)
+                edges.append((root.grad_fn, root.output_nr))
         else:  # a GradientEdge
             node = getattr(root, "node", None)
             if node is not None:
-                nodes.append(node)
-    return nodes
+                edges.append((node, getattr(root, "output_nr", 0)))
+    return edges
 
 
-def path_around(roots: Iterable, barrier, is_target: Callable) -> list | None:
+def path_around(roots: Iterable, barrier: tuple | None, is_target: Callable) -> list | None:
     """The chain of graph nodes from a root of the backward to the first node ``is_target``
-    accepts, found without passing through ``barrier`` (``logp.grad_fn``); ``None`` if there is
-    none. Depth-first over ``next_functions``; each node is visited once."""
+    accepts, found without passing through the edge ``barrier`` -- ``(logp.grad_fn,
+    logp.output_nr)``: a gradient arriving at logp's node through *another* of its outputs (a
+    sibling of logp from ``split`` or a fused multi-output kernel) is not stopped. ``None`` if
+    there is no such path. Depth-first over ``next_functions``; each node is expanded once."""
     parents: dict = {}
     stack = []
-    for node in _root_nodes(roots):
+    for node, nr in _root_edges(roots):
+        if barrier is not None and node is barrier[0] and nr == barrier[1]:
+            continue
         if node not in parents:
             parents[node] = None
             stack.append(node)
     while stack:
         node = stack.pop()
-        if node is barrier:
-            continue
         if is_target(node):
             path = [node]
             while parents[path[-1]] is not None:
                 path.append(parents[path[-1]])
             return path[::-1]
-        for child, _ in node.next_functions:
-            if child is not None and child not in parents:
-                parents[child] = node
-                stack.append(child)
+        for child, nr in node.next_functions:
+            if child is None or child in parents:
+                continue
+            if barrier is not None and child is barrier[0] and nr == barrier[1]:
+                continue  # the gradient enters logp itself: gradproj's hook sees it
+            parents[child] = node
+            stack.append(child)
     return None

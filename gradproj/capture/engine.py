@@ -28,6 +28,7 @@ from functools import partial
 from time import perf_counter
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.utils.hooks import unserializable_hook
 
@@ -37,11 +38,12 @@ from gradproj.capture.data_parallel import DataParallelSync, is_ddp
 from gradproj.capture.groups import StepGroups
 from gradproj.capture.sharded import ShardedGradients, is_sharded
 from gradproj.capture.handlers import compute_dtype
+from gradproj.capture.layout import PaddedLayout, check_row_order
 from gradproj.capture.microbatch import Microbatch, sequence_coefficients
 from gradproj.config import GradProjConfig, ResolvedStrategies
 from gradproj.diagnostics.gradients import GradientDiagnostics
 from gradproj.diagnostics.lora import LoraKLBound
-from gradproj.errors import CheckpointError, CoverageError, InputError, LossTermError, ProtocolError
+from gradproj.errors import CheckpointError, CoefficientError, CoverageError, InputError, LossTermError, ProtocolError
 from gradproj.linalg.sequence_grads import Workspace
 from gradproj.linalg.sum_grads import SumGrads
 from gradproj.plugins.manager import Registry
@@ -50,6 +52,29 @@ from gradproj.strategies.base import LayerStep
 __all__ = ["CaptureEngine", "LayerCapture", "STATE_VERSION"]
 
 STATE_VERSION = 2
+#: modules and parameters registered on any module since gradproj started watching (a model changed
+#: after wrap() makes the next microbatch rescan it for uncovered trainable parameters)
+_registrations = 0
+_registration_hooks: list = []
+
+
+def _count_registration(*_args) -> None:
+    global _registrations
+    _registrations += 1
+
+
+def _watch_registrations() -> None:
+    """Count every module and parameter registration in this process (once)."""
+    if _registration_hooks:
+        return
+    from torch.nn.modules import module as nn_module
+
+    for name in ("register_module_module_registration_hook", "register_module_parameter_registration_hook"):
+        register = getattr(nn_module, name, None)
+        if register is not None:
+            _registration_hooks.append(register(_count_registration))
+
+
 #: the engine attached to each wrapped model (not an attribute of the model: copies and pickles of
 #: a wrapped model carry no gradproj state)
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, CaptureEngine]" = weakref.WeakKeyDictionary()
@@ -58,7 +83,7 @@ _ENGINES: "weakref.WeakKeyDictionary[nn.Module, CaptureEngine]" = weakref.WeakKe
 class LayerCapture:
     """One covered module: its handler, its parameters and its forwards still awaiting a backward."""
 
-    __slots__ = ("engine", "module", "name", "handler", "params", "pending", "uninstall")
+    __slots__ = ("engine", "module", "name", "handler", "params", "kinds", "pending", "uninstall")
 
     def __init__(self, engine, module, name, handler, params) -> None:
         self.engine = engine
@@ -66,6 +91,7 @@ class LayerCapture:
         self.name = name
         self.handler = handler
         self.params = params  # [(attribute, parameter, qualified name)]
+        self.kinds = [(param.dtype, param.device) for _, param, _ in params]  # as wrapped
         #: captured forwards of the module whose backward has not arrived yet (any microbatch)
         self.pending = 0
         self.uninstall = None
@@ -74,8 +100,9 @@ class LayerCapture:
         """Record a forward of the module whose backward will reach the handler.
 
         Called by the handler's autograd Function in its forward. Refuses a module whose covered
-        parameters were replaced after ``wrap()`` (``module.weight = nn.Parameter(...)``): gradproj
-        would keep reading and writing the old tensors' gradients.
+        parameters were replaced after ``wrap()`` (``module.weight = nn.Parameter(...)``), or
+        converted to another dtype or device: gradproj would keep reading and writing the old
+        tensors' gradients, or buffers of the old kind.
 
         The forward that non-reentrant gradient checkpointing runs again during the backward is
         not counted: it only refills the saved tensors of the original forward, whose backward
@@ -85,7 +112,14 @@ class LayerCapture:
         """
         if self.engine.sharded is None:  # FSDP2 swaps sharded and unsharded parameters itself
             module = self.module
-            for attr, param, qname in self.params:
+            for (attr, param, qname), (dtype, device) in zip(self.params, self.kinds):
+                if param.dtype != dtype or param.device != device:
+                    raise CoverageError(
+                        f"parameter {qname} changed from {dtype} on {device} to {param.dtype} on {param.device} after "
+                        "wrap() (model.to(), .float(), .half(), ...); gradproj planned its buffers for the old kind. "
+                        "Call opt.detach(), build the optimizer anew (its state is for the old kind too) and wrap() it "
+                        "after converting the model"
+                    )
                 if getattr(module, attr, None) is not param:
                     raise CoverageError(
                         f"parameter {qname} was replaced after wrap() (a new tensor was assigned to "
@@ -111,6 +145,8 @@ class LayerCapture:
 
 
 _top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+#: reentrant torch.utils.checkpoint's autograd Function (its segment's graph is built only in the backward)
+_CHECKPOINT_FUNCTION = getattr(torch.utils.checkpoint, "CheckpointFunction", None)
 
 
 def in_checkpoint_recomputation() -> bool:
@@ -196,6 +232,8 @@ class CaptureEngine:
         self._broken: str | None = None
         #: nonfinite="drop": every microbatch so far was dropped and .grad holds NaN for GradScaler
         self._all_dropped = False
+        self._batch_norms: list[nn.Module] = []  # they mix the sequences of a microbatch in training mode
+        self._registrations_seen = 0
         self._reset_counters()
 
     # -- set-up ----------------------------------------------------------------------------
@@ -282,7 +320,10 @@ class CaptureEngine:
             self.sharded = ShardedGradients(self._covered_params)
             self._plain_when_no_grad = False  # every microbatch goes through the rank-local gradients
         self._params = [p for _, p in named]
+        self._batch_norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         backward_watch.install()
+        _watch_registrations()
+        self._registrations_seen = _registrations
         _ENGINES[self.model] = self
         self.attached = True
 
@@ -389,13 +430,25 @@ class CaptureEngine:
 
     def _check_coverage(self, where: str) -> None:
         covered = self._covered
+        training = [type(m).__name__ for m in self._batch_norms if m.training]
+        if training:
+            raise InputError(
+                f"{where}: {_list_names(training)} in training mode normalise with statistics of the whole "
+                "microbatch, which mixes its sequences: no gradient is then a sum of per-sequence parts. Put them "
+                "in eval mode (module.eval(): running statistics) or replace them with a per-token norm"
+            )
+        if _registrations != self._registrations_seen:  # modules or parameters added since: rescan
+            self._registrations_seen = _registrations
+            known = {id(p) for p in self._params}
+            self._params += [p for p in self.model.parameters() if id(p) not in known]
         if all(id(p) in covered for p in self._params if p.requires_grad):
             return
         bad = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in covered]
         if bad:
             raise CoverageError(
-                f"{where}: trainable parameter(s) {_list_names(bad)} became trainable after wrap() and "
-                "are not covered; freeze them again, or detach() and wrap() the optimizer anew"
+                f"{where}: trainable parameter(s) {_list_names(bad)} became trainable or were added to the model "
+                "after wrap() and are not covered (their gradients would come from the unweighted log-prob "
+                "gradients); freeze them again, or detach() and wrap() the optimizer anew"
             )
 
     # -- microbatches ----------------------------------------------------------------------
@@ -432,14 +485,20 @@ class CaptureEngine:
             transform.validate_microbatch(mb)
         if self.needs_capture:
             self._check_coverage(mb.where)
+            if isinstance(mb.layout, PaddedLayout):  # (packed layouts gather tokens into rows by design)
+                check_row_order(logp, mb.where)
         if self._all_dropped:  # the NaN left for a GradScaler: this microbatch starts from nothing
             self._clear_grads()
             self._all_dropped = False
-        mb.logp_node = logp.grad_fn
+        mb.logp_edge = None if logp.grad_fn is None else (logp.grad_fn, logp.output_nr)
         mb.fresh = all(p.grad is None for p in self._written_params()) and (
             self.sharded is None or self.sharded.empty()
         )
+        if self.needs_capture and not mb.fresh and not self.writes_directly and self.sharded is None:
+            # the running gradient the strategies read: nothing may change it until the block closes
+            mb.grads_seen = [(p, p.grad, -1 if p.grad is None else p.grad._version) for p in self._covered_params]
         handle = logp.register_hook(partial(self._on_logp_grad, mb))
+        mb.logp, mb.hook_id = logp, handle.id
         self.current = mb
         completed = False
         for strategy in self.strategies.all:
@@ -533,7 +592,15 @@ class CaptureEngine:
         mb.backward_calls += 1
         if not self.needs_capture:
             return  # plain accumulation: any loss is exact
-        path = backward_watch.path_around(roots, mb.logp_node, self._is_covered_node)
+        later = [key for key in getattr(mb.logp, "_backward_hooks", None) or () if key > mb.hook_id]
+        if later:
+            mb.error = CoefficientError(
+                f"{mb.where}: a hook was registered on logp inside the block, after gradproj's: it would change "
+                "the unweighted gradient gradproj sends down (per-token weights that no check sees). Register it "
+                "before opening the block (then gradproj sees its weights), or put the weights into the loss"
+            )
+            raise mb.error
+        path = backward_watch.path_around(roots, mb.logp_edge, self._is_covered_node)
         if path is None:
             return
         target = path[-1]
@@ -552,11 +619,14 @@ class CaptureEngine:
         raise mb.error
 
     def _is_covered_node(self, node) -> bool:
-        """A captured layer's backward (its autograd Function's ctx carries the layer), or the
-        gradient accumulator of a covered parameter."""
+        """A captured layer's backward (its autograd Function's ctx carries the layer), the
+        gradient accumulator of a covered parameter, or a reentrant checkpoint segment (whose
+        layers the walk cannot see: it counts as reaching them)."""
         layer = getattr(node, "layer", None)
         if isinstance(layer, LayerCapture):
             return layer.engine is self
+        if getattr(node, "_forward_cls", None) is _CHECKPOINT_FUNCTION:
+            return True
         variable = getattr(node, "variable", None)  # AccumulateGrad of a leaf
         return variable is not None and id(variable) in self._covered
 
@@ -568,6 +638,7 @@ class CaptureEngine:
             raise
 
     def _logp_weights(self, mb: Microbatch, grad: torch.Tensor):
+        mb.check_mask_unchanged()
         if mb.fired:
             raise ProtocolError(
                 f"{mb.where}: the backward reached logp a second time; run exactly one backward per "
@@ -637,6 +708,16 @@ class CaptureEngine:
             self._capture_seconds += perf_counter() - start
 
     def _finalize(self, layer: LayerCapture, mb: Microbatch, uses) -> None:
+        if layer in mb.finalized:
+            raise ProtocolError(
+                f"{mb.where}: layer {layer.name!r} received a use in the backward after its uses were already "
+                "complete: its forward was run again during the backward (reentrant gradient checkpointing) in "
+                "a segment other than the one counted -- the module is used in several checkpointed segments, or "
+                "inside and outside one. Use non-reentrant checkpointing "
+                "(gradient_checkpointing_kwargs={'use_reentrant': False}, or torch.utils.checkpoint(..., "
+                "use_reentrant=False))"
+            )
+        mb.finalized.add(layer)
         slots = None
         for attr, param, _ in layer.params:
             entry = self._batched.get(id(param))
@@ -775,6 +856,7 @@ class CaptureEngine:
                     param.grad = None  # exactly the state before the microbatch
                 self._mark_all_dropped()
             return
+        self._check_grads_untouched(mb)
         start = perf_counter()
         for layer, uses in list(mb.uses.items()):  # layers whose forward count exceeded their backward
             if mb.dropped:
@@ -805,6 +887,23 @@ class CaptureEngine:
         mb.uses.clear()
         mb.unverified.clear()
         mb.written.clear()
+
+    def _check_grads_untouched(self, mb: Microbatch) -> None:
+        """The block's updates are added to ``.grad`` when it closes, computed from the ``.grad`` it
+        found: a change made to ``.grad`` inside the block (``clip_grad_norm_``, ``GradScaler.unscale_``,
+        ``model.zero_grad()``, a manual edit after ``backward()``) would be combined with them wrongly."""
+        changed = [
+            self._covered[id(p)]
+            for p, grad, version in mb.grads_seen
+            if p.grad is not grad or (grad is not None and grad._version != version)
+        ]
+        if changed:
+            raise ProtocolError(
+                f"{mb.where}: .grad of {_list_names(changed)} was changed inside the opt.microbatch() block "
+                "(clip_grad_norm_, GradScaler.unscale_, zero_grad, or an edit after backward()); the block's update is "
+                "added to .grad when the block closes, so do these after it -- clip and unscale once, after the "
+                "step's last block. The microbatch was discarded."
+            )
 
     def _finish_groups(self, mb: Microbatch) -> None:
         """Run the strategy once per group of small parameters filled in this microbatch."""
@@ -942,7 +1041,14 @@ class CaptureEngine:
     def set_groups(self, group_ids, rewards) -> None:
         """Record the step's prompt groups and rewards (see :meth:`GradProjOptimizer.set_groups`)."""
         self.check_idle("opt.set_groups()")
-        self.step_groups = StepGroups(group_ids, rewards)
+        groups = StepGroups(group_ids, rewards)
+        if self.step_groups is not None and self.step_pending() and not groups.same_as(self.step_groups):
+            raise ProtocolError(
+                "opt.set_groups() called again with other groups after this step's first microbatch: group statistics "
+                "(each group's reward std) are computed over the whole step, so give every sequence of the step once, "
+                "before its first microbatch"
+            )
+        self.step_groups = groups
 
     def check_step(self) -> bool:
         """Before the inner step: refuse a step whose transforms never saw a microbatch, or whose

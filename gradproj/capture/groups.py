@@ -67,6 +67,10 @@ class StepGroups:
     def __len__(self) -> int:
         return len(self.group_ids)
 
+    def same_as(self, other: "StepGroups") -> bool:
+        """Whether ``other`` gives the same groups and rewards (a repeated ``set_groups`` call)."""
+        return list(self.group_ids) == list(other.group_ids) and torch.equal(self.rewards, other.rewards)
+
     def group_std(self, unbiased: bool = True) -> dict:
         """``{group id: reward std}`` (Bessel-corrected like ``torch.std`` unless ``unbiased=False``).
 

@@ -14,7 +14,7 @@ import torch
 
 from gradproj.errors import InputError
 
-__all__ = ["PaddedLayout", "PackedLayout", "make_layout", "cu_seqlens_from_position_ids"]
+__all__ = ["PaddedLayout", "PackedLayout", "make_layout", "cu_seqlens_from_position_ids", "check_row_order"]
 
 
 class PaddedLayout:
@@ -150,3 +150,77 @@ def make_layout(
     if int(cu_seqlens[0]) != 0 or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
         raise InputError(f"{where}: cu_seqlens must start at 0 and be non-decreasing, got {cu_seqlens.tolist()}")
     return PackedLayout(cu_seqlens)
+
+
+#: graph nodes where the walk of :func:`check_row_order` stops: the model's output layer
+_MODEL_NODES = ("MmBackward", "AddmmBackward", "BmmBackward", "LinearBackward", "MatmulBackward", "AccumulateGrad")
+
+
+def _dim(value, sizes) -> int | None:
+    """A saved dimension as a non-negative index (``None`` if negative and the rank is unknown)."""
+    value = int(value)
+    if value >= 1 << 63:  # saved as unsigned
+        value -= 1 << 64
+    if value < 0:
+        return value + len(sizes) if sizes else None
+    return value
+
+
+def _identity(index, k) -> bool:
+    index = index.detach()
+    if index.dtype == torch.bool:
+        return index.dim() == 1 and index.numel() == k and bool(index.all())
+    return index.dim() == 1 and index.numel() == k and torch.equal(index.cpu(), torch.arange(k))
+
+
+def _reordered(node) -> str | None:
+    """How ``node`` reorders or mixes the first (sequence) axis, or ``None``."""
+    name = node.name()
+    sizes = tuple(getattr(node, "_saved_self_sym_sizes", ()) or ())
+    if name.startswith("IndexBackward"):
+        indices = getattr(node, "_saved_indices", ()) or ()
+        if indices and indices[0] is not None and not (sizes and _identity(indices[0], sizes[0])):
+            return "an index on the sequence axis"
+    elif name.startswith(("IndexSelectBackward", "GatherBackward")):
+        if _dim(getattr(node, "_saved_dim", -1), sizes) == 0:
+            index = getattr(node, "_saved_index", None)
+            if not (name.startswith("IndexSelect") and index is not None and sizes and _identity(index, sizes[0])):
+                return f"{name[:-len('Backward0')]} on the sequence axis"
+    elif name.startswith(("FlipBackward", "RollBackward")):
+        if any(_dim(d, sizes) == 0 for d in getattr(node, "_saved_dims", ())):
+            return f"{name[:-len('Backward0')].lower()} of the sequence axis"
+    elif name.startswith("PermuteBackward"):
+        dims = getattr(node, "_saved_dims", ())
+        if dims and _dim(dims[0], sizes) != 0:
+            return "a permute that moves the sequence axis"
+    elif name.startswith("TransposeBackward"):
+        pair = (_dim(getattr(node, "_saved_dim0", 0), sizes), _dim(getattr(node, "_saved_dim1", 0), sizes))
+        if 0 in pair and pair[0] != pair[1]:
+            return "a transpose of the sequence axis"
+    return None
+
+
+def check_row_order(logp: torch.Tensor, where: str, limit: int = 64) -> None:
+    """Refuse padded-batch log-probs whose rows were reordered after the model's output layer
+    (``logp[perm]``, ``flip``/``roll``/``index_select`` on rows, a transpose): row i of ``logp`` must be
+    row i of the model's activations, or each sequence's coefficient would reach another's gradient.
+
+    Walks ``logp``'s graph from ``logp`` to the model's output layer (a matmul, a captured layer or a
+    parameter), at most ``limit`` nodes -- the few operations of a log-prob computation. Reordering
+    inside the model itself is not seen."""
+    stack, seen = [logp.grad_fn], set()
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "layer", None) is not None or node.name().startswith(_MODEL_NODES):
+            continue
+        problem = _reordered(node)
+        if problem is not None:
+            raise InputError(
+                f"{where}: the rows of logp were reordered after the model ({problem}, {node.name()}): row i of logp "
+                "must be sequence i of the model's batch, or each sequence's loss weight would reach another "
+                "sequence's gradient. Reorder the model's inputs instead (or the advantages and mask to match logp)"
+            )
+        stack.extend(child for child, _ in node.next_functions)

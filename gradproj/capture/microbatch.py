@@ -138,6 +138,8 @@ class Microbatch:
         self.index = index
         self.where = f"opt.microbatch() #{index} of this step"
         self.mask, self.seed = validate_inputs(logp, mask, self.where)
+        self._mask_source = mask  # the caller's tensor: changed in place inside the block is refused
+        self._mask_version = None if mask is None else mask._version
         self.k = logp.shape[0]
         # log-probs of several tokens per sequence: the model's activations have a token axis
         self.layout = make_layout(self.k, cu_seqlens, position_ids, self.where, token_axis=logp.shape[1] > 1)
@@ -160,10 +162,22 @@ class Microbatch:
         self.deferred_writes: list = []  # direct writes: (param, update) waiting for finish_microbatch()
         self.deferred_bytes = 0
         self.touched: set = set()  # layers whose backward reached the engine in this microbatch
-        self.logp_node = None  # logp.grad_fn: where a backward's walk for stray loss terms stops
+        self.finalized: set = set()  # layers whose sequence gradients were built in this microbatch
+        self.logp_edge = None  # (logp.grad_fn, logp.output_nr): where a walk for stray loss terms stops
         self.fresh = False  # every gradient it may change was empty when the block opened
+        self.grads_seen: list = []  # (param, its .grad, that tensor's version) when the block opened
         self.backward_calls = 0  # backward calls started inside the block
         self.error: BaseException | None = None  # an error raised by gradproj inside the backward
+        self.logp: torch.Tensor | None = None
+        self.hook_id = -1  # gradproj's hook on logp (hooks registered after it are refused)
+
+    def check_mask_unchanged(self) -> None:
+        """Refuse a mask changed in place after the block opened (the gradient sent down is a copy)."""
+        if self._mask_source is not None and self._mask_source._version != self._mask_version:
+            raise InputError(
+                f"{self.where}: the mask given to opt.microbatch() was changed in place inside the block; gradproj "
+                "uses the mask as it was when the block opened. Build the final mask before opening the block"
+            )
 
     def stage(self, param: torch.Tensor, update: torch.Tensor, finite: bool = False) -> None:
         """Remember ``update`` for ``param`` (adding up several uses, e.g. tied weights).
