@@ -82,14 +82,21 @@ def _count_forward_only(self):
         self.pending += 1
 
 
+def _no_check(*_args, **_kwargs):
+    return None
+
+
 def _checks_off():
+    import gradproj.capture.engine as engine_module
     from gradproj.capture.engine import CaptureEngine, LayerCapture
     from gradproj.optimizer import GradProjOptimizer
 
     return {
         (CaptureEngine, "_on_backward_call"): _count_backward_call,
+        (CaptureEngine, "_check_grads_untouched"): _no_check,
         (GradProjOptimizer, "_check_optimizer_params"): _no_optimizer_check,
         (LayerCapture, "count_forward"): _count_forward_only,
+        (engine_module, "check_row_order"): _no_check,
     }
 
 
@@ -143,20 +150,32 @@ def time_setup(args, setup: str) -> dict[str, float]:
 
 
 def check_costs(args, setup: str, repeats: int = 2000) -> dict[str, float]:
-    """The checks alone, isolated (seconds): the optimizer's parameters covered (per microbatch), the
-    walk of a real loss's graph from its root to ``logp`` (per microbatch), and the replaced-parameter
-    check (per covered layer and forward), with the layer count to scale it."""
+    """The checks alone, isolated (seconds): per microbatch, the optimizer's parameters covered,
+    the model's trainable parameters covered (and no BatchNorm training), the rows of ``logp`` in the
+    model's order, the snapshot and comparison of ``.grad`` (no edit inside the block), and the walk of
+    a real loss's graph from its root to ``logp``; per covered layer and forward, the replaced or
+    converted parameter check (with the layer count to scale it)."""
     import time
 
     import gradproj
     from gradproj.capture import backward_watch
+    from gradproj.capture.layout import check_row_order
 
     model = step_overhead.build_model(args, setup)
     opt = gradproj.wrap(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5), model, "proma")
+    step_overhead.step_wrapped(model, opt, step_overhead.make_data(args)[:2])  # .grad exists, as mid-step
+    for param in opt.engine._covered_params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    engine = opt.engine
     ids, attn, mask, adv = step_overhead.make_data(args)[0]
     logp = step_overhead.logprobs(model, ids, attn)
     loss = step_overhead.loss_fn(logp, mask, adv, 1.0)
-    layer = opt.engine.layers[0]
+    layer = engine.layers[0]
+
+    def snapshot_and_compare():
+        seen = [(p, p.grad, p.grad._version) for p in engine._covered_params]
+        return [p for p, grad, version in seen if p.grad is not grad or grad._version != version]
 
     def timed(fn) -> float:
         start = time.perf_counter()
@@ -166,11 +185,18 @@ def check_costs(args, setup: str, repeats: int = 2000) -> dict[str, float]:
 
     costs = {
         "optimizer_params": timed(opt._check_optimizer_params),
-        "loss_graph_walk": timed(lambda: backward_watch.path_around((loss,), logp.grad_fn, opt.engine._is_covered_node)),
+        "model_params": timed(lambda: engine._check_coverage("benchmark")),
+        "row_order": timed(lambda: check_row_order(logp, "benchmark")),
+        "grad_snapshot": timed(snapshot_and_compare),
+        "loss_graph_walk": timed(
+            lambda: backward_watch.path_around((loss,), (logp.grad_fn, logp.output_nr), engine._is_covered_node)
+        ),
         "replaced_params_per_layer": timed(layer.count_forward) - timed(lambda: _count_forward_only(layer)),
-        "layers": float(len(opt.engine.layers)),
+        "layers": float(len(engine.layers)),
     }
-    costs["per_microbatch"] = costs["optimizer_params"] + costs["loss_graph_walk"] + costs["layers"] * costs["replaced_params_per_layer"]
+    costs["per_microbatch"] = sum(
+        costs[k] for k in ("optimizer_params", "model_params", "row_order", "grad_snapshot", "loss_graph_walk")
+    ) + costs["layers"] * costs["replaced_params_per_layer"]
     opt.detach()
     return costs
 
@@ -198,17 +224,20 @@ def main(argv=None) -> dict:
             added = "" if name == "plain" else f"{ratio - previous:+.3f}"
             lines.append(f"| {setup} | {name} | {ratio:.3f} | {added} |")
             previous = 1.0 if name in ("proma", "plain") else ratio
-    lines += ["", "The checks alone (isolated, same run): per microbatch, the optimizer's parameters covered, the walk "
+    lines += ["", "The checks alone (isolated, same run; per microbatch unless said): the optimizer's and the model's "
+              "parameters covered, the rows of logp in the model's order, .grad not edited inside the block, the walk "
               "of the loss's graph to logp, and the replaced-parameter check of every covered layer's forward.", "",
-              "| setup | optimizer parameters | loss graph walk | replaced parameters (all layers) | per microbatch | x plain step (all microbatches) |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| setup | optimizer params | model params | row order | .grad snapshot | loss graph walk | "
+              "replaced params (all layers) | per microbatch | x plain step (all microbatches) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for setup, med in results.items():
-        costs = check_costs(args, setup)
-        share = costs["per_microbatch"] * args.microbatches / med["plain"]
+        c = check_costs(args, setup)
+        share = c["per_microbatch"] * args.microbatches / med["plain"]
+        us = lambda v: f"{v * 1e6:.1f} us"  # noqa: E731
         lines.append(
-            f"| {setup} | {costs['optimizer_params'] * 1e6:.1f} us | {costs['loss_graph_walk'] * 1e6:.1f} us | "
-            f"{costs['layers'] * costs['replaced_params_per_layer'] * 1e6:.1f} us | {costs['per_microbatch'] * 1e6:.1f} us | "
-            f"{share:.5f} |"
+            f"| {setup} | {us(c['optimizer_params'])} | {us(c['model_params'])} | {us(c['row_order'])} | "
+            f"{us(c['grad_snapshot'])} | {us(c['loss_graph_walk'])} | {us(c['layers'] * c['replaced_params_per_layer'])} | "
+            f"{us(c['per_microbatch'])} | {share:.5f} |"
         )
     step_overhead.publish(lines, known.markdown)
     return results

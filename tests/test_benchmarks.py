@@ -88,3 +88,13 @@ def test_memory_child_reports_the_peak_with_and_without_the_weights():
     measured = step_overhead.peak_memory(["--quick", "--threads", "1"], "linear", "proma")
     assert set(measured) == {"peak_mib", "growth_mib"}
     assert measured["peak_mib"] > measured["growth_mib"] >= 0.0
+
+
+def test_breakdown_check_costs_and_the_checks_off_stage():
+    """The isolated check timings run on the benchmark's model, and the no-checks stage swaps only
+    attributes that exist (the engine's checks by name: a rename must update the benchmark)."""
+    args = step_overhead.parse(["--quick"])
+    costs = breakdown.check_costs(args, "linear", repeats=3)
+    assert costs["layers"] > 0 and costs["per_microbatch"] > 0
+    for (owner, name), _ in breakdown._checks_off().items():
+        assert name in owner.__dict__, (owner, name)
