@@ -27,10 +27,15 @@ def rank_microbatches(rank):
     return make_microbatches(count=2, k=3, seed=10 + rank)
 
 
-def worker(rank, port, outdir, strategy):
+def _join(rank, port):
+    """This process as rank ``rank`` of the gloo group."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+def worker(rank, port, outdir, strategy):
+    _join(rank, port)
     try:
         model = TinyLM(seed=1)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -106,9 +111,7 @@ def test_ddp_two_processes(strategy, tmp_path):
 
 def inner_step_worker(rank, port, outdir):
     """A kept reference to the inner optimizer stepped directly: gradproj still averages first."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    _join(rank, port)
     try:
         model = TinyLM(seed=1)
         ddp = torch.nn.parallel.DistributedDataParallel(model)

@@ -138,42 +138,33 @@ def _mid_backward(model, error):
     return model.fc1.register_forward_hook(on_forward)
 
 
-def fail_exception_after_backward(model, opt, batch):
-    ids, attn, mask, adv = batch
-    logp = token_logprobs(model, ids, attn)
-    with opt.microbatch(logp, mask):
-        grpo_loss(logp, mask, adv, 0.5).backward()
-        raise RuntimeError("the user's own code failed after backward()")
+def _after_backward(error):
+    """A failure of the user's own code after ``backward()``, inside the block."""
 
-
-def fail_interrupt_after_backward(model, opt, batch):
-    ids, attn, mask, adv = batch
-    logp = token_logprobs(model, ids, attn)
-    with opt.microbatch(logp, mask):
-        grpo_loss(logp, mask, adv, 0.5).backward()
-        raise KeyboardInterrupt
-
-
-def fail_error_mid_backward(model, opt, batch):
-    ids, attn, mask, adv = batch
-    handle = _mid_backward(model, RuntimeError("a hook failed in the middle of the backward"))
-    try:
+    def fail(model, opt, batch):
+        ids, attn, mask, adv = batch
         logp = token_logprobs(model, ids, attn)
-    finally:
-        handle.remove()
-    with opt.microbatch(logp, mask):
-        grpo_loss(logp, mask, adv, 0.5).backward()
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 0.5).backward()
+            raise error
+
+    return fail
 
 
-def fail_interrupt_mid_backward(model, opt, batch):
-    ids, attn, mask, adv = batch
-    handle = _mid_backward(model, KeyboardInterrupt())
-    try:
-        logp = token_logprobs(model, ids, attn)
-    finally:
-        handle.remove()
-    with opt.microbatch(logp, mask):
-        grpo_loss(logp, mask, adv, 0.5).backward()
+def _in_backward(error):
+    """A failure raised by a hook in the middle of the backward (after the layers above fc1)."""
+
+    def fail(model, opt, batch):
+        ids, attn, mask, adv = batch
+        handle = _mid_backward(model, error)
+        try:
+            logp = token_logprobs(model, ids, attn)
+        finally:
+            handle.remove()
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 0.5).backward()
+
+    return fail
 
 
 def fail_second_backward(model, opt, batch):
@@ -198,10 +189,10 @@ def fail_caught_then_closed(model, opt, batch):
 
 
 FAILURES = {
-    "exception-after-backward": (fail_exception_after_backward, RuntimeError),
-    "interrupt-after-backward": (fail_interrupt_after_backward, KeyboardInterrupt),
-    "error-mid-backward": (fail_error_mid_backward, RuntimeError),
-    "interrupt-mid-backward": (fail_interrupt_mid_backward, KeyboardInterrupt),
+    "exception-after-backward": (_after_backward(RuntimeError("the user's own code failed after backward()")), RuntimeError),
+    "interrupt-after-backward": (_after_backward(KeyboardInterrupt()), KeyboardInterrupt),
+    "error-mid-backward": (_in_backward(RuntimeError("a hook failed in the middle of the backward")), RuntimeError),
+    "interrupt-mid-backward": (_in_backward(KeyboardInterrupt()), KeyboardInterrupt),
     "second-backward": (fail_second_backward, gradproj.ProtocolError),
     "caught-then-closed": (fail_caught_then_closed, gradproj.ProtocolError),
 }

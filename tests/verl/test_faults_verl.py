@@ -13,6 +13,7 @@ import torch
 
 from gradproj.errors import ConfigError
 from gradproj.integrations.verl_cpu import smoke
+from test_config import make_worker
 
 # (gradproj.integrations.verl is imported inside the tests: the session fixture installs the CPU
 # platform before anything imports verl's engine)
@@ -101,12 +102,6 @@ def test_the_trainer_check_runs_before_the_trainer_builds_anything(module_name, 
 
     with pytest.raises(ConfigError, match="ppo_epochs=3"):
         getattr(cls, method)(Trainer())
-
-
-def make_worker(tmp_path, extra):
-    folder = smoke.tiny_model(tmp_path / "model")
-    config = smoke.compose(SMOKE + smoke.CPU_OVERRIDES + [f"actor_rollout_ref.model.path={folder}"] + extra)
-    return config, smoke.actor_worker(config)
 
 
 @pytest.mark.parametrize(
