@@ -77,6 +77,35 @@ class GradProjOptimizer(torch.optim.Optimizer):
     def state(self, value):
         self.optimizer.state = value
 
+    # GradScaler hands optimizers that unscale inside their own step (fused Adam/AdamW/SGD:
+    # ``_step_supports_amp_scaling``, read from the inner optimizer) the scale and the inf flag as
+    # attributes of the optimizer it steps: they must reach the inner one.
+    @property
+    def grad_scale(self):
+        """The inner optimizer's ``grad_scale`` (set by ``GradScaler.step`` for fused optimizers)."""
+        return self.optimizer.grad_scale
+
+    @grad_scale.setter
+    def grad_scale(self, value):
+        self.optimizer.grad_scale = value
+
+    @grad_scale.deleter
+    def grad_scale(self):
+        del self.optimizer.grad_scale
+
+    @property
+    def found_inf(self):
+        """The inner optimizer's ``found_inf`` (set by ``GradScaler.step`` for fused optimizers)."""
+        return self.optimizer.found_inf
+
+    @found_inf.setter
+    def found_inf(self, value):
+        self.optimizer.found_inf = value
+
+    @found_inf.deleter
+    def found_inf(self):
+        del self.optimizer.found_inf
+
     @property
     def defaults(self):
         """The inner optimizer's ``defaults``."""

@@ -1259,3 +1259,113 @@ def test_dtype_changed_after_wrap_is_refused():
     model.float()
     with pytest.raises(gradproj.CoverageError, match="changed from torch.float64"):
         token_logprobs(model, *BATCHES[1][:2])
+
+
+# -- 13. found by a second pass: fused optimizers, other models' log-probs, bf16 weights ------------
+
+
+def _scaled_run(wrapped_with, fused_cls, nonfinite="drop", overflow=False):
+    """Two microbatches under a GradScaler with a fused optimizer; returns (parameters, scale)."""
+    model = TinyLM(seed=2, dtype=torch.float32)
+    inner = fused_cls([p for _, p in trainable(model)], lr=1e-2, fused=True)
+    opt = inner if wrapped_with is None else gradproj.wrap(inner, model, wrapped_with, nonfinite=nonfinite)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    for index, (ids, attn, mask, adv) in enumerate(BATCHES[:2]):
+        logp = token_logprobs(model, ids, attn)
+        loss = grpo_loss(logp, mask, adv.float(), 0.5) * (float("inf") if overflow and index == 1 else 1.0)
+        if wrapped_with is None:
+            scaler.scale(loss).backward()
+        else:
+            with opt.microbatch(logp, mask):
+                scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return params(model), scaler.get_scale()
+
+
+@pytest.mark.parametrize("fused_cls", [torch.optim.SGD, torch.optim.AdamW], ids=["sgd", "adamw"])
+def test_fused_optimizers_under_gradscaler_get_the_scale(fused_cls):
+    """GradScaler lets fused optimizers unscale inside their step (it sets grad_scale and found_inf on
+    the optimizer it steps): the wrapper passes them to the inner optimizer. Strategy 'none' is then
+    bit-identical to the unwrapped fused optimizer; an overflow skips the step (no NaN weights)."""
+    plain, _ = _scaled_run(None, fused_cls)
+    wrapped_none, _ = _scaled_run("none", fused_cls)
+    assert same(wrapped_none, plain)
+    start = params(TinyLM(seed=2, dtype=torch.float32))
+    for nonfinite in ("drop", "propagate"):
+        after, scale = _scaled_run("proma", fused_cls, nonfinite=nonfinite, overflow=True)
+        assert all(bool(torch.isfinite(p).all()) for p in after.values())
+        if nonfinite == "propagate":  # the NaN running gradient: the step is skipped, the scale halved
+            assert same(after, start) and scale == 2.0**15
+    plain_proma_scale = _scaled_run("proma", fused_cls)[0]
+    unscaled = TinyLM(seed=2, dtype=torch.float32)
+    inner = fused_cls([p for _, p in trainable(unscaled)], lr=1e-2, fused=True)
+    opt = gradproj.wrap(inner, unscaled, "proma")
+    for ids, attn, mask, adv in BATCHES[:2]:
+        logp = token_logprobs(unscaled, ids, attn)
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv.float(), 0.5).backward()
+    opt.step()
+    for name, value in params(unscaled).items():  # the scale cancels (PROMA is scale-equivariant)
+        torch.testing.assert_close(plain_proma_scale[name], value, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["proma", "none"])
+@pytest.mark.parametrize("position", ["first", "later"])
+def test_logprobs_of_another_model_are_refused(strategy, position):
+    model, opt = twin([strategy], [], [] if position == "first" else [BATCHES[0]])
+    other = copy.deepcopy(model)  # e.g. the reference copy
+    before = grads(model)
+    ids, attn, mask, adv = BATCHES[1]
+    logp = token_logprobs(other, ids, attn)
+    if strategy == "none" and position == "later":
+        # plain accumulation with gradients already held: nothing to compare against (documented)
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 0.5).backward()
+        assert same(grads(model), before)
+        return
+    with pytest.raises(gradproj.ProtocolError, match="not computed by the model given to wrap"):
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 0.5).backward()
+    assert same(grads(model), before)
+
+
+def test_bf16_per_token_penalty_on_a_zero_advantage_row_is_refused():
+    """In bf16 the constant-weight check is relative to each row's own largest weight: a row whose
+    weights are only a small KL penalty (advantage 0) is judged on its own scale."""
+    model, opt = wrapped("proma")
+    ids, attn, mask, adv = BATCHES[1]
+    adv = adv.clone()
+    adv[0] = 0.0
+    logp = token_logprobs(model, ids, attn).to(torch.bfloat16)
+    penalty = torch.linspace(0.0, 1.0, logp.shape[1], dtype=torch.bfloat16)[None]  # varies along each row
+    with pytest.raises(gradproj.CoefficientError, match="not constant along row 0"):
+        with opt.microbatch(logp, mask):
+            (grpo_loss(logp, mask, adv.to(torch.bfloat16), 0.5) + 1e-3 * (logp * penalty * mask).sum()).backward()
+    assert all(p.grad is None for _, p in trainable(model))
+
+
+@pytest.mark.parametrize("zero", ["opt", "model", "inner"])
+def test_zeroed_gradients_with_set_to_none_false_clear_a_refused_step(zero):
+    model, opt = twin(["none"], [], [BATCHES[0]])
+    with pytest.raises(RuntimeError):
+        _after_backward(RuntimeError("fails"))(model, opt, BATCHES[1])
+    with pytest.raises(gradproj.ProtocolError, match="RuntimeError"):
+        opt.step()
+    {"opt": opt, "model": model, "inner": opt.optimizer}[zero].zero_grad(set_to_none=False)
+    for batch in BATCHES[:2]:
+        block(model, opt, batch)
+    expect, _ = twin(["none"], [], BATCHES[:2])
+    assert all(torch.equal(p.grad, q.grad) for (_, p), (_, q) in zip(trainable(model), trainable(expect)))
+
+
+def test_forward_under_paused_then_a_captured_block_names_the_cause():
+    model, opt = _later()
+    ids, attn, mask, adv = BATCHES[1]
+    with opt.paused():
+        logp = token_logprobs(model, ids, attn)
+    before = grads(model)
+    with pytest.raises(gradproj.CoverageError, match="opt.paused"):
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 0.5).backward()
+    assert same(grads(model), before)

@@ -419,8 +419,9 @@ class CaptureEngine:
             raise CoverageError(
                 f"parameter {qname} received an ordinary gradient during a captured microbatch: it is "
                 "used outside the module gradproj covers (tied weights, a functional call such as a "
-                "fused lm_head, or a second module). Its gradient would be wrong; exclude and freeze "
-                "it, or route all its uses through the covered module."
+                "fused lm_head, or a second module), or the forward ran without capture (under "
+                "opt.paused(), or before wrap()). Its gradient would be wrong; exclude and freeze it, route "
+                "all its uses through the covered module, or compute the log-probs with capture on."
             )
         return None
 
@@ -505,7 +506,11 @@ class CaptureEngine:
             strategy.start_microbatch()
         try:
             with backward_watch.watching(partial(self._on_backward_call, mb)):
-                yield mb
+                try:
+                    yield mb
+                except BaseException as failure:
+                    mb.failure = failure
+                    raise
             completed = mb.error is None
         finally:
             handle.remove()
@@ -564,7 +569,7 @@ class CaptureEngine:
             return
         self._broken = (
             f"{mb.where} failed after its backward had started adding to .grad "
-            f"({type(mb.error).__name__ if mb.error is not None else 'interrupted'}), which cannot be undone "
+            f"({type(mb.error or mb.failure).__name__ if (mb.error or mb.failure) is not None else 'interrupted'}), which cannot be undone "
             + ("with strategy 'none' (plain accumulation)" if not self.needs_capture else 'with nonfinite="propagate"')
         )
 
@@ -578,7 +583,8 @@ class CaptureEngine:
         gradients (``optimizer.zero_grad()`` or ``model.zero_grad()``) start the step anew."""
         if self._broken is None:
             return
-        if all(p.grad is None for p in self._written_params()):
+        grads = [p.grad for p in self._written_params() if p.grad is not None]
+        if not grads or not bool(torch.stack(torch._foreach_norm(grads)).any()):  # None or zeroed
             self._broken = None
             return
         raise ProtocolError(
@@ -840,6 +846,7 @@ class CaptureEngine:
                 f"{mb.where}: the block closed but its backward never reached logp; call "
                 "loss.backward() inside the block, with a loss computed from that logp tensor"
             )
+        self._check_reached_model(mb)
         self._microbatches += 1
         self._sequences += mb.k
         self._mb_in_step += 1
@@ -887,6 +894,24 @@ class CaptureEngine:
         mb.uses.clear()
         mb.unverified.clear()
         mb.written.clear()
+
+    def _check_reached_model(self, mb: Microbatch) -> None:
+        """The backward reached ``logp``: it must also have reached the wrapped model's parameters
+        (log-probs computed by another model -- a copy -- would train nothing, silently)."""
+        if mb.dropped:
+            return
+        if mb.plain or not self.needs_capture:
+            if not mb.fresh:
+                return  # gradients already held: cannot tell what this backward added (a cheap check only)
+            reached = any(p.grad is not None for p in self._written_params())
+        else:
+            reached = bool(mb.touched) or bool(mb.staged) or bool(mb.filled) or bool(mb.written)
+        if not reached and self._written_params():
+            raise ProtocolError(
+                f"{mb.where}: the backward reached logp but none of the wrapped model's trainable parameters: logp was "
+                "not computed by the model given to wrap() (a copy, a reference model, another wrapper's inner "
+                "module?). Compute the log-probs with the wrapped model"
+            )
 
     def _check_grads_untouched(self, mb: Microbatch) -> None:
         """The block's updates are added to ``.grad`` when it closes, computed from the ``.grad`` it

@@ -47,9 +47,11 @@ class PaddedLayout:
             raise InputError(
                 f"layer {layer.name!r} saw {what} of shape {tuple(tensor.shape)} but the microbatch has "
                 f"k={self.k} sequences (rows of logp). gradproj needs batch-first activations whose "
-                "first dimension is the sequence; for packed / remove-padding batches pass "
-                "cu_seqlens= (or position_ids=) to opt.microbatch(). Broadcast inputs (e.g. position "
-                "ids of shape (1, T)) cannot give per-sequence gradients: pass them per row."
+                "first dimension is the sequence, from one forward of the model over the k sequences "
+                "(log-probs of several forwards concatenated into one logp are not supported: one block "
+                "per forward); for packed / remove-padding batches pass cu_seqlens= (or position_ids=) to "
+                "opt.microbatch(). Broadcast inputs (e.g. position ids of shape (1, T)) cannot give "
+                "per-sequence gradients: pass them per row."
             )
         return tensor.reshape(self.k, -1, tensor.shape[-1])
 

@@ -88,9 +88,13 @@ def sequence_coefficients(w: torch.Tensor, mask: torch.Tensor, where: str) -> to
         return None
     counts = mask.sum(dim=1)
     coeffs = (w64 * mask).sum(dim=1) / counts.clamp(min=1)
+    # relative to each row's own largest weight: a row whose weights are all small (advantage 0 with a
+    # per-token penalty) is judged on its own scale, not the microbatch's
+    scale = (w64.abs() * mask).amax(dim=1) if w64.shape[1] else coeffs * 0
+    tol_rows = _tolerance(w.dtype) * scale
     tol = _tolerance(w.dtype) * float(w64.abs().max())
     deviation = ((w64 - coeffs[:, None]).abs() * mask).amax(dim=1) if w64.shape[1] else coeffs * 0
-    bad = torch.nonzero(deviation > tol).flatten()
+    bad = torch.nonzero(deviation > tol_rows).flatten()
     if bad.numel():
         row = int(bad[0])
         raise CoefficientError(
@@ -168,6 +172,7 @@ class Microbatch:
         self.grads_seen: list = []  # (param, its .grad, that tensor's version) when the block opened
         self.backward_calls = 0  # backward calls started inside the block
         self.error: BaseException | None = None  # an error raised by gradproj inside the backward
+        self.failure: BaseException | None = None  # whatever ended the block with an exception
         self.logp: torch.Tensor | None = None
         self.hook_id = -1  # gradproj's hook on logp (hooks registered after it are refused)
 
