@@ -233,6 +233,7 @@ class CaptureEngine:
         #: nonfinite="drop": every microbatch so far was dropped and .grad holds NaN for GradScaler
         self._all_dropped = False
         self._batch_norms: list[nn.Module] = []  # they mix the sequences of a microbatch in training mode
+        self._deferred_grads = False
         self._registrations_seen = 0
         self._reset_counters()
 
@@ -321,6 +322,8 @@ class CaptureEngine:
             self._plain_when_no_grad = False  # every microbatch goes through the rank-local gradients
         self._params = [p for _, p in named]
         self._batch_norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        #: sharded (DTensor) parameters: without capture, FSDP2 may keep .grad empty between microbatches
+        self._deferred_grads = is_sharded(self._params)
         backward_watch.install()
         _watch_registrations()
         self._registrations_seen = _registrations
@@ -901,8 +904,10 @@ class CaptureEngine:
         if mb.dropped:
             return
         if mb.plain or not self.needs_capture:
-            if not mb.fresh:
-                return  # gradients already held: cannot tell what this backward added (a cheap check only)
+            if not mb.fresh or self._deferred_grads:
+                # gradients already held, or FSDP2 holding them back until the step's last microbatch:
+                # cannot tell what this backward added (a cheap check only)
+                return
             reached = any(p.grad is not None for p in self._written_params())
         else:
             reached = bool(mb.touched) or bool(mb.staged) or bool(mb.filled) or bool(mb.written)
