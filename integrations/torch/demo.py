@@ -234,7 +234,9 @@ def write_report(out: Path, summary: dict[str, dict], options: DemoOptions, desc
         f"Every strategy: {loop.steps} steps of {loop.prompts_per_step} prompts × {loop.group_size} samples, "
         f"{loop.microbatches} microbatches, {loop.updates_per_rollout} optimizer updates per rollout, AdamW lr {loop.lr}, "
         f"seed {loop.seed}, the same prompts and sampling seeds. `grpo` uses PPO-clip (eps {loop.clip_eps}); the others "
-        "use the unclipped REINFORCE/GRPO loss with the named gradproj strategy.",
+        "use the unclipped REINFORCE/GRPO loss with the named gradproj strategy"
+        + (", each sequence weighted by its importance ratio to the sampling policy from the second update of a "
+           "rollout on." if loop.updates_per_rollout > 1 else "."),
         f"Machine: {os.cpu_count()} CPU threads, torch {torch.__version__}; written {time.strftime('%Y-%m-%d %H:%M')}.",
         "",
         table(summary),
