@@ -32,7 +32,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.utils.hooks import unserializable_hook
 
-from gradproj.capture import backward_watch
+from gradproj.capture import backward_watch, guards
 from gradproj.capture.batching import BATCH_MAX_BYTES, BATCH_MAX_NUMEL, BATCH_ROWS_ESTIMATE, LayerBatch, ParamGroup
 from gradproj.capture.data_parallel import DataParallelSync, is_ddp
 from gradproj.capture.groups import StepGroups
@@ -43,7 +43,7 @@ from gradproj.capture.microbatch import Microbatch, sequence_coefficients
 from gradproj.config import GradProjConfig, ResolvedStrategies
 from gradproj.diagnostics.gradients import GradientDiagnostics
 from gradproj.diagnostics.lora import LoraKLBound
-from gradproj.errors import CheckpointError, CoefficientError, CoverageError, InputError, LossTermError, ProtocolError
+from gradproj.errors import CheckpointError, CoefficientError, CoverageError, LossTermError, ProtocolError
 from gradproj.linalg.sequence_grads import Workspace
 from gradproj.linalg.sum_grads import SumGrads
 from gradproj.plugins.manager import Registry
@@ -52,29 +52,6 @@ from gradproj.strategies.base import LayerStep
 __all__ = ["CaptureEngine", "LayerCapture", "STATE_VERSION"]
 
 STATE_VERSION = 2
-#: modules and parameters registered on any module since gradproj started watching (a model changed
-#: after wrap() makes the next microbatch rescan it for uncovered trainable parameters)
-_registrations = 0
-_registration_hooks: list = []
-
-
-def _count_registration(*_args) -> None:
-    global _registrations
-    _registrations += 1
-
-
-def _watch_registrations() -> None:
-    """Count every module and parameter registration in this process (once)."""
-    if _registration_hooks:
-        return
-    from torch.nn.modules import module as nn_module
-
-    for name in ("register_module_module_registration_hook", "register_module_parameter_registration_hook"):
-        register = getattr(nn_module, name, None)
-        if register is not None:
-            _registration_hooks.append(register(_count_registration))
-
-
 #: the engine attached to each wrapped model (not an attribute of the model: copies and pickles of
 #: a wrapped model carry no gradproj state)
 _ENGINES: "weakref.WeakKeyDictionary[nn.Module, CaptureEngine]" = weakref.WeakKeyDictionary()
@@ -179,9 +156,7 @@ def _block_numel(params: list[torch.Tensor]) -> int:
     return max(sizes[1] if len(sizes) > 1 else 0, BLOCK_MIN_NUMEL)
 
 
-def _list_names(names: list[str], limit: int = 12) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+_list_names = guards.list_names
 
 
 class CaptureEngine:
@@ -291,7 +266,7 @@ class CaptureEngine:
         if self.strategies.needs_tokens:
             self._check_tokens(plan)
         if plan:
-            self._check_batch_first()
+            guards.refuse_sequence_first(self.model)
         for param in to_freeze:
             param.requires_grad_(False)
         self._frozen = to_freeze
@@ -321,29 +296,14 @@ class CaptureEngine:
             self.sharded = ShardedGradients(self._covered_params)
             self._plain_when_no_grad = False  # every microbatch goes through the rank-local gradients
         self._params = [p for _, p in named]
-        self._batch_norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._batch_norms = guards.batch_norms(self.model)
         #: sharded (DTensor) parameters: without capture, FSDP2 may keep .grad empty between microbatches
         self._deferred_grads = is_sharded(self._params)
         backward_watch.install()
-        _watch_registrations()
-        self._registrations_seen = _registrations
+        guards.watch_registrations()
+        self._registrations_seen = guards.registrations()
         _ENGINES[self.model] = self
         self.attached = True
-
-    def _check_batch_first(self) -> None:
-        """Refuse sequence-first modules (``batch_first=False``): their activations are (T, B, d),
-        whose first axis gradproj would take for the sequence -- silently wrong when T == k."""
-        found = [
-            f"{name or type(self.model).__name__} ({type(module).__name__})"
-            for name, module in self.model.named_modules()
-            if getattr(module, "batch_first", None) is False
-        ]
-        if found:
-            raise InputError(
-                f"the model contains sequence-first module(s) {_list_names(found)} (batch_first=False): "
-                "their activations are (tokens, sequences, ...), but gradproj reads the first axis of "
-                "every activation as the sequence. Build them with batch_first=True."
-            )
 
     def _check_tokens(self, plan: list[LayerCapture]) -> None:
         """Strategies that need token-level factors: every covered layer must provide them."""
@@ -434,15 +394,9 @@ class CaptureEngine:
 
     def _check_coverage(self, where: str) -> None:
         covered = self._covered
-        training = [type(m).__name__ for m in self._batch_norms if m.training]
-        if training:
-            raise InputError(
-                f"{where}: {_list_names(training)} in training mode normalise with statistics of the whole "
-                "microbatch, which mixes its sequences: no gradient is then a sum of per-sequence parts. Put them "
-                "in eval mode (module.eval(): running statistics) or replace them with a per-token norm"
-            )
-        if _registrations != self._registrations_seen:  # modules or parameters added since: rescan
-            self._registrations_seen = _registrations
+        guards.refuse_training_batch_norms(self._batch_norms, where)
+        if guards.registrations() != self._registrations_seen:  # modules or parameters added since: rescan
+            self._registrations_seen = guards.registrations()
             known = {id(p) for p in self._params}
             self._params += [p for p in self.model.parameters() if id(p) not in known]
         if all(id(p) in covered for p in self._params if p.requires_grad):
@@ -866,7 +820,7 @@ class CaptureEngine:
                     param.grad = None  # exactly the state before the microbatch
                 self._mark_all_dropped()
             return
-        self._check_grads_untouched(mb)
+        guards.refuse_edited_grads(mb.grads_seen, self._covered, mb.where)
         start = perf_counter()
         for layer, uses in list(mb.uses.items()):  # layers whose forward count exceeded their backward
             if mb.dropped:
@@ -916,23 +870,6 @@ class CaptureEngine:
                 f"{mb.where}: the backward reached logp but none of the wrapped model's trainable parameters: logp was "
                 "not computed by the model given to wrap() (a copy, a reference model, another wrapper's inner "
                 "module?). Compute the log-probs with the wrapped model"
-            )
-
-    def _check_grads_untouched(self, mb: Microbatch) -> None:
-        """The block's updates are added to ``.grad`` when it closes, computed from the ``.grad`` it
-        found: a change made to ``.grad`` inside the block (``clip_grad_norm_``, ``GradScaler.unscale_``,
-        ``model.zero_grad()``, a manual edit after ``backward()``) would be combined with them wrongly."""
-        changed = [
-            self._covered[id(p)]
-            for p, grad, version in mb.grads_seen
-            if p.grad is not grad or (grad is not None and grad._version != version)
-        ]
-        if changed:
-            raise ProtocolError(
-                f"{mb.where}: .grad of {_list_names(changed)} was changed inside the opt.microbatch() block "
-                "(clip_grad_norm_, GradScaler.unscale_, zero_grad, or an edit after backward()); the block's update is "
-                "added to .grad when the block closes, so do these after it -- clip and unscale once, after the "
-                "step's last block. The microbatch was discarded."
             )
 
     def _finish_groups(self, mb: Microbatch) -> None:
