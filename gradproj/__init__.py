@@ -21,7 +21,7 @@ from gradproj.errors import (
     LossTermError,
     ProtocolError,
 )
-from gradproj.optimizer import GradProjOptimizer, wrap
+from gradproj.optimizer import GradProjOptimizer, MicrobatchHandle, wrap
 from gradproj.plugins import get_plugin_manager, get_registry, hookimpl, hookspec
 from gradproj.strategies import CoefficientTransform, LayerStep, Strategy, StrategyOptions, StrategySpec
 
@@ -30,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "wrap",
     "GradProjOptimizer",
+    "MicrobatchHandle",
     "GradProjConfig",
     "GradProjError",
     "ConfigError",

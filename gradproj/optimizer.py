@@ -22,9 +22,39 @@ from gradproj.capture.engine import CaptureEngine
 from gradproj.config import GradProjConfig
 from gradproj.errors import CheckpointError, ConfigError, CoverageError, ProtocolError
 
-__all__ = ["GradProjOptimizer", "wrap"]
+__all__ = ["GradProjOptimizer", "MicrobatchHandle", "wrap"]
 
 _STATE_KEY = "gradproj"
+
+
+class MicrobatchHandle:
+    """An open microbatch, from :meth:`GradProjOptimizer.begin_microbatch`: close it exactly once,
+    after its backward (``close()``) or when the code between failed (``close(exc)``)."""
+
+    __slots__ = ("_engine", "_microbatch", "closed")
+
+    def __init__(self, engine: CaptureEngine, microbatch) -> None:
+        self._engine = engine
+        self._microbatch = microbatch
+        self.closed = False
+
+    @property
+    def k(self) -> int:
+        """The number of sequences (rows of ``logp``)."""
+        return self._microbatch.k
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """Close the microbatch: its updates reach ``.grad`` -- or, with ``exc`` (what ended your code
+        between ``begin_microbatch`` and here), none do and ``.grad`` is left as it was.
+
+        Raises:
+            ProtocolError: closed twice; or gradproj's own check failed in the backward (the
+                microbatch is discarded).
+        """
+        if self.closed:
+            raise ProtocolError("this microbatch was already closed")
+        self.closed = True
+        self._engine.close(self._microbatch, exc)
 
 
 class GradProjOptimizer(torch.optim.Optimizer):
@@ -286,6 +316,45 @@ class GradProjOptimizer(torch.optim.Optimizer):
         self._check_optimizer_params()
         return self._engine.microbatch(logp, mask, cu_seqlens, position_ids, group_ids)
 
+    def begin_microbatch(
+        self,
+        logp: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        group_ids: torch.Tensor | Sequence[Hashable] | None = None,
+    ) -> MicrobatchHandle:
+        """:meth:`microbatch` without the ``with`` statement, for training frameworks whose loss and
+        backward run in different methods (the TRL and verl adapters use it)::
+
+            handle = opt.begin_microbatch(logp, mask)
+            try:
+                loss.backward()
+            except BaseException as exc:
+                handle.close(exc)
+                raise
+            handle.close()
+
+        Same arguments, checks and guarantees as :meth:`microbatch`.
+        """
+        self._check_optimizer_params()
+        return MicrobatchHandle(self._engine, self._engine.begin(logp, mask, cu_seqlens, position_ids, group_ids))
+
+    @property
+    def captures(self) -> bool:
+        """Whether gradproj captures per-sequence gradients (``False`` for plain accumulation, strategy
+        ``none`` without diagnostics: then any loss and any pipeline setting is fine)."""
+        return self._engine.needs_capture
+
+    def covers(self, param: torch.Tensor) -> bool:
+        """Whether gradproj captures this parameter's gradient (a covered, trainable parameter)."""
+        return self._engine.covers(param)
+
+    def running_metrics(self) -> dict[str, float]:
+        """``gradproj/...`` metrics of the step in progress (:meth:`metrics` gives the last step's)."""
+        return self._engine.running_metrics()
+
     def _check_optimizer_params(self) -> None:
         """Every trainable parameter the inner optimizer holds must be covered (a layer trained
         through the inner optimizer's own ``add_param_group``, or swapped into a param group, after
@@ -349,7 +418,9 @@ class GradProjOptimizer(torch.optim.Optimizer):
 
     @property
     def engine(self) -> CaptureEngine:
-        """The capture engine (layers covered, microbatch state)."""
+        """The capture engine (layers covered, microbatch state): an internal object for tests and
+        benchmarks; integrations use :meth:`begin_microbatch`, :attr:`captures`, :meth:`covers` and
+        :meth:`running_metrics`."""
         return self._engine
 
 

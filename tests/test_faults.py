@@ -1369,3 +1369,45 @@ def test_forward_under_paused_then_a_captured_block_names_the_cause():
         with opt.microbatch(logp, mask):
             grpo_loss(logp, mask, adv, 0.5).backward()
     assert same(grads(model), before)
+
+
+# -- 14. the microbatch API for frameworks: begin_microbatch / close ---------------------------------
+
+
+def test_begin_and_close_equal_the_block():
+    model, opt = wrapped("proma")
+    for ids, attn, mask, adv in BATCHES[:3]:
+        logp = token_logprobs(model, ids, attn)
+        handle = opt.begin_microbatch(logp, mask)
+        assert handle.k == 4
+        grpo_loss(logp, mask, adv, 0.5).backward()
+        handle.close()
+    expect, _ = twin(["proma"], [], BATCHES[:3])
+    assert same(grads(model), grads(expect))
+    with pytest.raises(gradproj.ProtocolError, match="already closed"):
+        handle.close()
+
+
+@pytest.mark.parametrize("position", ["first", "later"])
+def test_close_with_the_failure_leaves_state_as_before(position):
+    model, opt = twin(["proma"], [], [] if position == "first" else [BATCHES[0]])
+    before = grads(model)
+    ids, attn, mask, adv = BATCHES[1]
+    logp = token_logprobs(model, ids, attn)
+    handle = opt.begin_microbatch(logp, mask)
+    grpo_loss(logp, mask, adv, 0.5).backward()
+    handle.close(RuntimeError("the framework's step failed after the backward"))
+    assert same(grads(model), before) and opt.engine.current is None
+    handle = opt.begin_microbatch(token_logprobs(model, ids, attn), mask)  # a new block opens fine
+    handle.close(RuntimeError("nothing ran"))
+    assert same(grads(model), before)
+
+
+def test_begin_refuses_what_the_block_refuses_and_opens_nothing():
+    model, opt = _later()
+    ids, attn, mask, adv = BATCHES[1]
+    with pytest.raises(gradproj.InputError, match="mask has shape"):
+        opt.begin_microbatch(token_logprobs(model, ids, attn), mask[:, :-1])
+    assert opt.engine.current is None
+    assert opt.captures and opt.covers(model.head.weight) and not opt.covers(model.emb.weight)
+    assert opt.running_metrics()["gradproj/microbatches"] == 1.0

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["install", "installed", "watching", "path_around", "node_name", "depth"]
+__all__ = ["install", "installed", "watching", "add_watcher", "remove_watcher", "path_around", "node_name", "depth"]
 
 _watchers: list[Callable] = []
 _depth = 0
@@ -70,14 +70,26 @@ def installed() -> bool:
     return _original is not None
 
 
+def add_watcher(watcher: Callable[[tuple], None]) -> Callable[[tuple], None]:
+    """From now on, ``watcher(roots)`` runs before every (outermost) backward call; returns it."""
+    _watchers.append(watcher)
+    return watcher
+
+
+def remove_watcher(watcher: Callable[[tuple], None]) -> None:
+    """Stop calling ``watcher`` (idempotent)."""
+    if watcher in _watchers:
+        _watchers.remove(watcher)
+
+
 @contextmanager
 def watching(watcher: Callable[[tuple], None]):
     """While open, ``watcher(roots)`` runs before every (outermost) backward call."""
-    _watchers.append(watcher)
+    add_watcher(watcher)
     try:
         yield
     finally:
-        _watchers.remove(watcher)
+        remove_watcher(watcher)
 
 
 def node_name(node) -> str:

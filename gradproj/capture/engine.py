@@ -412,15 +412,19 @@ class CaptureEngine:
     # -- microbatches ----------------------------------------------------------------------
     @contextmanager
     def microbatch(self, logp: torch.Tensor, mask: torch.Tensor | None = None, cu_seqlens=None, position_ids=None, group_ids=None):
-        """Context for one microbatch; see :meth:`GradProjOptimizer.microbatch`.
+        """Context for one microbatch (:meth:`begin` ... :meth:`close`); see
+        :meth:`GradProjOptimizer.microbatch`."""
+        mb = self.begin(logp, mask, cu_seqlens, position_ids, group_ids)
+        try:
+            yield mb
+        except BaseException as failure:
+            self.close(mb, failure)
+            raise
+        self.close(mb)
 
-        All-or-nothing: if the block fails -- an error in the backward or after it, an exception
-        of the user's, KeyboardInterrupt -- ``.grad`` is left exactly as it was when the block
-        opened (staged updates are discarded; where autograd or direct writes already changed
-        ``.grad``, gradproj restores it when it was empty). Where that is impossible (strategy
-        ``none`` or ``nonfinite="propagate"`` after earlier microbatches), the step is marked
-        incomplete and refused until the gradients are zeroed.
-        """
+    def begin(self, logp: torch.Tensor, mask: torch.Tensor | None = None, cu_seqlens=None, position_ids=None, group_ids=None) -> Microbatch:
+        """Open one microbatch: validate it (nothing changes if that fails), then hook ``logp`` and
+        watch the backward calls until :meth:`close`."""
         if not self.attached:
             raise ProtocolError("this gradproj optimizer was detached; wrap the optimizer again to capture")
         if self.current is not None:
@@ -456,40 +460,52 @@ class CaptureEngine:
             # the running gradient the strategies read: nothing may change it until the block closes
             mb.grads_seen = [(p, p.grad, -1 if p.grad is None else p.grad._version) for p in self._covered_params]
         handle = logp.register_hook(partial(self._on_logp_grad, mb))
-        mb.logp, mb.hook_id = logp, handle.id
+        mb.logp, mb.hook_id, mb.hook_handle = logp, handle.id, handle
+        mb.watcher = backward_watch.add_watcher(partial(self._on_backward_call, mb))
         self.current = mb
-        completed = False
         for strategy in self.strategies.all:
             strategy.start_microbatch()
+        return mb
+
+    def close(self, mb: Microbatch, failure: BaseException | None = None) -> None:
+        """Close the microbatch :meth:`begin` opened: write its updates to ``.grad`` -- or, if
+        ``failure`` is given (what ended the caller's code) or gradproj's own check failed in the
+        backward, leave ``.grad`` exactly as the block found it.
+
+        All-or-nothing: staged updates are discarded; where autograd or direct writes already changed
+        ``.grad``, gradproj restores it when it was empty. Where that is impossible (strategy
+        ``none`` or ``nonfinite="propagate"`` after earlier microbatches), the step is marked
+        incomplete and refused until the gradients are zeroed.
+
+        Raises:
+            ProtocolError: ``mb`` is not the open microbatch; or the backward failed inside gradproj and
+                the caller's code went on anyway (the microbatch is discarded).
+        """
+        if mb is not self.current:
+            raise ProtocolError("close() of a microbatch that is not the open one (each begin() is closed once)")
+        backward_watch.remove_watcher(mb.watcher)
+        mb.hook_handle.remove()
+        self.current = None
+        if failure is not None:
+            mb.failure = failure
+        applied = False
         try:
-            with backward_watch.watching(partial(self._on_backward_call, mb)):
+            if failure is None and mb.error is None:
                 try:
-                    yield mb
-                except BaseException as failure:
-                    mb.failure = failure
+                    self._finish(mb)
+                    applied = True
+                except BaseException as err:
+                    mb.error = err
                     raise
-            completed = mb.error is None
+                finally:
+                    if not applied:
+                        self._abort(mb)
+            else:
+                self._abort(mb)
         finally:
-            handle.remove()
-            self.current = None
-            try:
-                applied = False
-                if completed:
-                    try:
-                        self._finish(mb)
-                        applied = True
-                    except BaseException as err:
-                        mb.error = err
-                        raise
-                    finally:
-                        if not applied:
-                            self._abort(mb)
-                else:
-                    self._abort(mb)
-            finally:
-                for strategy in self.strategies.all:
-                    strategy.end_microbatch()
-        if mb.error is not None and not applied:  # the block's own code caught gradproj's error
+            for strategy in self.strategies.all:
+                strategy.end_microbatch()
+        if failure is None and mb.error is not None and not applied:  # the caller caught gradproj's error
             raise ProtocolError(
                 f"{mb.where} failed in its backward ({type(mb.error).__name__}: {mb.error}) and the block "
                 "closed anyway; the microbatch was discarded (.grad is as before the block). Fix the "

@@ -175,6 +175,8 @@ class Microbatch:
         self.failure: BaseException | None = None  # whatever ended the block with an exception
         self.logp: torch.Tensor | None = None
         self.hook_id = -1  # gradproj's hook on logp (hooks registered after it are refused)
+        self.hook_handle = None
+        self.watcher = None  # the engine's watcher of backward calls while the block is open
 
     def check_mask_unchanged(self) -> None:
         """Refuse a mask changed in place after the block opened (the gradient sent down is a copy)."""

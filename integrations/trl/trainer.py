@@ -153,7 +153,7 @@ class GradProjGRPOMixin:
             self.optimizer = existing = gradproj.wrap(self.optimizer, self.model, self._gp_config)
         self._gp_optimizer = existing
         head = self.model.get_output_embeddings()
-        self._gp_unfused = head is not None and self._gp_optimizer.engine.covers(head.weight)
+        self._gp_unfused = head is not None and self._gp_optimizer.covers(head.weight)
         return self.optimizer
 
     @property
@@ -193,7 +193,7 @@ class GradProjGRPOMixin:
         opt = self._gp_optimizer
         if opt is not None and model.training and torch.is_grad_enabled():
             stale = [key for key in ("old_per_token_logps", "importance_sampling_ratio") if inputs.get(key) is not None]
-            if stale and opt.engine.needs_capture:
+            if stale and opt.captures:
                 raise ConfigError(
                     f"gradproj: TRL handed this step {', '.join(stale)}: its completions come from an older policy "
                     "(num_iterations, steps_per_generation or vLLM importance sampling), which gradproj refuses; "
@@ -205,9 +205,7 @@ class GradProjGRPOMixin:
             mask = inputs["completion_mask"]
             if "tool_mask" in inputs:
                 mask = mask * inputs["tool_mask"]
-            block = opt.microbatch(self._gp_logps, mask.bool())
-            block.__enter__()
-            self._gp_block = block
+            self._gp_block = opt.begin_microbatch(self._gp_logps, mask.bool())
         self._gp_logps = None
         return loss
 
@@ -221,15 +219,15 @@ class GradProjGRPOMixin:
             block, self._gp_block = self._gp_block, None
             if block is not None:
                 try:
-                    block.__exit__(type(err), err, err.__traceback__)
+                    block.close(err)
                 except BaseException:  # noqa: BLE001 - the original error is the one to report
                     pass
             raise
         block, self._gp_block = self._gp_block, None
         if block is not None:
-            block.__exit__(None, None, None)
+            block.close()
         if self.accelerator.sync_gradients:  # the last microbatch of the optimizer step
-            for key, value in self._gp_optimizer.engine.running_metrics().items():
+            for key, value in self._gp_optimizer.running_metrics().items():
                 self._metrics["train"][key].append(value)
         return output
 

@@ -13,11 +13,10 @@ padded rows) and the open block (policy loss).
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-
 import torch
 
 from gradproj.errors import InputError, ProtocolError
+from gradproj.optimizer import MicrobatchHandle
 
 __all__ = ["MicroBatchSlot", "current_slot", "push_slot", "pop_slot"]
 
@@ -32,10 +31,10 @@ class MicroBatchSlot:
         self.optimizer = optimizer
         self.is_last = is_last
         #: whether the strategy needs per-sequence gradients (else the micro-batch runs plainly)
-        self.capture = bool(optimizer.engine.needs_capture)
+        self.capture = bool(optimizer.captures)
         self.cu_seqlens: torch.Tensor | None = None
         self.described = False
-        self.block: AbstractContextManager | None = None
+        self.block: MicrobatchHandle | None = None
 
     def describe(self, micro_batch) -> None:
         """Record the micro-batch's token layout (called by the engine's ``forward_step``)."""
@@ -75,9 +74,7 @@ class MicroBatchSlot:
                 "the 'gradproj' policy loss ran outside verl's FSDPEngineWithLMHead.forward_step; gradproj "
                 "supports verl's FSDP language-model actor engine"
             )
-        block = self.optimizer.microbatch(log_prob, response_mask, cu_seqlens=self.cu_seqlens)
-        block.__enter__()
-        self.block = block
+        self.block = self.optimizer.begin_microbatch(log_prob, response_mask, cu_seqlens=self.cu_seqlens)
 
     def close(self, exc: BaseException | None) -> None:
         """Close the block after the backward (or abort it when the micro-batch raised)."""
@@ -89,10 +86,7 @@ class MicroBatchSlot:
                     "log-probs: set actor_rollout_ref.actor.policy_loss.loss_mode=gradproj"
                 ) from exc
             return
-        if exc is None:
-            block.__exit__(None, None, None)
-        else:
-            block.__exit__(type(exc), exc, exc.__traceback__)
+        block.close(exc)
 
 
 def push_slot(slot: MicroBatchSlot) -> None:

@@ -231,8 +231,8 @@ def _set_loss_fn(original):
             )
         if opt is None:
             return result
-        check_actor_config(actor_config, opt.engine.config, needs_capture=opt.engine.needs_capture)
-        if opt.engine.needs_capture and "DetachActorWorker" in _calling_worker_class_names():
+        check_actor_config(actor_config, opt.config, needs_capture=opt.captures)
+        if opt.captures and "DetachActorWorker" in _calling_worker_class_names():
             raise ConfigError(
                 "verl's asynchronous trainers (one-step off-policy, fully async, trainer.v1.trainer_mode=separate_async) "
                 "train on rollouts of older policies; gradproj's loss has no importance ratio and needs every step "
@@ -246,7 +246,7 @@ def _set_loss_fn(original):
 def _train_mini_batch(original):
     def train_mini_batch(self, data):
         opt = _gradproj_optimizer(getattr(self, "engine", None))
-        if opt is not None and opt.engine.needs_capture:
+        if opt is not None and opt.captures:
             from verl.utils import tensordict_utils as tu
 
             epochs = int(tu.get(data, key="epochs", default=1) or 1)

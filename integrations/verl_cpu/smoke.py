@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         for n, p in worker.actor.engine.module.named_parameters()
     )
     print(f"optimizer: {type(worker.actor.engine.optimizer).__name__} "
-          f"(strategy {getattr(getattr(worker.actor.engine.optimizer, 'engine', None), 'config', None)})")
+          f"(strategy {getattr(worker.actor.engine.optimizer, 'config', None)})")
     print(f"parameters changed: {changed}/{len(before)}")
     for key in sorted(metrics):
         print(f"  {key}: {metrics[key]}")
