@@ -1411,3 +1411,44 @@ def test_begin_refuses_what_the_block_refuses_and_opens_nothing():
     assert opt.engine.current is None
     assert opt.captures and opt.covers(model.head.weight) and not opt.covers(model.emb.weight)
     assert opt.running_metrics()["gradproj/microbatches"] == 1.0
+
+
+# -- 15. two layer handlers for one module type ----------------------------------------------------
+
+
+def test_two_handlers_claiming_one_type_are_refused_and_a_subclass_handler_takes_precedence():
+    import types
+
+    from gradproj.capture.handlers import LinearHandler
+    from gradproj.plugins.manager import refresh_registry
+
+    class MyLinear(nn.Linear):
+        pass
+
+    class Other(LinearHandler):
+        """A third-party handler for nn.Linear itself: clashes with the built-in one."""
+
+    class ForSubclass(LinearHandler):
+        module_types = (MyLinear,)
+
+        def accepts(self, module):
+            return True
+
+    pm = gradproj.get_plugin_manager()
+    for name, handler in (("clash", Other()), ("sub", ForSubclass())):
+        plugin = types.ModuleType(f"gradproj_{name}_plugin")
+        plugin.gradproj_layer_handlers = gradproj.hookimpl(lambda handler=handler: [handler])
+        pm.register(plugin, name=name)
+        refresh_registry()
+        try:
+            if name == "clash":
+                with pytest.raises(gradproj.ConfigError, match="two layer handlers claim torch.nn.modules.linear.Linear"):
+                    gradproj.get_registry()
+            else:
+                registry = gradproj.get_registry()
+                assert isinstance(registry.handler_for(MyLinear(2, 2)), ForSubclass)
+                assert type(registry.handler_for(nn.Linear(2, 2))) is LinearHandler
+        finally:
+            pm.unregister(name=name)
+            refresh_registry()
+    assert gradproj.get_registry().handler_for(nn.Linear(2, 2)) is not None

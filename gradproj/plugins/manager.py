@@ -85,7 +85,9 @@ class Registry:
             ) from None
 
     def handler_for(self, module):
-        """The handler covering ``module`` (most specific type in its MRO), or ``None``."""
+        """The handler covering ``module``, or ``None``: the handler registered for the most specific
+        type in the module's MRO (one handler per type: two claiming the same type are refused when
+        the registry is built), if it :meth:`accepts` the module."""
         best, best_depth = None, None
         mro = type(module).__mro__
         for handler in self.handlers:
@@ -118,7 +120,19 @@ def get_registry() -> Registry:
                     )
                 registry.strategies[spec.name] = spec
                 owners[spec.name] = spec.cls.__module__
+        claims: dict[type, object] = {}
         for plugin_handlers in pm.hook.gradproj_layer_handlers():
-            registry.handlers.extend(plugin_handlers or ())
+            for handler in plugin_handlers or ():
+                for module_type in handler.module_types:
+                    other = claims.setdefault(module_type, handler)
+                    if other is not handler:
+                        raise ConfigError(
+                            f"two layer handlers claim {module_type.__module__}.{module_type.__qualname__} modules: "
+                            f"{type(other).__module__}.{type(other).__name__} and {type(handler).__module__}."
+                            f"{type(handler).__name__}; a module type has one handler (a handler for a subclass "
+                            "takes precedence over one for its base class). Uninstall or block one of the plugins "
+                            "with get_plugin_manager().set_blocked(name)."
+                        )
+                registry.handlers.append(handler)
         _registry = registry
         return registry
