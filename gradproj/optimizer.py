@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import sys
 from collections.abc import Hashable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -25,6 +25,16 @@ from gradproj.errors import CheckpointError, ConfigError, CoverageError, Protoco
 __all__ = ["GradProjOptimizer", "MicrobatchHandle", "wrap"]
 
 _STATE_KEY = "gradproj"
+
+
+def _inner_attribute(name: str, doc: str) -> property:
+    """A property reading, setting and deleting the inner optimizer's attribute ``name``."""
+    return property(
+        lambda self: getattr(self.optimizer, name),
+        lambda self, value: setattr(self.optimizer, name, value),
+        lambda self: delattr(self.optimizer, name),
+        doc=doc,
+    )
 
 
 class MicrobatchHandle:
@@ -42,6 +52,11 @@ class MicrobatchHandle:
     def k(self) -> int:
         """The number of sequences (rows of ``logp``)."""
         return self._microbatch.k
+
+    @property
+    def microbatch(self):
+        """The engine's state of this microbatch (what the ``with`` block yields)."""
+        return self._microbatch
 
     def close(self, exc: BaseException | None = None) -> None:
         """Close the microbatch: its updates reach ``.grad`` -- or, with ``exc`` (what ended your code
@@ -98,52 +113,13 @@ class GradProjOptimizer(torch.optim.Optimizer):
     def param_groups(self, value):
         self.optimizer.param_groups = value
 
-    @property
-    def state(self):
-        """The inner optimizer's ``state``."""
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.optimizer.state = value
-
+    state = _inner_attribute("state", "The inner optimizer's ``state``.")
+    defaults = _inner_attribute("defaults", "The inner optimizer's ``defaults``.")
     # GradScaler hands optimizers that unscale inside their own step (fused Adam/AdamW/SGD:
     # ``_step_supports_amp_scaling``, read from the inner optimizer) the scale and the inf flag as
     # attributes of the optimizer it steps: they must reach the inner one.
-    @property
-    def grad_scale(self):
-        """The inner optimizer's ``grad_scale`` (set by ``GradScaler.step`` for fused optimizers)."""
-        return self.optimizer.grad_scale
-
-    @grad_scale.setter
-    def grad_scale(self, value):
-        self.optimizer.grad_scale = value
-
-    @grad_scale.deleter
-    def grad_scale(self):
-        del self.optimizer.grad_scale
-
-    @property
-    def found_inf(self):
-        """The inner optimizer's ``found_inf`` (set by ``GradScaler.step`` for fused optimizers)."""
-        return self.optimizer.found_inf
-
-    @found_inf.setter
-    def found_inf(self, value):
-        self.optimizer.found_inf = value
-
-    @found_inf.deleter
-    def found_inf(self):
-        del self.optimizer.found_inf
-
-    @property
-    def defaults(self):
-        """The inner optimizer's ``defaults``."""
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.optimizer.defaults = value
+    grad_scale = _inner_attribute("grad_scale", "The inner optimizer's ``grad_scale`` (set by ``GradScaler.step``).")
+    found_inf = _inner_attribute("found_inf", "The inner optimizer's ``found_inf`` (set by ``GradScaler.step``).")
 
     def step(self, closure=None):
         """Run the inner optimizer's step on the accumulated ``.grad`` and close the step's metrics.
@@ -313,8 +289,18 @@ class GradProjOptimizer(torch.optim.Optimizer):
             CoverageError: the inner optimizer holds a trainable parameter gradproj does not cover
                 (given to it after ``wrap()``), or a covered parameter was replaced.
         """
-        self._check_optimizer_params()
-        return self._engine.microbatch(logp, mask, cu_seqlens, position_ids, group_ids)
+        return self._block(logp, mask, cu_seqlens, position_ids, group_ids)
+
+    @contextmanager
+    def _block(self, logp, mask, cu_seqlens, position_ids, group_ids):
+        # opened on entering the with statement (nothing is checked or hooked before)
+        handle = self.begin_microbatch(logp, mask, cu_seqlens=cu_seqlens, position_ids=position_ids, group_ids=group_ids)
+        try:
+            yield handle.microbatch
+        except BaseException as exc:
+            handle.close(exc)
+            raise
+        handle.close()
 
     def begin_microbatch(
         self,

@@ -21,11 +21,10 @@ whether one is running.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 
 import torch
 
-__all__ = ["install", "installed", "watching", "add_watcher", "remove_watcher", "path_around", "node_name", "depth"]
+__all__ = ["install", "installed", "add_watcher", "remove_watcher", "path_around", "node_name", "depth"]
 
 _watchers: list[Callable] = []
 _depth = 0
@@ -80,16 +79,6 @@ def remove_watcher(watcher: Callable[[tuple], None]) -> None:
     """Stop calling ``watcher`` (idempotent)."""
     if watcher in _watchers:
         _watchers.remove(watcher)
-
-
-@contextmanager
-def watching(watcher: Callable[[tuple], None]):
-    """While open, ``watcher(roots)`` runs before every (outermost) backward call."""
-    add_watcher(watcher)
-    try:
-        yield
-    finally:
-        remove_watcher(watcher)
 
 
 def node_name(node) -> str:

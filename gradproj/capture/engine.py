@@ -410,18 +410,6 @@ class CaptureEngine:
             )
 
     # -- microbatches ----------------------------------------------------------------------
-    @contextmanager
-    def microbatch(self, logp: torch.Tensor, mask: torch.Tensor | None = None, cu_seqlens=None, position_ids=None, group_ids=None):
-        """Context for one microbatch (:meth:`begin` ... :meth:`close`); see
-        :meth:`GradProjOptimizer.microbatch`."""
-        mb = self.begin(logp, mask, cu_seqlens, position_ids, group_ids)
-        try:
-            yield mb
-        except BaseException as failure:
-            self.close(mb, failure)
-            raise
-        self.close(mb)
-
     def begin(self, logp: torch.Tensor, mask: torch.Tensor | None = None, cu_seqlens=None, position_ids=None, group_ids=None) -> Microbatch:
         """Open one microbatch: validate it (nothing changes if that fails), then hook ``logp`` and
         watch the backward calls until :meth:`close`."""
@@ -636,7 +624,7 @@ class CaptureEngine:
         if not self.needs_capture:  # plain accumulation of transformed coefficients
             mb.plain = True
             return self._weights(mb, grad)
-        if self._plain_when_no_grad and all(p.grad is None for p in self._covered_params):
+        if self._plain_when_no_grad and mb.fresh:
             # First microbatch of a step: G = 0 everywhere, so the update is the plain gradient.
             # Keep the loss's weights and let every layer return ordinary gradients.
             mb.plain = True
