@@ -15,7 +15,7 @@
 
 Every run trains a fresh copy of the same policy (default: gradproj's tiny character-level Llama
 on addition, the demo's; ``--smollm2``: SmolLM2-135M-Instruct) with
-:func:`gradproj.integrations.torch.grpo_loop.run_method`; every configuration is run for each
+:func:`gradproj.demo.grpo_loop.run_method`; every configuration is run for each
 seed, with the same prompts and sampling seeds across configurations. Written to ``--out``
 (default ``runs/reproduce/<name>``): ``records.jsonl`` (every step of every run), ``summary.json``,
 PNG figures and ``report.md``, whose tables and verdicts are computed from the records.
@@ -57,7 +57,7 @@ class Run:
 
 
 def _base(args, **overrides):
-    from gradproj.integrations.torch.grpo_loop import GRPOLoopConfig
+    from gradproj.demo.grpo_loop import GRPOLoopConfig
 
     quick = dict(steps=3, prompts_per_step=4, group_size=4, microbatches=2, eval_every=3)
     sizes = quick if args.quick else {}
@@ -108,9 +108,9 @@ def execute(runs: list[Run], args, out: Path) -> tuple[list[dict], dict]:
     label, seed and tags) and the settings."""
     from tqdm.auto import tqdm
 
-    from gradproj.integrations.torch.demo import DemoOptions, load_policy, make_evaluator
-    from gradproj.integrations.torch.grpo_loop import run_method
-    from gradproj.integrations.torch.tasks import make_task
+    from gradproj.demo.app import DemoOptions, load_policy, make_evaluator
+    from gradproj.demo.grpo_loop import run_method
+    from gradproj.demo.tasks import make_task
 
     options = DemoOptions(smollm2=args.smollm2, progress=not args.no_progress)
     factory, tok, description = load_policy(options)
@@ -227,7 +227,7 @@ def _fig(path: Path, panels: list[tuple[str, dict, str, bool]], smooth: int = 5)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gradproj.integrations.torch.demo import finish_axes
+    from gradproj.demo.app import finish_axes
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, (title, data, ylabel, log) in zip(axes[0], panels):

@@ -66,8 +66,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--markdown", help="write the table to this file")
     args = parser.parse_args(argv)
 
-    from gradproj.integrations.torch.demo import DemoOptions, load_policy
-    from gradproj.integrations.torch.tasks import make_task
+    from gradproj.demo.app import DemoOptions, load_policy
+    from gradproj.demo.tasks import make_task
     from benchmarks.step_overhead import publish
     from gradproj.linalg.subspace import top_subspace
 

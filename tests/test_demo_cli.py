@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from gradproj.integrations.torch.adder import build_tokenizer
+from gradproj.demo.adder import build_tokenizer
 from helpers import tiny_char_model
 
 
 def demo(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "gradproj.integrations.torch.cli", "demo", "--no-progress", *args],
+    return subprocess.run([sys.executable, "-m", "gradproj.demo.cli", "demo", "--no-progress", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -905,7 +905,7 @@ def test_sequence_ratio_is_one_on_policy():
 def test_the_grpo_loop_weights_its_second_update_by_the_ratio(monkeypatch):
     """The project's own GRPO loop: updates after the first on a rollout use the sampling policy's
     log-probs (it used to take them with no ratio at all)."""
-    import gradproj.integrations.torch.grpo_loop as loop
+    import gradproj.demo.grpo_loop as loop
 
     calls = []
     original = loop.policy_loss
@@ -915,8 +915,8 @@ def test_the_grpo_loop_weights_its_second_update_by_the_ratio(monkeypatch):
         return original(logp, mask, advantages, scale, old_logp=old_logp)
 
     monkeypatch.setattr(loop, "policy_loss", spy)
-    from gradproj.integrations.torch.adder import build_tokenizer
-    from gradproj.integrations.torch.tasks import make_task
+    from gradproj.demo.adder import build_tokenizer
+    from gradproj.demo.tasks import make_task
     from helpers import tiny_char_model
 
     tok = build_tokenizer()

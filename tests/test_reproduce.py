@@ -10,9 +10,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import reproduce  # noqa: E402
-from gradproj.integrations.torch.grpo_loop import GRPOLoopConfig, InitialPolicy, kl_penalty, run_method  # noqa: E402
+from gradproj.demo.grpo_loop import GRPOLoopConfig, InitialPolicy, kl_penalty, run_method  # noqa: E402
 from gradproj.integrations.torch.logprobs import token_logprobs  # noqa: E402
-from gradproj.integrations.torch.tasks import AdditionTask  # noqa: E402
+from gradproj.demo.tasks import AdditionTask  # noqa: E402
 from helpers import tiny_char_model  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def test_kl_penalty_is_grpos_k3_with_its_gradient():
 
 
 def _tiny(lora):
-    from gradproj.integrations.torch.adder import build_tokenizer
+    from gradproj.demo.adder import build_tokenizer
 
     tok = build_tokenizer()
     model = tiny_char_model(tok, seed=3)

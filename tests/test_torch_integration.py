@@ -48,7 +48,7 @@ def test_policy_loss_and_kl():
 
 
 def test_clipped_loss_matches_manual_ppo():
-    from gradproj.integrations.torch.grpo_loop import clipped_loss
+    from gradproj.demo.grpo_loop import clipped_loss
 
     logp = torch.tensor([[-1.0, -0.5], [-2.0, -0.1]])
     old = torch.tensor([[-1.5, -0.5], [-1.0, -0.3]])
@@ -69,8 +69,8 @@ def test_clipped_loss_matches_manual_ppo():
 
 
 def test_rollout_masks_and_rewards():
-    from gradproj.integrations.torch.adder import build_tokenizer
-    from gradproj.integrations.torch.rollout import sample_rollout
+    from gradproj.demo.adder import build_tokenizer
+    from gradproj.demo.rollout import sample_rollout
 
     tok = build_tokenizer()
     model = tiny_char_model(tok)
@@ -96,7 +96,7 @@ def test_rollout_masks_and_rewards():
 
 
 def test_task_rewards():
-    from gradproj.integrations.torch.tasks import AdditionTask, make_task
+    from gradproj.demo.tasks import AdditionTask, make_task
 
     task = AdditionTask()
     assert task.reward(" 15\nxyz", "15") == 1.0 and task.reward("16", "15") == 0.0
@@ -108,7 +108,7 @@ def test_task_rewards():
 
 
 def test_adder_policy_is_cached_and_deterministic(tmp_path):
-    from gradproj.integrations.torch.adder import AdderPolicyConfig, adder_policy
+    from gradproj.demo.adder import AdderPolicyConfig, adder_policy
 
     cfg = AdderPolicyConfig(hidden=16, layers=1, heads=2, batch=8, max_steps=6, eval_every=3, eval_problems=8)
     first = adder_policy(cfg, progress=False, cache=tmp_path / "a")

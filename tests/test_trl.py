@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 trl = pytest.importorskip("trl")  # the test extra installs it; this guards a partial environment only
 
 import gradproj  # noqa: E402
-from gradproj.integrations.torch.adder import build_tokenizer  # noqa: E402
+from gradproj.demo.adder import build_tokenizer  # noqa: E402
 from gradproj.integrations.trl import (  # noqa: E402
     GradProjGRPOTrainer,
     check_grpo_config,
@@ -40,7 +40,7 @@ def tiny_model(tok, dtype=torch.float64, seed=0):
 def dataset(n=16):
     from datasets import Dataset
 
-    from gradproj.integrations.torch.adder import addition_problems
+    from gradproj.demo.adder import addition_problems
 
     problems = addition_problems(n, seed=3, max_digits=1)
     return Dataset.from_dict({"prompt": [p for p, _ in problems], "answer": [a for _, a in problems]})

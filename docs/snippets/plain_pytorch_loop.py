@@ -3,9 +3,9 @@ import transformers
 
 import gradproj
 from gradproj.integrations.torch import group_advantages, policy_loss, token_logprobs
-from gradproj.integrations.torch.adder import build_tokenizer
-from gradproj.integrations.torch.rollout import sample_rollout
-from gradproj.integrations.torch.tasks import AdditionTask
+from gradproj.demo.adder import build_tokenizer
+from gradproj.demo.rollout import sample_rollout
+from gradproj.demo.tasks import AdditionTask
 
 # A policy and its tokenizer (here: a tiny random Llama over the demo's 19-character vocabulary;
 # use AutoModelForCausalLM/AutoTokenizer.from_pretrained(folder) for a real one, padding_side="left").

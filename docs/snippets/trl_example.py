@@ -5,7 +5,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import transformers
 from datasets import Dataset
 
-from gradproj.integrations.torch.adder import addition_problems, build_tokenizer
+from gradproj.demo.adder import addition_problems, build_tokenizer
 from gradproj.integrations.trl import GradProjGRPOTrainer, kl_free_lora_grpo
 
 # An offline tiny policy and task (use your own model, tokenizer and dataset instead)

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # tests/helpers.
 @pytest.fixture(scope="session", autouse=True)
 def verl_cpu():
     """verl on the CPU: platform, env, gloo (before anything imports verl's engine)."""
-    from gradproj.integrations.verl_cpu import start
+    from gradproj.testing.verl_cpu import start
 
     start()
     import gradproj.integrations.verl  # noqa: F401 - what external_lib does in each worker

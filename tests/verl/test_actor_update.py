@@ -12,7 +12,7 @@ import torch
 
 from helpers import float64_exact_norms, reference_update, rel_err
 
-from gradproj.integrations.verl_cpu import smoke
+from gradproj.testing.verl_cpu import smoke
 
 SMOKE = smoke.load_overrides(smoke.DEFAULT_OVERRIDES)
 

@@ -3,7 +3,7 @@ checkpoint gives the same parameters as an uninterrupted run."""
 
 import torch
 
-from gradproj.integrations.verl_cpu import smoke
+from gradproj.testing.verl_cpu import smoke
 
 SMOKE = smoke.load_overrides(smoke.DEFAULT_OVERRIDES)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gradproj.errors import ConfigError
-from gradproj.integrations.verl_cpu import smoke
+from gradproj.testing.verl_cpu import smoke
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = smoke.load_overrides(smoke.DEFAULT_OVERRIDES)
@@ -166,7 +166,7 @@ def child_env():
 def test_loss_mode_gradproj_without_the_plugin_is_an_error():
     """Without external_lib (nothing imported gradproj), verl refuses the unknown loss mode: an error, not a log line."""
     code = (
-        "from gradproj.integrations.verl_cpu import start; start()\n"
+        "from gradproj.testing.verl_cpu import start; start()\n"
         "from verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
         "get_policy_loss_fn('gradproj')\n"
     )
@@ -179,7 +179,7 @@ def test_external_lib_imports_the_plugin_in_a_fresh_process(tmp_path):
     """verl's HFModelConfig imports external_lib: that alone registers the loss and wraps the engine."""
     folder = smoke.tiny_model(tmp_path / "model")
     code = (
-        "from gradproj.integrations.verl_cpu import start; start()\n"
+        "from gradproj.testing.verl_cpu import start; start()\n"
         "import sys\n"
         "from verl.workers.config import HFModelConfig\n"
         "assert 'gradproj.integrations.verl' not in sys.modules\n"

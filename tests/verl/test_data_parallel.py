@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from helpers import rel_err
 from test_actor_update import SMOKE, Recorder, brute_force, cpu_overrides, float64_engine
 
-from gradproj.integrations.verl_cpu import free_port, smoke
+from gradproj.testing.verl_cpu import free_port, smoke
 
 WORLD = 2
 SIZES = ["actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
@@ -20,7 +20,7 @@ SIZES = ["actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.ppo_mini_batc
 
 
 def rank_main(rank, port, folder, outdir, extra):
-    from gradproj.integrations.verl_cpu import start
+    from gradproj.testing.verl_cpu import start
 
     start(rank=rank, world_size=WORLD, port=port)
     import gradproj.integrations.verl  # noqa: F401

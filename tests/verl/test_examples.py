@@ -49,9 +49,9 @@ def test_run_sh_passes_the_recipe_overrides_to_verls_trainer(tmp_path):
 
 
 def test_cpu_smoke_command(tmp_path):
-    """`python -m gradproj.integrations.verl_cpu.smoke` as the guide shows it."""
+    """`python -m gradproj.testing.verl_cpu.smoke` as the guide shows it."""
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
-    run = subprocess.run([sys.executable, "-m", "gradproj.integrations.verl_cpu.smoke"], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "gradproj.testing.verl_cpu.smoke"], capture_output=True,
                          text=True, env=env, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "optimizer: GradProjOptimizer" in run.stdout
@@ -63,7 +63,7 @@ def test_cpu_smoke_command(tmp_path):
 def test_cpu_smoke_with_another_strategy(strategy, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
     run = subprocess.run(
-        [sys.executable, "-m", "gradproj.integrations.verl_cpu.smoke",
+        [sys.executable, "-m", "gradproj.testing.verl_cpu.smoke",
          f"actor_rollout_ref.actor.optim.override_optimizer_config.gradproj.strategy={strategy}"],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from gradproj.errors import ConfigError
-from gradproj.integrations.verl_cpu import smoke
+from gradproj.testing.verl_cpu import smoke
 from test_config import make_worker
 
 # (gradproj.integrations.verl is imported inside the tests: the session fixture installs the CPU
@@ -167,7 +167,7 @@ def test_missing_external_lib_is_refused_at_start_up_in_a_fresh_process(strategy
     overrides += smoke.CPU_OVERRIDES + [f"actor_rollout_ref.model.path={folder}",
                                         f"+actor_rollout_ref.actor.optim.override_optimizer_config.gradproj.strategy={strategy}"]
     code = (
-        "from gradproj.integrations.verl_cpu import start, smoke; start()\n"
+        "from gradproj.testing.verl_cpu import start, smoke; start()\n"
         "import sys\n"
         f"config = smoke.compose({overrides!r})\n"
         "assert 'gradproj.integrations.verl' not in sys.modules\n"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gradproj.integrations.torch.grpo_loop import GRPOLoopConfig
+from gradproj.demo.grpo_loop import GRPOLoopConfig
 
 DEFAULTS = GRPOLoopConfig()
 
 
 def _demo(args) -> int:
-    from gradproj.integrations.torch.demo import DemoOptions, run_demo, table
+    from gradproj.demo.app import DemoOptions, run_demo, table
 
     loop = GRPOLoopConfig(
         steps=args.steps, prompts_per_step=args.prompts, group_size=args.group_size, microbatches=args.microbatches,

@@ -1,6 +1,6 @@
 """CPU smoke run of verl's actor update with gradproj enabled by configuration only.
 
-    python -m gradproj.integrations.verl_cpu.smoke [--overrides FILE.yaml] [key=value ...]
+    python -m gradproj.testing.verl_cpu.smoke [--overrides FILE.yaml] [key=value ...]
 
 verl's own ``ppo_trainer.yaml`` is composed with Hydra, with the overrides of a YAML file (default:
 the CPU smoke overrides shipped with gradproj, ``smoke_overrides.yaml``) and the command line; the
@@ -74,7 +74,7 @@ def tiny_model(folder: str | os.PathLike, *, hidden: int = 64, layers: int = 2, 
     """A random Qwen2-shaped causal LM with gradproj's character tokenizer, saved to ``folder``."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from gradproj.integrations.torch.adder import build_tokenizer
+    from gradproj.demo.adder import build_tokenizer
 
     folder = Path(folder)
     tok = build_tokenizer()
@@ -167,12 +167,12 @@ def update_actor(worker, batch, config) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Command line: compose, build the actor, run one update, print the metrics."""
-    parser = argparse.ArgumentParser(prog="python -m gradproj.integrations.verl_cpu.smoke", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m gradproj.testing.verl_cpu.smoke", description=__doc__.split("\n\n")[0])
     parser.add_argument("--overrides", default=str(DEFAULT_OVERRIDES), help="YAML file with a list of Hydra overrides")
     parser.add_argument("extra", nargs="*", help="more Hydra overrides (key=value)")
     args = parser.parse_args(argv)
 
-    from gradproj.integrations.verl_cpu import start
+    from gradproj.testing.verl_cpu import start
 
     start()
     folder = tiny_model(tempfile.mkdtemp(prefix="gradproj-verl-smoke-"))
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     worker = actor_worker(config)
     before = {n: p.detach().full_tensor().clone() if hasattr(p, "full_tensor") else p.detach().clone()
               for n, p in worker.actor.engine.module.named_parameters()}
-    from gradproj.integrations.torch.adder import build_tokenizer
+    from gradproj.demo.adder import build_tokenizer
 
     metrics = update_actor(worker, rollout_batch(len(build_tokenizer())), config)
     changed = sum(

@@ -3,7 +3,7 @@
 verl 0.9 has no CPU platform and registers its FSDP engines for "cuda"/"npu" only. :func:`start`
 prepares one process of a gloo "cluster": the distributed environment variables verl's workers
 read, ``VERL_ENGINE_DEVICE=cuda`` (the engine registry key; the tensors stay on the CPU), the CPU
-platform of :mod:`gradproj.integrations.verl_cpu.platform`, and the gloo process group.
+platform of :mod:`gradproj.testing.verl_cpu.platform`, and the gloo process group.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def start(rank: int = 0, world_size: int = 1, port: int | None = None) -> None:
     if "verl.workers.engine.fsdp.transformer_impl" in sys.modules and not _cpu_platform_active():
         raise RuntimeError(
             "verl's FSDP engine was imported before the CPU platform was installed (it caches the device "
-            "name at import); call gradproj.integrations.verl_cpu.start() first"
+            "name at import); call gradproj.testing.verl_cpu.start() first"
         )
     if world_size > 1 and port is None:
         raise ValueError("several processes must agree on the port: pass port=")
@@ -43,7 +43,7 @@ def start(rank: int = 0, world_size: int = 1, port: int | None = None) -> None:
     os.environ["VERL_ENGINE_DEVICE"] = "cuda"  # verl registers its FSDP engines for cuda/npu only
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from gradproj.integrations.verl_cpu import platform as cpu_platform
+    from gradproj.testing.verl_cpu import platform as cpu_platform
 
     cpu_platform.install()
     import torch.distributed as dist

@@ -41,8 +41,8 @@ import gradproj
 from gradproj.errors import ConfigError
 from gradproj.integrations.torch.grpo import group_advantages, policy_loss
 from gradproj.integrations.torch.logprobs import token_logprobs
-from gradproj.integrations.torch.rollout import Rollout, sample_rollout
-from gradproj.integrations.torch.tasks import Task
+from gradproj.demo.rollout import Rollout, sample_rollout
+from gradproj.demo.tasks import Task
 
 __all__ = ["GRPOLoopConfig", "METHODS", "method_spec", "run_method", "clipped_loss", "kl_penalty", "step_kl", "InitialPolicy"]
 
@@ -234,7 +234,7 @@ def run_method(
     Args:
         model_factory: builds the initial policy (called once; the same weights for every method).
         tok: its tokenizer (a ``PreTrainedTokenizer`` with left padding).
-        task: a :class:`gradproj.integrations.torch.tasks.Task`.
+        task: a :class:`gradproj.demo.tasks.Task`.
         evaluate: ``evaluate(model) -> accuracy`` on held-out problems.
         on_step: called with each record (progress bars, logging).
     """

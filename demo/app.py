@@ -1,7 +1,7 @@
 """``gradproj demo``: GRPO on a real small model, strategies side by side, with plots and a report.
 
 Every method trains a fresh copy of the same policy on the same prompts and sampling seeds with
-the same settings (see :mod:`gradproj.integrations.torch.grpo_loop`). Written to ``--out``:
+the same settings (see :mod:`gradproj.demo.grpo_loop`). Written to ``--out``:
 ``summary.json``, ``metrics.jsonl``, ``accuracy.png``, ``step_kl.png``, ``entropy.png``,
 ``reward.png`` and ``report.md``.
 """
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from gradproj.errors import ConfigError
-from gradproj.integrations.torch.adder import adder_policy, cache_dir, greedy_accuracy
-from gradproj.integrations.torch.grpo_loop import GRPOLoopConfig, method_spec, run_method
-from gradproj.integrations.torch.tasks import check_task_name, make_task
+from gradproj.demo.adder import adder_policy, cache_dir, greedy_accuracy
+from gradproj.demo.grpo_loop import GRPOLoopConfig, method_spec, run_method
+from gradproj.demo.tasks import check_task_name, make_task
 
 __all__ = ["DemoOptions", "finish_axes", "load_policy", "make_evaluator", "run_demo", "summarise", "write_report"]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradproj.errors import ConfigError
-from gradproj.integrations.torch.adder import addition_problems, sample_problem
+from gradproj.demo.adder import addition_problems, sample_problem
 
 __all__ = ["Task", "AdditionTask", "GSM8KTask", "make_task", "check_task_name", "TASKS"]
 
