@@ -76,7 +76,7 @@ def _no_optimizer_check(self):
 
 
 def _count_forward_only(self):
-    from gradproj.capture.engine import in_checkpoint_recomputation
+    from gradproj.capture.layer import in_checkpoint_recomputation
 
     if not in_checkpoint_recomputation():
         self.pending += 1
@@ -89,7 +89,8 @@ def _no_check(*_args, **_kwargs):
 def _checks_off():
     import gradproj.capture.engine as engine_module
     from gradproj.capture import guards
-    from gradproj.capture.engine import CaptureEngine, LayerCapture
+    from gradproj.capture.engine import CaptureEngine
+    from gradproj.capture.layer import LayerCapture
     from gradproj.optimizer import GradProjOptimizer
 
     return {
@@ -190,7 +191,7 @@ def check_costs(args, setup: str, repeats: int = 2000) -> dict[str, float]:
         "row_order": timed(lambda: check_row_order(logp, "benchmark")),
         "grad_snapshot": timed(snapshot_and_compare),
         "loss_graph_walk": timed(
-            lambda: backward_watch.path_around((loss,), (logp.grad_fn, logp.output_nr), engine._is_covered_node)
+            lambda: backward_watch.path_around((loss,), (logp.grad_fn, logp.output_nr), engine.loss_terms.is_covered_node)
         ),
         "replaced_params_per_layer": timed(layer.count_forward) - timed(lambda: _count_forward_only(layer)),
         "layers": float(len(engine.layers)),

@@ -21,7 +21,9 @@ from gradproj.errors import (
     LossTermError,
     ProtocolError,
 )
-from gradproj.optimizer import GradProjOptimizer, MicrobatchHandle, wrap
+from gradproj.microbatch_handle import MicrobatchHandle
+from gradproj.optimizer import GradProjOptimizer
+from gradproj.wrapping import wrap
 from gradproj.plugins import get_plugin_manager, get_registry, hookimpl, hookspec
 from gradproj.strategies import CoefficientTransform, LayerStep, Strategy, StrategyOptions, StrategySpec
 

@@ -14,16 +14,15 @@ strategy's pydantic model. Configs round-trip through ``to_dict``/``from_dict`` 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gradproj.errors import ConfigError
-from gradproj.strategies.base import Strategy, StrategySpec
+from gradproj.work.resolved import ResolvedStrategies
 
-__all__ = ["GradProjConfig", "ResolvedStrategies"]
+__all__ = ["GradProjConfig"]
 
 
 def _format_validation_error(err: ValidationError, context: str) -> str:
@@ -33,40 +32,6 @@ def _format_validation_error(err: ValidationError, context: str) -> str:
         msg = item.get("msg", "").removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
     return f"{context}: " + "; ".join(parts)
-
-
-@dataclass
-class ResolvedStrategies:
-    """Strategy instances built from a config: transforms (in order), then the accumulation rule."""
-
-    specs: list[StrategySpec]
-    transforms: list[Strategy]
-    accumulate: Strategy
-
-    @property
-    def all(self) -> list[Strategy]:
-        """Every strategy instance, transforms first."""
-        return [*self.transforms, self.accumulate]
-
-    @property
-    def needs_capture(self) -> bool:
-        """Whether any strategy needs per-sequence gradients (else gradproj stays out of the way)."""
-        return any(s.needs_capture for s in self.all)
-
-    @property
-    def microbatch_transforms(self) -> list:
-        """Transforms applied once per microbatch (layer-independent), in order."""
-        return [t for t in self.transforms if not getattr(t, "per_layer", False)]
-
-    @property
-    def layer_transforms(self) -> list:
-        """Transforms applied per parameter tensor, in order."""
-        return [t for t in self.transforms if getattr(t, "per_layer", False)]
-
-    @property
-    def needs_tokens(self) -> bool:
-        """Whether a strategy needs token-level factors (no batching of small tensors)."""
-        return any(s.needs_tokens for s in self.all)
 
 
 class GradProjConfig(BaseModel):
@@ -120,7 +85,7 @@ class GradProjConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_against_registry(self):
-        self.resolve()
+        self._plan()  # names, order and options; no strategy is instantiated here
         return self
 
     # -- accessors -------------------------------------------------------------------------
@@ -134,8 +99,31 @@ class GradProjConfig(BaseModel):
         """The strategy options given (the extra fields)."""
         return dict(self.model_extra or {})
 
+    def needs_capture(self, registry=None) -> bool:
+        """Whether ``wrap()`` with this config captures per-sequence gradients (a strategy needs
+        them, or ``diagnostics`` is on); without capture gradproj stays out of the backward."""
+        return self.diagnostics or any(spec.cls.needs_capture for spec, _ in self._plan(registry))
+
     def resolve(self, registry=None) -> ResolvedStrategies:
-        """Look the strategies up in the plugin registry and build them with their options."""
+        """Look the strategies up in the plugin registry and build them with their options.
+
+        The one place strategy instances are made (``wrap()`` calls it); building the config only
+        validates names, order and options."""
+        try:
+            built = [spec.build(values) for spec, values in self._plan(registry)]
+        except ValidationError as err:  # (validated already; a plugin's options may still disagree)
+            raise ConfigError(_format_validation_error(err, "invalid strategy options")) from None
+        specs = [spec for spec, _ in self._plan(registry)]
+        return ResolvedStrategies(specs=specs, transforms=built[:-1], accumulate=built[-1])
+
+    def _plan(self, registry=None) -> list[tuple[Any, dict[str, Any]]]:
+        """``[(spec, options)]`` in run order (transforms, then the rule; ``none`` implied), each
+        spec's options validated by its options model.
+
+        Raises:
+            ConfigError: an unknown name, two rules, a rule not last, a strategy listed twice, an
+                unknown or ambiguous option, an invalid option value.
+        """
         if registry is None:
             from gradproj.plugins.manager import get_registry
 
@@ -175,13 +163,12 @@ class GradProjConfig(BaseModel):
             if len(owners) > 1:
                 raise ConfigError(f"option {key!r} is ambiguous: it belongs to {[s.name for s in owners]}")
             values[owners[0].name][key] = value
-        built = []
         for spec in specs:
             try:
-                built.append(spec.build(values[spec.name]))
+                spec.options(**{**spec.defaults, **values[spec.name]})
             except ValidationError as err:
                 raise ConfigError(_format_validation_error(err, f"invalid options for strategy {spec.name!r}")) from None
-        return ResolvedStrategies(specs=specs, transforms=built[:-1], accumulate=built[-1])
+        return [(spec, values[spec.name]) for spec in specs]
 
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -9,22 +9,20 @@ The wrapper is a real :class:`torch.optim.Optimizer` that *shares* the inner opt
 
 from __future__ import annotations
 
-import fnmatch
 import sys
 from collections.abc import Hashable, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
-from torch import nn
 
 from gradproj.capture.engine import CaptureEngine
 from gradproj.config import GradProjConfig
-from gradproj.errors import CheckpointError, ConfigError, CoverageError, ProtocolError
+from gradproj.errors import CheckpointError, CoverageError, ProtocolError
+from gradproj.microbatch_handle import MicrobatchHandle
+from gradproj.state import STATE_KEY, check_gradproj_state, gradproj_state
 
-__all__ = ["GradProjOptimizer", "MicrobatchHandle", "wrap"]
-
-_STATE_KEY = "gradproj"
+__all__ = ["GradProjOptimizer"]
 
 
 def _inner_attribute(name: str, doc: str) -> property:
@@ -37,41 +35,6 @@ def _inner_attribute(name: str, doc: str) -> property:
     )
 
 
-class MicrobatchHandle:
-    """An open microbatch, from :meth:`GradProjOptimizer.begin_microbatch`: close it exactly once,
-    after its backward (``close()``) or when the code between failed (``close(exc)``)."""
-
-    __slots__ = ("_engine", "_microbatch", "closed")
-
-    def __init__(self, engine: CaptureEngine, microbatch) -> None:
-        self._engine = engine
-        self._microbatch = microbatch
-        self.closed = False
-
-    @property
-    def k(self) -> int:
-        """The number of sequences (rows of ``logp``)."""
-        return self._microbatch.k
-
-    @property
-    def microbatch(self):
-        """The engine's state of this microbatch (what the ``with`` block yields)."""
-        return self._microbatch
-
-    def close(self, exc: BaseException | None = None) -> None:
-        """Close the microbatch: its updates reach ``.grad`` -- or, with ``exc`` (what ended your code
-        between ``begin_microbatch`` and here), none do and ``.grad`` is left as it was.
-
-        Raises:
-            ProtocolError: closed twice; or gradproj's own check failed in the backward (the
-                microbatch is discarded).
-        """
-        if self.closed:
-            raise ProtocolError("this microbatch was already closed")
-        self.closed = True
-        self._engine.close(self._microbatch, exc)
-
-
 class GradProjOptimizer(torch.optim.Optimizer):
     """An optimizer whose gradients are accumulated by a gradproj strategy.
 
@@ -82,11 +45,11 @@ class GradProjOptimizer(torch.optim.Optimizer):
         config: the :class:`GradProjConfig` in force.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, engine: CaptureEngine) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, engine: CaptureEngine, config: GradProjConfig) -> None:
         # Deliberately no Optimizer.__init__: param_groups/state/defaults are the inner ones.
         self.optimizer = optimizer
         self._engine = engine
-        self.config = engine.config
+        self.config = config
         self._in_step = False
         # the inner optimizer stepped directly (a kept reference to it) does what step() does
         # (optimizers that bypass Optimizer.__init__, e.g. torch_optimizer's Lookahead, have no hooks)
@@ -196,7 +159,7 @@ class GradProjOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """The inner optimizer's state dict plus gradproj's own under the ``"gradproj"`` key."""
         state = self.optimizer.state_dict()
-        state[_STATE_KEY] = self._engine.state_dict()
+        state[STATE_KEY] = gradproj_state(self.config, self._engine.strategies.names, self._engine.steps)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -212,8 +175,8 @@ class GradProjOptimizer(torch.optim.Optimizer):
         if not isinstance(state_dict, dict):
             raise CheckpointError(f"load_state_dict() needs the dict state_dict() wrote, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
-        ours = state_dict.pop(_STATE_KEY, None)
-        steps = None if ours is None else self._engine.check_state_dict(ours)
+        ours = state_dict.pop(STATE_KEY, None)
+        steps = None if ours is None else check_gradproj_state(ours, self.config, self._engine.strategies.names)
         self.optimizer.load_state_dict(state_dict)
         if steps is not None:
             self._engine.steps = steps
@@ -415,75 +378,3 @@ def _called_by_grad_scaler() -> bool:
     ``.grad`` in place, without the version bump the engine's own check relies on)."""
     frame = sys._getframe(2)
     return frame is not None and str(frame.f_globals.get("__name__", "")).endswith("grad_scaler")
-
-
-def _optimizer_params(optimizer: torch.optim.Optimizer):
-    return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def wrap(
-    optimizer: torch.optim.Optimizer,
-    model: nn.Module,
-    strategy: str | list[str] | GradProjConfig = "proma",
-    **options: Any,
-) -> GradProjOptimizer:
-    """Wrap ``optimizer`` so that ``model``'s gradients are accumulated by a gradproj strategy.
-
-    Args:
-        optimizer: any ``torch.optim`` (or ``torch_optimizer``) optimizer over ``model``'s
-            trainable parameters.
-        model: the policy; the log-probs given to ``opt.microbatch`` must come from it.
-        strategy: a strategy name (``"none"``, ``"proma"``, ``"proma_reference"``, ...), a list of
-            names (transforms, then one accumulation rule), or a :class:`GradProjConfig`.
-        **options: strategy options (``damping=``, ``relative_bound=``, ...) and engine options
-            (``exclude=[globs]``, ``gram="auto"|"materialize"|"ghost"``).
-
-    Returns:
-        The :class:`GradProjOptimizer`; use it exactly like the inner optimizer, plus
-        ``opt.microbatch(logp, mask)`` around each microbatch's backward.
-
-    Raises:
-        ConfigError: unknown strategy or option, or invalid values.
-        CoverageError: a trainable parameter that no layer handler covers.
-    """
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise ConfigError(f"wrap() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(optimizer, GradProjOptimizer):
-        raise ConfigError("this optimizer is already a GradProjOptimizer; wrap the inner optimizer once")
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"wrap() needs the model (a torch.nn.Module) as second argument, got {type(model).__name__}")
-    if isinstance(strategy, GradProjConfig):
-        config = strategy.updated(**options) if options else strategy
-    elif isinstance(strategy, (str, list, tuple)):
-        config = GradProjConfig(strategy=list(strategy) if isinstance(strategy, tuple) else strategy, **options)
-    else:
-        raise ConfigError(f"strategy must be a name, a list of names or a GradProjConfig, got {type(strategy).__name__}")
-
-    model_params = {id(p) for p in model.parameters()}
-    foreign = [p for p in _optimizer_params(optimizer) if id(p) not in model_params]
-    if foreign:
-        raise ConfigError(
-            f"the optimizer holds {len(foreign)} parameter(s) that are not part of the model; pass the "
-            "model whose parameters the optimizer trains (with peft: the PeftModel)"
-        )
-    in_optimizer = {id(p) for p in _optimizer_params(optimizer)}
-    missing = [
-        n
-        for n, p in model.named_parameters()
-        if p.requires_grad and id(p) not in in_optimizer and not any(fnmatch.fnmatchcase(n, g) for g in config.exclude)
-    ]
-    if missing:
-        names = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
-        raise ConfigError(
-            f"{len(missing)} trainable parameter(s) of the model are not in the optimizer ({names}); "
-            "build the optimizer after applying LoRA/PEFT and from the trainable parameters, or freeze "
-            "the ones you do not train"
-        )
-
-    from gradproj.plugins.manager import get_registry
-
-    registry = get_registry()
-    resolved = config.resolve(registry)
-    engine = CaptureEngine(model, config, resolved, registry)
-    engine.attach()
-    return GradProjOptimizer(optimizer, engine)

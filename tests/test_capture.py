@@ -194,22 +194,17 @@ def test_small_parameters_batched_with_partial_groups(projector):
         torch.testing.assert_close(p.grad.reshape(-1).double(), G[n], rtol=1e-10, atol=1e-14)
 
 
-def test_large_parameters_take_the_per_layer_path():
+def test_large_parameters_take_the_per_layer_path(monkeypatch):
     """Parameters above the batching threshold are not grouped (and still exact)."""
-    from gradproj.capture import batching
+    import gradproj.capture.plan as plan_mod
 
     model = TinyLM(d=12)
-    old = batching.BATCH_MAX_NUMEL
-    try:
-        import gradproj.capture.engine as engine_mod
-
-        engine_mod.BATCH_MAX_NUMEL = 100
-        opt = wrap(model)
-        assert all(p.numel() <= 100 for g in opt.engine._groups for p, _ in g.members)
-        errors = run_microbatches(model, opt, make_microbatches(count=3, k=4, seed=1), ref={})
-        assert max(errors.values()) <= 1e-10
-    finally:
-        engine_mod.BATCH_MAX_NUMEL = old
+    monkeypatch.setattr(plan_mod, "BATCH_MAX_NUMEL", 100)
+    opt = wrap(model)
+    assert opt.engine._groups and any(p.numel() > 100 for p in model.parameters())
+    assert all(p.numel() <= 100 for g in opt.engine._groups for p, _ in g.members)
+    errors = run_microbatches(model, opt, make_microbatches(count=3, k=4, seed=1), ref={})
+    assert max(errors.values()) <= 1e-10
 
 
 def test_unused_grad_forward_defers_but_stays_exact():

@@ -20,9 +20,9 @@ def test_checkpointing_exact(reentrant, params):
 def test_checkpointing_exact_without_the_recomputation_probe(monkeypatch):
     """A torch without the saved-tensor hook stack: recomputed forwards are counted, the layers
     finish when the microbatch closes, and the result is still exact."""
-    from gradproj.capture import engine as engine_module
+    from gradproj.capture import layer as layer_module
 
-    monkeypatch.setattr(engine_module, "_top_saved_tensors_hooks", None)
+    monkeypatch.setattr(layer_module, "_top_saved_tensors_hooks", None)
     _checkpointed_equals_brute_force(False, "linear")
 
 

@@ -55,7 +55,7 @@ def test_nothing_is_staged_when_writing_directly(monkeypatch, strategy):
     finish = engine._finish_microbatch
     monkeypatch.setattr(engine, "_finish_microbatch", lambda mb: (staged.append(len(mb.staged)), finish(mb)))
     run_microbatches(model, opt, make_microbatches(count=3, k=4, seed=2))
-    assert staged == [0, 0, 0] and not engine._buffers
+    assert staged == [0, 0, 0] and not engine.sink._buffers
 
 
 @pytest.mark.parametrize("strategy", ["proma", "intra_proma"])
@@ -64,9 +64,9 @@ def test_nonfinite_in_a_lower_layer(monkeypatch, mode, strategy):
     """NaN enters the output gradient of layer 0's o_proj: the layers above it were processed
     (and, writing directly, already added to ``.grad``) before it appeared. intra_proma defers its
     projections; a zero budget makes the engine write each deferred update as soon as it is finished."""
-    import gradproj.capture.engine as engine_module
+    import gradproj.capture.layer_updates as updates_module
 
-    monkeypatch.setattr(engine_module, "DEFERRED_WRITES_MAX_BYTES", 0)
+    monkeypatch.setattr(updates_module, "DEFERRED_WRITES_MAX_BYTES", 0)
     model = _model("linear")
     opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy, nonfinite=mode)
     first, second = make_microbatches(count=2, k=4, seed=8)

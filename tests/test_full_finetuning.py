@@ -94,11 +94,11 @@ def test_conv1d_forward_matches_hf():
 def _force_blocks(monkeypatch, block_numel: int):
     """Every weight goes through its handler (no batching) and any weight with more than
     ``2 * block_numel`` elements is materialised in blocks; returns a list counting them."""
-    from gradproj.capture import engine as engine_module
+    from gradproj.capture import plan as plan_module
     from gradproj.linalg import sequence_grads
 
-    monkeypatch.setattr(engine_module, "BATCH_MAX_NUMEL", 0)
-    monkeypatch.setattr(engine_module, "_block_numel", lambda params: block_numel)
+    monkeypatch.setattr(plan_module, "BATCH_MAX_NUMEL", 0)
+    monkeypatch.setattr(plan_module, "block_numel", lambda params: block_numel)
     built = []
     original = sequence_grads.BlockedLinearGrads.__init__
 
@@ -167,7 +167,7 @@ def test_blocked_linear_grads_match_materialised():
 def test_only_an_outlier_layer_is_blocked():
     """The block size is the second-largest parameter's (at least BLOCK_MIN_NUMEL): only a weight
     more than twice that is blocked -- a large vocabulary's lm_head, not the decoder's matrices."""
-    from gradproj.capture.engine import BLOCK_MIN_NUMEL, _block_numel
+    from gradproj.capture.plan import BLOCK_MIN_NUMEL, block_numel as _block_numel
     from gradproj.linalg.sequence_grads import (
         BlockedLinearGrads, MaterializedLinearGrads, Workspace, linear_weight_grads,
     )

@@ -500,11 +500,11 @@ def test_deferred_projection_equals_one_layer_at_a_time(monkeypatch):
                 grpo_loss(logp, mask, adv, 0.5).backward()
         return [p.grad.clone() for _, p in trainable(model)], opt.metrics()
 
-    import gradproj.capture.engine as engine_module
+    import gradproj.capture.layer_updates as updates_module
 
     batched, metrics = run()
     direct, _ = run(nonfinite="propagate")  # held by the engine, written after the flush
-    monkeypatch.setattr(engine_module, "DEFERRED_WRITES_MAX_BYTES", 0)
+    monkeypatch.setattr(updates_module, "DEFERRED_WRITES_MAX_BYTES", 0)
     direct_each, _ = run(nonfinite="propagate")  # finished and written one layer at a time
     monkeypatch.setattr(intra, "DEFER_MAX_BYTES", 0)
     single, single_metrics = run()

@@ -5,17 +5,16 @@ costs far more than its arithmetic. Such parameters are grouped at ``wrap()`` ti
 (number of elements, compute dtype, device) -- a LoRA ``A`` (r x d) and ``B`` (d x r) share a group,
 since everything batched works on flattened rows; during the backward each one's sequence gradients are written into
 its row of the group's buffer, and when the microbatch closes the strategy runs once per group
-with batched operations (:class:`LayerBatch`).
+with batched operations (:class:`gradproj.work.LayerBatch`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from gradproj.linalg.sequence_grads import MaterializedGrads
-from gradproj.strategies.base import LayerStep
+from gradproj.work import LayerBatch
 
-__all__ = ["ParamGroup", "LayerBatch", "BATCH_MAX_NUMEL", "BATCH_MAX_BYTES", "BATCH_ROWS_ESTIMATE"]
+__all__ = ["ParamGroup", "BATCH_MAX_NUMEL", "BATCH_MAX_BYTES", "BATCH_ROWS_ESTIMATE"]
 
 #: Parameters with at most this many elements are batched.
 BATCH_MAX_NUMEL = 1 << 16
@@ -60,66 +59,15 @@ class ParamGroup:
         """Free the buffer."""
         self._rows = None
 
+    def batch(self, indices: list[int], coefficients: torch.Tensor, grad_of=None) -> LayerBatch:
+        """The members ``indices`` (filled in this microbatch) as one :class:`LayerBatch`.
 
-class LayerBatch:
-    """Several parameter tensors with the same number of elements in one microbatch.
-
-    Attributes:
-        names: qualified parameter names.
-        params: the parameters.
-        grads: their running gradients (``None`` = 0; ``grad_of(param)`` reads them, default ``.grad``).
-        coefficients: float64 (k,) per-sequence loss coefficients, or (L, k) once a per-layer
-            transform made them differ between members.
-        k: number of sequences.
-    """
-
-    def __init__(self, group: ParamGroup, indices: list[int], coefficients: torch.Tensor, grad_of=None) -> None:
+        ``grad_of(param)`` reads a member's running gradient (default ``param.grad``)."""
         k = coefficients.shape[0]
-        rows = group.rows(k)
+        rows = self.rows(k)
         indices = sorted(indices)  # the backward fills rows in reverse layer order
         if len(indices) != rows.shape[0]:
             rows = rows.index_select(0, torch.tensor(indices, device=rows.device))
-        self._rows = rows
-        self.names = [group.members[i][1] for i in indices]
-        self.params = [group.members[i][0] for i in indices]
-        self.grads = [p.grad if grad_of is None else grad_of(p) for p in self.params]
-        self.coefficients = coefficients
-        self.k = k
-        #: set by a strategy that has established its updates are finite (see ``LayerStep.finite``)
-        self.finite = False
-
-    def __len__(self) -> int:
-        return len(self.params)
-
-    @property
-    def sequence_grads(self) -> torch.Tensor:
-        """(L, k, numel) view of the members' sequence gradients."""
-        return self._rows[:, : self.k]
-
-    def gram_with_grads(self) -> torch.Tensor:
-        """(L, k+1, k+1) float64 Grams of ``[s_1..s_k, G]`` per member (G = 0 where ``None``)."""
-        rows = self._rows[:, self.k].unbind(0)
-        if all(grad is not None for grad in self.grads):
-            torch._foreach_copy_(list(rows), [grad.reshape(-1) for grad in self.grads])
-        else:
-            for row, grad in zip(rows, self.grads):
-                row.zero_() if grad is None else row.copy_(grad.reshape(-1))
-        return torch.bmm(self._rows, self._rows.transpose(1, 2)).double()
-
-    def combine(self, gamma: torch.Tensor) -> torch.Tensor:
-        """(L, numel) updates ``sum_i gamma[l, i] s_i^(l)`` for a (L, k) (or (k,)) ``gamma``."""
-        gamma = gamma.to(self._rows.dtype)
-        if gamma.dim() == 1:
-            return torch.matmul(gamma, self.sequence_grads)
-        return torch.bmm(gamma.unsqueeze(1), self.sequence_grads).squeeze(1)
-
-    def steps(self) -> list[LayerStep]:
-        """Per-member :class:`LayerStep` views (for strategies without a batched implementation)."""
-        seqs = self.sequence_grads
-        coeffs = self.coefficients
-        return [
-            LayerStep(
-                name, param, grad, coeffs if coeffs.dim() == 1 else coeffs[i], MaterializedGrads(seqs[i].view(self.k, *param.shape))
-            )
-            for i, (name, param, grad) in enumerate(zip(self.names, self.params, self.grads))
-        ]
+        params = [self.members[i][0] for i in indices]
+        grads = [p.grad if grad_of is None else grad_of(p) for p in params]
+        return LayerBatch(rows, [self.members[i][1] for i in indices], params, grads, coefficients)

@@ -45,7 +45,7 @@ class _CapturedEmbedding(torch.autograd.Function):
                     flat = flat * (flat_ids != ctx.padding_idx).unsqueeze(-1).to(flat.dtype)
                 grad_w = flat.new_zeros(ctx.num_embeddings, flat.shape[-1]).index_add_(0, flat_ids, flat)
             return None, grad_w, None, None
-        ctx.layer.engine.on_backward(ctx.layer, (ids, grad_out))
+        ctx.layer.backward((ids, grad_out))
         return None, None, None, None
 
 
@@ -129,12 +129,11 @@ class EmbeddingHandler(LayerHandler):
 
     def install(self, module: nn.Embedding, layer) -> Callable[[], None]:
         """Route lookups through :class:`_CapturedEmbedding` while gradproj captures."""
-        engine = layer.engine
         original = type(module).forward
         scaled = type(module) in self.scaled_types
 
         def forward(input):
-            if engine.capturing and torch.is_grad_enabled() and module.weight.requires_grad:
+            if layer.capturing and torch.is_grad_enabled() and module.weight.requires_grad:
                 out = _CapturedEmbedding.apply(input, module.weight, layer, module.padding_idx)
                 # the constant scale is outside the capture: autograd folds it into the output gradient
                 return out * module.embed_scale.to(module.weight.dtype) if scaled else out

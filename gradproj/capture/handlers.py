@@ -5,10 +5,11 @@ handler below is registered that way). It must
 
 * ``install`` itself on a module (:func:`gradproj.capture.forwards.install_forward`) so that, while
   gradproj captures, the module's backward hands ``(inputs, output_grads)`` to the engine
-  (``layer.engine.on_backward``) instead of accumulating its parameters' gradients (no extra
+  (``layer.backward(use)``, :mod:`gradproj.capture.layer`) instead of accumulating its parameters' gradients (no extra
   matmul: the weight gradient is never computed twice) -- unless ``layer.plain_backward()`` is
   true, in which case it returns ordinary parameter gradients. Its autograd Function's forward
-  calls ``layer.count_forward()`` once per use, and its backward calls exactly one of the two;
+  calls ``layer.count_forward()`` once per use, and its backward calls exactly one of the two
+  (its installed forward asks ``layer.capturing`` whether to capture at all);
 * turn the collected uses into :mod:`gradproj.linalg` sequence gradients per parameter.
 
 peft's LoRA adapters (``lora_A``/``lora_B``) are ``nn.Linear`` and need nothing more.
@@ -100,7 +101,7 @@ class _CapturedLinear(torch.autograd.Function):
             grad_w = d2.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
             grad_b = d2.sum(dim=0) if ctx.needs_input_grad[2] else None
             return grad_x, grad_w, grad_b, None
-        ctx.layer.engine.on_backward(ctx.layer, (x, grad_out))
+        ctx.layer.backward((x, grad_out))
         return grad_x, None, None, None
 
 
@@ -121,12 +122,10 @@ class LinearHandler(LayerHandler):
 
     def install(self, module: nn.Linear, layer) -> Callable[[], None]:
         """Route the module's forward through :class:`_CapturedLinear` while capture is on."""
-        engine = layer.engine
-
         def forward(input):
             weight, bias = module.weight, module.bias
             if (
-                engine.capturing
+                layer.capturing
                 and torch.is_grad_enabled()
                 and (weight.requires_grad or (bias is not None and bias.requires_grad))
             ):
@@ -190,7 +189,7 @@ class _CapturedConv1D(torch.autograd.Function):
             grad_w = x.reshape(-1, x.shape[-1]).T @ d2 if ctx.needs_input_grad[1] else None
             grad_b = d2.sum(dim=0) if ctx.needs_input_grad[2] else None
             return grad_x, grad_w, grad_b, None
-        ctx.layer.engine.on_backward(ctx.layer, (x, grad_out))
+        ctx.layer.backward((x, grad_out))
         return grad_x, None, None, None
 
 
@@ -208,11 +207,10 @@ class Conv1DHandler(LinearHandler):
 
     def install(self, module: nn.Module, layer) -> Callable[[], None]:
         """Route the module's forward through :class:`_CapturedConv1D` while capture is on."""
-        engine = layer.engine
         original = type(module).forward
 
         def forward(x):
-            if engine.capturing and torch.is_grad_enabled() and (module.weight.requires_grad or module.bias.requires_grad):
+            if layer.capturing and torch.is_grad_enabled() and (module.weight.requires_grad or module.bias.requires_grad):
                 return _CapturedConv1D.apply(x, module.weight, module.bias, layer)
             return original(module, x)
 

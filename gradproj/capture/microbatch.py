@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from gradproj.capture.groups import as_group_ids
+from gradproj.work.context import MicrobatchContext
+from gradproj.work.groups import as_group_ids
 from gradproj.capture.layout import make_layout
 from gradproj.errors import CoefficientError, InputError
 
@@ -124,7 +125,8 @@ class Microbatch:
         coefficients: ``c`` (float64, (k,)) once the backward reached ``logp``.
         dropped: True once a non-finite value was seen; nothing of it reaches ``.grad``.
         group_ids: the prompt group of each row (``None`` if the pipeline gave none).
-        step_groups: the step's :class:`gradproj.capture.groups.StepGroups` (or ``None``).
+        step_groups: the step's :class:`gradproj.work.StepGroups` (or ``None``).
+        context: the read-only :class:`gradproj.work.MicrobatchContext` coefficient transforms get.
         error: the error gradproj raised inside this block's backward, if any (the block is then
             discarded even if the user's code caught it).
     """
@@ -153,6 +155,7 @@ class Microbatch:
                 f"{self.where}: {len(self.group_ids)} group ids for {self.k} rows of logp; give one per row"
             )
         self.step_groups = step_groups
+        self.context = MicrobatchContext(index, self.where, self.k, self.group_ids, step_groups)
         self.coefficients: torch.Tensor | None = None
         self.fired = False
         self.dropped = False

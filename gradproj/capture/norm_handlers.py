@@ -52,7 +52,7 @@ class _CapturedAffine(torch.autograd.Function):
             grad_w = (grad * xhat).sum(dim=dims) if ctx.needs_input_grad[1] else None
             grad_b = grad.sum(dim=dims) if ctx.needs_input_grad[2] else None
             return grad_xhat, grad_w, grad_b, None, None, None
-        ctx.layer.engine.on_backward(ctx.layer, (xhat, grad))
+        ctx.layer.backward((xhat, grad))
         return grad_xhat, None, None, None, None, None
 
 
@@ -74,12 +74,11 @@ class _AffineHandler(LayerHandler):
 
     def install(self, module: nn.Module, layer) -> Callable[[], None]:
         """Route the affine step through :class:`_CapturedAffine` while gradproj captures."""
-        engine = layer.engine
         original = type(module).forward
 
         def forward(x):
             weight, bias = module.weight, getattr(module, "bias", None)
-            if engine.capturing and torch.is_grad_enabled() and (
+            if layer.capturing and torch.is_grad_enabled() and (
                 weight.requires_grad or (bias is not None and bias.requires_grad)
             ):
                 xhat, out_dtype = self.normalise(module, x)

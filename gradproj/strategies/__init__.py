@@ -7,6 +7,7 @@ low-rank projection inside each microbatch); the coefficient transforms ``varian
 (GRPO's std normalisation as a step size) and ``isopo`` (per-layer normalised sequence gradients).
 """
 
-from gradproj.strategies.base import CoefficientTransform, LayerStep, Strategy, StrategyOptions, StrategySpec
+from gradproj.strategies.base import CoefficientTransform, Strategy, StrategyOptions, StrategySpec
+from gradproj.work import LayerBatch, LayerStep, MicrobatchContext
 
-__all__ = ["Strategy", "CoefficientTransform", "StrategyOptions", "StrategySpec", "LayerStep"]
+__all__ = ["Strategy", "CoefficientTransform", "StrategyOptions", "StrategySpec", "LayerStep", "LayerBatch", "MicrobatchContext"]

@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from gradproj.errors import ProtocolError
-from gradproj.linalg.sequence_grads import SequenceGradients
+from gradproj.work import LayerBatch, LayerStep, MicrobatchContext
 
 __all__ = ["StrategyOptions", "Strategy", "CoefficientTransform", "StrategySpec", "LayerStep"]
 
@@ -33,48 +33,6 @@ class StrategyOptions(BaseModel):
     """Base of every strategy's options model (pydantic v2, unknown fields forbidden)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-@dataclass
-class LayerStep:
-    """One parameter tensor in one microbatch, as seen by a strategy.
-
-    Attributes:
-        name: the parameter's qualified name in the model (``"model.layers.0.mlp.up_proj.weight"``).
-        param: the parameter itself.
-        grad: the running gradient ``G`` before this microbatch (``param.grad``; ``None`` = 0).
-        coefficients: float64 (k,) per-sequence loss coefficients ``c_i = dL/dlogp`` on row i.
-        seq: the microbatch's sequence gradients of this tensor (gram / inner / combine); valid
-            only during the strategy call (it may live in a shared scratch buffer).
-        out: a scratch tensor the update may be written into (or ``None``); use :meth:`combine`.
-        finite: a strategy may set this to True when it has established that its update is
-            finite (e.g. from a finite Gram of the sequence gradients); the engine then skips its
-            own non-finite check of that update.
-        deferrable: set by the engine when the returned update is applied only after
-            :meth:`Strategy.finish_microbatch` (staged by reference, or under direct writes held for
-            a rule with ``may_defer``): the strategy may then finish it in place until that call
-            (e.g. to batch small work across layers).
-        deferred: set by the strategy when it returned such an unfinished update (only allowed if
-            ``deferrable``); :meth:`Strategy.finish_microbatch` then vouches for its finiteness.
-    """
-
-    name: str
-    param: torch.Tensor
-    grad: torch.Tensor | None
-    coefficients: torch.Tensor
-    seq: SequenceGradients
-    out: torch.Tensor | None = None
-    finite: bool = False
-    deferrable: bool = False
-    deferred: bool = False
-
-    def host_coefficients(self):
-        """``coefficients`` as a float64 NumPy array on the host."""
-        return self.coefficients.cpu().numpy()
-
-    def combine(self, gamma: torch.Tensor) -> torch.Tensor:
-        """``sum_i gamma_i s_i`` -- the usual way for a strategy to build its update."""
-        return self.seq.combine(gamma, self.out)
 
 
 class Strategy:
@@ -108,10 +66,10 @@ class Strategy:
         """Return the update ``U`` (shaped like the parameter) so that ``G <- G + U``."""
         raise NotImplementedError
 
-    def accumulate_batch(self, batch) -> torch.Tensor:
+    def accumulate_batch(self, batch: LayerBatch) -> torch.Tensor:
         """Updates of several same-shaped small tensors at once, as a (L, numel) tensor.
 
-        ``batch`` is a :class:`gradproj.capture.batching.LayerBatch`. The default calls
+        ``batch`` is a :class:`gradproj.work.LayerBatch`. The default calls
         :meth:`accumulate` per member; override it with batched operations for speed.
         """
         updates = []
@@ -160,14 +118,14 @@ class CoefficientTransform(Strategy):
     #: True when the new coefficients depend on the parameter tensor (its sequence gradients).
     per_layer: ClassVar[bool] = False
 
-    def validate_microbatch(self, context) -> None:
+    def validate_microbatch(self, context: MicrobatchContext) -> None:
         """Check, when ``opt.microbatch(...)`` opens, that the pipeline supplied what is needed.
 
-        ``context`` is the :class:`gradproj.capture.microbatch.Microbatch` (``k``, ``group_ids``,
+        ``context`` is a read-only :class:`gradproj.work.MicrobatchContext` (``k``, ``group_ids``,
         ``step_groups``, ``where``). Raise a :class:`gradproj.GradProjError` to refuse it.
         """
 
-    def transform_microbatch(self, coefficients: torch.Tensor, context) -> torch.Tensor:
+    def transform_microbatch(self, coefficients: torch.Tensor, context: MicrobatchContext) -> torch.Tensor:
         """New (k,) float64 coefficients for the whole microbatch (identity by default)."""
         return coefficients
 
@@ -175,8 +133,8 @@ class CoefficientTransform(Strategy):
         """New (k,) float64 coefficients for one parameter tensor (identity by default)."""
         return step.coefficients
 
-    def transform_batch(self, batch) -> torch.Tensor:
-        """New (L, k) coefficients for a :class:`gradproj.capture.batching.LayerBatch`.
+    def transform_batch(self, batch: LayerBatch) -> torch.Tensor:
+        """New (L, k) coefficients for a :class:`gradproj.work.LayerBatch`.
 
         The default calls :meth:`transform_layer` per member.
         """

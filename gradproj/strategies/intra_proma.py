@@ -29,7 +29,8 @@ from gradproj.errors import ProtocolError
 from gradproj.linalg.factored import SubspaceCache, project_factored_batch
 from gradproj.linalg.sequence_grads import TokenFactors
 from gradproj.plugins.hookspecs import hookimpl
-from gradproj.strategies.base import LayerStep, Strategy, StrategyOptions, StrategySpec
+from gradproj.strategies.base import Strategy, StrategyOptions, StrategySpec
+from gradproj.work import LayerStep
 
 
 #: Token factors (bytes) held back for one batched projection; more, and the pending layers are

@@ -20,7 +20,8 @@ import torch
 from pydantic import Field
 
 from gradproj.plugins.hookspecs import hookimpl
-from gradproj.strategies.base import CoefficientTransform, LayerStep, StrategyOptions, StrategySpec
+from gradproj.strategies.base import CoefficientTransform, StrategyOptions, StrategySpec
+from gradproj.work import LayerStep
 
 
 class IsopoOptions(StrategyOptions):

@@ -7,7 +7,8 @@ Stacked after coefficient transforms it accumulates the transformed ``sum_i c_i 
 from __future__ import annotations
 
 from gradproj.plugins.hookspecs import hookimpl
-from gradproj.strategies.base import LayerStep, Strategy, StrategyOptions, StrategySpec
+from gradproj.strategies.base import Strategy, StrategyOptions, StrategySpec
+from gradproj.work import LayerStep
 
 
 class NoneOptions(StrategyOptions):

@@ -21,7 +21,8 @@ from pydantic import Field
 
 from gradproj.linalg.projection import gram_schmidt_coefficients, solve_coefficients
 from gradproj.plugins.hookspecs import hookimpl
-from gradproj.strategies.base import LayerStep, Strategy, StrategyOptions, StrategySpec
+from gradproj.strategies.base import Strategy, StrategyOptions, StrategySpec
+from gradproj.work import LayerStep
 
 
 class PromaOptions(StrategyOptions):

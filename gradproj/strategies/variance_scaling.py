@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from gradproj.capture.groups import require_groups
+from gradproj.work.groups import require_groups
 from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import CoefficientTransform, StrategyOptions, StrategySpec
 

@@ -29,7 +29,7 @@ from trl import GRPOTrainer
 import gradproj
 from gradproj.config import GradProjConfig
 from gradproj.errors import ConfigError, ProtocolError
-from gradproj.optimizer import GradProjOptimizer
+from gradproj import GradProjOptimizer
 
 __all__ = ["GradProjGRPOMixin", "GradProjGRPOTrainer", "check_grpo_config", "as_gradproj_config"]
 
@@ -132,11 +132,11 @@ class GradProjGRPOMixin:
         check_grpo_config(self.args, self._gp_config)
         if self.beta == 0.0 and self.ref_model is not None:
             raise ConfigError("beta=0 but TRL built a reference model; this TRL version is not supported")
-        if self.aux_loss_enabled and self._gp_config.resolve().needs_capture:
+        if self.aux_loss_enabled and self._gp_config.needs_capture():
             raise ConfigError(
                 "the model adds a MoE router load-balancing loss outside the log-probs; set router_aux_loss_coef=0.0"
             )
-        if getattr(self, "is_deepspeed_enabled", False) and self._gp_config.resolve().needs_capture:
+        if getattr(self, "is_deepspeed_enabled", False) and self._gp_config.needs_capture():
             raise ConfigError(
                 "DeepSpeed (from the accelerate config) steps the optimizer inside its backward, before gradproj has "
                 "added the microbatch to the running gradient; use DDP or FSDP2 instead"

@@ -67,7 +67,7 @@ def requested_gradproj(actor_config) -> tuple[GradProjConfig | None, bool]:
     config = None
     if requested_config(_get(actor_config, "optim")):
         config = gradproj_config(_get(actor_config, "optim.override_optimizer_config.gradproj"))
-    captures = config is not None and (config.resolve().needs_capture or config.diagnostics)
+    captures = config is not None and config.needs_capture()
     loss_mode = _get(actor_config, "policy_loss.loss_mode", "vanilla")
     return config, captures or loss_mode == LOSS_MODE
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from gradproj.errors import InputError, ProtocolError
-from gradproj.optimizer import MicrobatchHandle
+from gradproj import MicrobatchHandle
 
 __all__ = ["MicroBatchSlot", "current_slot", "push_slot", "pop_slot"]
 

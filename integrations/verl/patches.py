@@ -34,7 +34,7 @@ import sys
 from contextlib import contextmanager
 
 from gradproj.errors import ConfigError
-from gradproj.optimizer import GradProjOptimizer, wrap
+from gradproj import GradProjOptimizer, wrap
 from gradproj.integrations.verl.checks import (
     LOSS_MODE,
     check_actor_config,
