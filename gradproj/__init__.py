@@ -23,9 +23,9 @@ from gradproj.errors import (
 )
 from gradproj.microbatch_handle import MicrobatchHandle
 from gradproj.optimizer import GradProjOptimizer
-from gradproj.wrapping import wrap
 from gradproj.plugins import get_plugin_manager, get_registry, hookimpl, hookspec
 from gradproj.strategies import CoefficientTransform, LayerStep, Strategy, StrategyOptions, StrategySpec
+from gradproj.wrapping import wrap
 
 __version__ = "0.1.0"
 

@@ -176,7 +176,7 @@ class GradProjConfig(BaseModel):
         return self.model_dump()
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "GradProjConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> GradProjConfig:
         """Build from a mapping (a dict, or an OmegaConf/Hydra node converted to a container)."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"a gradproj config must be a mapping, got {type(data).__name__}")
@@ -187,10 +187,10 @@ class GradProjConfig(BaseModel):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str) -> "GradProjConfig":
+    def from_yaml(cls, text: str) -> GradProjConfig:
         """Parse YAML text written by :meth:`to_yaml` (or by hand)."""
         return cls.from_dict(yaml.safe_load(text) or {})
 
-    def updated(self, **changes: Any) -> "GradProjConfig":
+    def updated(self, **changes: Any) -> GradProjConfig:
         """A copy with some fields or options changed, validated again."""
         return type(self).from_dict({**self.to_dict(), **changes})

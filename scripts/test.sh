@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: set up both environments, then run
+# The whole test suite on a fresh machine: set up both environments, lint and type-check the core
+# (ruff, mypy; settings in pyproject.toml), then run
 #   .venv       (torch, transformers, peft, TRL, ...):  tests/ except tests/verl
 #   .venv-verl  (verl 0.9.1, which pins transformers<5.11): tests/verl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 bash scripts/bootstrap_verl.sh
+.venv/bin/ruff check gradproj
+.venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"
 .venv-verl/bin/python -m pytest -q tests/verl "$@"

@@ -85,7 +85,7 @@ def node_name(node) -> str:
     """A readable name of an autograd graph node (``MulBackward0``, ``_CapturedLinearBackward``)."""
     try:
         return node.name()
-    except Exception:  # noqa: BLE001 - any node type
+    except Exception:  # any node type
         return type(node).__name__
 
 

@@ -9,7 +9,7 @@ rows ``ids``. Positions holding ``padding_idx`` contribute nothing, as in ``nn.E
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +127,7 @@ class EmbeddingHandler(LayerHandler):
             and not module.scale_grad_by_freq
         )
 
-    def install(self, module: nn.Embedding, layer) -> Callable[[], None]:
+    def install(self, module: nn.Module, layer) -> Callable[[], None]:
         """Route lookups through :class:`_CapturedEmbedding` while gradproj captures."""
         original = type(module).forward
         scaled = type(module) in self.scaled_types

@@ -31,16 +31,17 @@ from gradproj.capture import backward_watch, guards
 from gradproj.capture.layer import LayerCapture
 from gradproj.capture.layout import PaddedLayout, check_row_order
 from gradproj.capture.microbatch import Microbatch, sequence_coefficients
-from gradproj.capture.setup import EngineSetup
+from gradproj.capture.step import StepControl
 from gradproj.errors import ProtocolError
 
 __all__ = ["CaptureEngine", "LayerCapture"]
 
-class CaptureEngine(EngineSetup):
+class CaptureEngine(StepControl):
     """Per-model capture state shared by the optimizer wrapper and the layer handlers.
 
-    Set-up (:meth:`attach`, :meth:`detach`, coverage) and the step-level operations come from
-    :class:`gradproj.capture.setup.EngineSetup`; this class runs the microbatches.
+    Set-up (:meth:`attach`, :meth:`detach`, coverage) comes from
+    :class:`gradproj.capture.setup.EngineSetup`, the step-level operations from
+    :class:`gradproj.capture.step.StepControl`; this class runs the microbatches.
 
     Args:
         model: the module whose parameters the optimizer trains.

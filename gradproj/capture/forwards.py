@@ -15,7 +15,8 @@ expect:
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -43,7 +44,7 @@ class InstalledForward:
             return capture(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
 
-    def __deepcopy__(self, memo: dict) -> "InstalledForward":
+    def __deepcopy__(self, memo: dict) -> InstalledForward:
         # the module is being copied (it is in the memo): the copy runs its own weights, uncaptured
         return InstalledForward(copy.deepcopy(self.module, memo))
 

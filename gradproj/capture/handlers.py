@@ -17,7 +17,8 @@ peft's LoRA adapters (``lora_A``/``lora_B``) are ``nn.Linear`` and need nothing 
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +45,8 @@ class LayerHandler:
         parameter_names: the module attributes holding the parameters it covers.
     """
 
-    module_types: ClassVar[tuple[type, ...]] = ()
-    parameter_names: ClassVar[tuple[str, ...]] = ()
+    module_types: tuple[type, ...] = ()
+    parameter_names: tuple[str, ...] = ()
     #: Whether ``sequence_gradients`` can write into ``slots`` (enables batching of small tensors).
     supports_slots: ClassVar[bool] = False
     #: Whether the sequence gradients it returns offer ``token_factors()`` (needed by strategies
@@ -108,7 +109,7 @@ class _CapturedLinear(torch.autograd.Function):
 class LinearHandler(LayerHandler):
     """``torch.nn.Linear`` (weight and bias); covers peft LoRA's ``lora_A``/``lora_B`` too."""
 
-    module_types = (nn.Linear,)
+    module_types: tuple[type, ...] = (nn.Linear,)
     parameter_names = ("weight", "bias")
     supports_slots = True
     provides_tokens = True
@@ -120,7 +121,7 @@ class LinearHandler(LayerHandler):
         """Only modules that run ``nn.Linear.forward`` unchanged (subclasses overriding it are not)."""
         return type(module).forward is nn.Linear.forward and runs_class_forward(module)
 
-    def install(self, module: nn.Linear, layer) -> Callable[[], None]:
+    def install(self, module: nn.Module, layer) -> Callable[[], None]:
         """Route the module's forward through :class:`_CapturedLinear` while capture is on."""
         def forward(input):
             weight, bias = module.weight, module.bias

@@ -163,20 +163,22 @@ class LayerUpdates:
             for transform in self.layer_transforms:
                 batch.coefficients = transform.transform_batch(batch)
             if self.diagnostics is not None:
-                self._observe_batch(batch, mb)
+                _observe_batch(self.diagnostics, batch, mb)
             updates = self.rule.accumulate_batch(batch)
             self.metrics.strategy_seconds += perf_counter() - start
             for param, update in zip(batch.params, updates):
                 self.sink.commit(mb, param, update.view(param.shape), batch.finite)
         mb.filled.clear()
 
-    def _observe_batch(self, batch: LayerBatch, mb) -> None:
-        seqs = batch.sequence_grads
-        grams = torch.bmm(seqs, seqs.transpose(1, 2)).double().cpu().numpy()
-        coeffs = batch.coefficients.cpu().numpy()
-        for index, name in enumerate(batch.names):
-            self.diagnostics.observe(name, grams[index], coeffs if coeffs.ndim == 1 else coeffs[index], mb.group_ids)
-
     def release(self) -> None:
         """Free the workspace (the engine was detached)."""
         self.workspace.clear()
+
+
+def _observe_batch(diagnostics: GradientDiagnostics, batch: LayerBatch, mb) -> None:
+    """Hand each member's Gram and coefficients to the diagnostics."""
+    seqs = batch.sequence_grads
+    grams = torch.bmm(seqs, seqs.transpose(1, 2)).double().cpu().numpy()
+    coeffs = batch.coefficients.cpu().numpy()
+    for index, name in enumerate(batch.names):
+        diagnostics.observe(name, grams[index], coeffs if coeffs.ndim == 1 else coeffs[index], mb.group_ids)

@@ -210,7 +210,8 @@ def check_row_order(logp: torch.Tensor, where: str, limit: int = 64) -> None:
     Walks ``logp``'s graph from ``logp`` to the model's output layer (a matmul, a captured layer or a
     parameter), at most ``limit`` nodes -- the few operations of a log-prob computation. Reordering
     inside the model itself is not seen."""
-    stack, seen = [logp.grad_fn], set()
+    stack: list = [logp.grad_fn]
+    seen: set = set()
     while stack and len(seen) < limit:
         node = stack.pop()
         if node is None or node in seen:

@@ -8,12 +8,14 @@ instead, so every layer below receives the *unweighted* output gradients of
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from gradproj.work.context import MicrobatchContext
-from gradproj.work.groups import as_group_ids
 from gradproj.capture.layout import make_layout
 from gradproj.errors import CoefficientError, InputError
+from gradproj.work.context import MicrobatchContext
+from gradproj.work.groups import as_group_ids
 
 __all__ = ["Microbatch", "validate_inputs", "sequence_coefficients"]
 
@@ -170,7 +172,7 @@ class Microbatch:
         self.deferred_bytes = 0
         self.touched: set = set()  # layers whose backward reached the engine in this microbatch
         self.finalized: set = set()  # layers whose sequence gradients were built in this microbatch
-        self.logp_edge = None  # (logp.grad_fn, logp.output_nr): where a walk for stray loss terms stops
+        self.logp_edge: tuple | None = None  # (logp.grad_fn, logp.output_nr): where a walk for stray loss terms stops
         self.fresh = False  # every gradient it may change was empty when the block opened
         self.grads_seen: list = []  # (param, its .grad, that tensor's version) when the block opened
         self.backward_calls = 0  # backward calls started inside the block
@@ -178,8 +180,8 @@ class Microbatch:
         self.failure: BaseException | None = None  # whatever ended the block with an exception
         self.logp: torch.Tensor | None = None
         self.hook_id = -1  # gradproj's hook on logp (hooks registered after it are refused)
-        self.hook_handle = None
-        self.watcher = None  # the engine's watcher of backward calls while the block is open
+        self.hook_handle: Any = None  # its RemovableHandle
+        self.watcher: Any = None  # the engine's watcher of backward calls while the block is open
 
     def check_mask_unchanged(self) -> None:
         """Refuse a mask changed in place after the block opened (the gradient sent down is a copy)."""

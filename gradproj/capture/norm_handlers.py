@@ -13,7 +13,7 @@ brute-force checks exact.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,7 @@ class _CapturedAffine(torch.autograd.Function):
 class _AffineHandler(LayerHandler):
     """Shared capture logic; subclasses say how to normalise and which offset/dtypes apply."""
 
-    parameter_names = ("weight", "bias")
+    parameter_names: tuple[str, ...] = ("weight", "bias")
     supports_slots = True
     provides_tokens = True
     offset = 0.0
@@ -114,11 +114,11 @@ class _AffineHandler(LayerHandler):
 class LayerNormHandler(_AffineHandler):
     """``torch.nn.LayerNorm`` with an elementwise affine (weight, bias)."""
 
-    module_types = (nn.LayerNorm,)
+    module_types: tuple[type, ...] = (nn.LayerNorm,)
 
     def accepts(self, module: nn.Module) -> bool:
         """LayerNorms with an affine that run ``nn.LayerNorm.forward``."""
-        return super().accepts(module) and module.elementwise_affine
+        return super().accepts(module) and bool(module.elementwise_affine)
 
     def normalise(self, module, x):
         """``layer_norm`` without affine, in the input dtype."""

@@ -22,22 +22,22 @@ from gradproj.capture import backward_watch, guards
 from gradproj.capture.data_parallel import DataParallelSync, is_ddp
 from gradproj.capture.layer_updates import LayerUpdates
 from gradproj.capture.loss_terms import LossTermCheck
+from gradproj.capture.microbatch import Microbatch
 from gradproj.capture.plan import CapturePlan, build_plan
 from gradproj.capture.sharded import ShardedGradients, is_sharded
 from gradproj.capture.sinks import GradientSink, make_sink
-from gradproj.capture.step import StepControl
 from gradproj.capture.step_metrics import StepMetrics
 from gradproj.diagnostics.gradients import GradientDiagnostics
 from gradproj.diagnostics.lora import LoraKLBound
 from gradproj.errors import CoverageError, ProtocolError
 from gradproj.plugins.manager import Registry
-from gradproj.work import ResolvedStrategies
+from gradproj.work import ResolvedStrategies, StepGroups
 
 __all__ = ["CaptureSettings", "EngineSetup", "ENGINES"]
 
 #: the engine attached to each wrapped model (not an attribute of the model: copies and pickles of
 #: a wrapped model carry no gradproj state)
-ENGINES: "weakref.WeakKeyDictionary[nn.Module, EngineSetup]" = weakref.WeakKeyDictionary()
+ENGINES: weakref.WeakKeyDictionary[nn.Module, EngineSetup] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,10 @@ class CaptureSettings:
     lora_bound: bool = False
 
 
-class EngineSetup(StepControl):
-    """Set-up, coverage and the step-level operations of :class:`gradproj.capture.engine.CaptureEngine`."""
+class EngineSetup:
+    """The state of a capture engine, its set-up and its coverage checks (the base of
+    :class:`gradproj.capture.step.StepControl`, itself the base of
+    :class:`gradproj.capture.engine.CaptureEngine`)."""
 
     def __init__(self, model: nn.Module, settings: CaptureSettings, strategies: ResolvedStrategies, registry: Registry) -> None:
         self.model = model
@@ -79,8 +81,8 @@ class EngineSetup(StepControl):
         self.counters = StepMetrics()
         self.updates = LayerUpdates(self.plan, self.sink, strategies, settings.gram, self.counters, self.diagnostics)
         self.loss_terms = LossTermCheck(self, {})
-        self.step_groups = None
-        self.current = None
+        self.step_groups: StepGroups | None = None
+        self.current: Microbatch | None = None
         self.attached = False
         self._paused = 0
         self._guards: list = []
@@ -96,6 +98,13 @@ class EngineSetup(StepControl):
         self._deferred_grads = False
         self._registrations_seen = 0
         self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self.counters.reset()
+        for strategy in self.strategies.all:
+            strategy.reset_metrics()
+        if self.diagnostics is not None:
+            self.diagnostics.reset()
 
     # views of the plan (what is covered)
     layers = property(lambda self: self.plan.layers, doc="The covered modules (:class:`LayerCapture` s).")
@@ -140,14 +149,14 @@ class EngineSetup(StepControl):
         )
         self.lora_bound = lora_bound
         if self.needs_capture and is_ddp(self.model):
-            self.data_parallel = DataParallelSync(self.model)
+            self.data_parallel = DataParallelSync(self.model)  # type: ignore[arg-type]  # (is_ddp)
         if self.needs_capture and is_sharded(plan.covered_params):
             self.sharded = ShardedGradients(plan.covered_params)
             self._plain_when_no_grad = False  # every microbatch goes through the rank-local gradients
         self.sink = make_sink(settings.nonfinite, plan.covered_params, plan.batched, self.sharded)
         self.updates = LayerUpdates(plan, self.sink, strategies, settings.gram, self.counters, self.diagnostics)
         self.loss_terms = LossTermCheck(self, plan.covered)
-        self._params = [p for p in self.model.parameters()]
+        self._params = list(self.model.parameters())
         self._batch_norms = guards.batch_norms(self.model)
         #: sharded (DTensor) parameters: without capture, FSDP2 may keep .grad empty between microbatches
         self._deferred_grads = is_sharded(self._params)
@@ -217,7 +226,7 @@ class EngineSetup(StepControl):
                 "gradients); freeze them again, or detach() and wrap() the optimizer anew"
             )
 
-    def _written_params(self) -> list[torch.Tensor]:
+    def _written_params(self) -> list[torch.nn.Parameter]:
         """The parameters whose ``.grad`` a microbatch may change (covered, or every trainable one
         when nothing is captured)."""
         return self.plan.covered_params if self.needs_capture else [p for p in self._params if p.requires_grad]

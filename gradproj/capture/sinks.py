@@ -15,7 +15,7 @@ covered gradient with NaN (``nonfinite="propagate"``, or a step whose microbatch
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Sequence
 
 import torch
 
@@ -40,7 +40,7 @@ class GradientSink:
     #: FSDP2's rank-local running gradients (:class:`ShardedSink`), else ``None``
     sharded: ShardedGradients | None = None
 
-    def __init__(self, covered_params: list[torch.Tensor], batched: Container[int]) -> None:
+    def __init__(self, covered_params: Sequence[torch.Tensor], batched: Container[int]) -> None:
         self.covered_params = covered_params
         self._batched = batched
         self._buffers: dict[int, torch.Tensor] = {}  # per-parameter update buffers, reused in a step
@@ -113,7 +113,7 @@ class DirectSink(GradientSink):
 
     writes_directly = True
 
-    def __init__(self, covered_params: list[torch.Tensor], batched) -> None:
+    def __init__(self, covered_params: Sequence[torch.Tensor], batched) -> None:
         super().__init__(covered_params, batched)
         self._scratch = Workspace()  # one layer's update, added straight to .grad
 
@@ -141,21 +141,21 @@ class DirectSink(GradientSink):
 class ShardedSink(GradientSink):
     """FSDP2: staged updates go into the rank-local full-size running gradients."""
 
-    def __init__(self, covered_params: list[torch.Tensor], batched, sharded: ShardedGradients) -> None:
+    def __init__(self, covered_params: Sequence[torch.Tensor], batched, sharded: ShardedGradients) -> None:
         super().__init__(covered_params, batched)
-        self.sharded = sharded
+        self.sharded = self._rank_local = sharded
 
     def running_grad(self, param):
-        return self.sharded.get(param)
+        return self._rank_local.get(param)
 
     def empty(self) -> bool:
-        return self.sharded.empty()
+        return self._rank_local.empty()
 
     def apply(self, mb) -> None:
         for key, (param, update) in mb.staged.items():
-            current = self.sharded.get(param)
+            current = self._rank_local.get(param)
             if current is None:
-                self.sharded.set(param, update if update.dtype == param.dtype else update.to(param.dtype))
+                self._rank_local.set(param, update if update.dtype == param.dtype else update.to(param.dtype))
                 self._buffers.pop(key, None)
             else:
                 current.add_(update)
@@ -163,17 +163,17 @@ class ShardedSink(GradientSink):
 
     def poison(self) -> None:
         for param in self.covered_params:
-            self.sharded.set(param, torch.full(param.shape, float("nan"), dtype=param.dtype, device=param.device))
+            self._rank_local.set(param, torch.full(param.shape, float("nan"), dtype=param.dtype, device=param.device))
 
     def reset(self) -> None:
-        self.sharded.reset()
+        self._rank_local.reset()
 
     def end_step(self) -> None:
         super().end_step()
-        self.sharded.reset()
+        self._rank_local.reset()
 
 
-def make_sink(nonfinite: str, covered_params: list[torch.Tensor], batched, sharded: ShardedGradients | None) -> GradientSink:
+def make_sink(nonfinite: str, covered_params: Sequence[torch.Tensor], batched, sharded: ShardedGradients | None) -> GradientSink:
     """The sink for a write mode: FSDP2's rank-local one, direct writes for ``"propagate"``, else staged."""
     if sharded is not None:
         return ShardedSink(covered_params, batched, sharded)

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import torch
 
+from gradproj.capture.setup import EngineSetup
 from gradproj.errors import ProtocolError
 from gradproj.work import StepGroups
 
 __all__ = ["StepControl"]
 
 
-class StepControl:
-    """Step-level operations of the capture engine (state set up by
-    :class:`gradproj.capture.setup.EngineSetup`)."""
+class StepControl(EngineSetup):
+    """Step-level operations of the capture engine (its state is set up by :class:`EngineSetup`)."""
 
     def check_idle(self, what: str) -> None:
         """Raise :class:`ProtocolError` if a microbatch block is open."""
@@ -99,13 +99,6 @@ class StepControl:
         self.step_groups = None
         self.steps += 1
         self._reset_counters()
-
-    def _reset_counters(self) -> None:
-        self.counters.reset()
-        for strategy in self.strategies.all:
-            strategy.reset_metrics()
-        if self.diagnostics is not None:
-            self.diagnostics.reset()
 
     def running_metrics(self) -> dict[str, float]:
         """Metrics of the step in progress."""

@@ -30,7 +30,7 @@ def lora_layers(model: nn.Module):
             continue
         scaling = getattr(module, "scaling", {})
         for adapter, a in lora_a.items():
-            b = lora_b[adapter] if adapter in lora_b else None
+            b = lora_b[adapter] if adapter in lora_b else None  # (ModuleDict has no .get)
             if isinstance(a, nn.Linear) and isinstance(b, nn.Linear):
                 found.append((name, adapter, a, b, float(scaling.get(adapter, 1.0))))
     return found

@@ -18,9 +18,11 @@ eigendecomposition (subspaces from :func:`gradproj.linalg.subspace.top_subspace`
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from gradproj.linalg.sequence_grads import IndexTokenFactors, TokenFactors, dense_token_factors
+from gradproj.linalg.sequence_grads import IndexTokenFactors, dense_token_factors
 from gradproj.linalg.subspace import top_subspace, top_subspaces
 
 __all__ = ["project_factored", "project_factored_batch", "top_ids", "SubspaceCache"]
@@ -181,7 +183,7 @@ def project_factored_batch(entries: list, *, rank: int, energy: float | None, pr
     A factor shared by several entries (q/k/v inputs, a weight's output gradients seen by its bias)
     is computed once. The result equals projecting the entries one at a time.
     """
-    options = dict(rank=rank, energy=energy, solver=solver, oversample=oversample, niter=niter)
+    options: dict[str, Any] = {"rank": rank, "energy": energy, "solver": solver, "oversample": oversample, "niter": niter}
     results: list = [None] * len(entries)
     plans = []  # (entry index, g, rows, cols, output side "r"/"c" or keep)
     for index, (g, factors) in enumerate(entries):
@@ -192,16 +194,7 @@ def project_factored_batch(entries: list, *, rank: int, energy: float | None, pr
             (basis_r, _), (basis_c, _) = top_subspaces([(rows, keep), (cols, keep)], **options)
             results[index] = _project_matrix(g, rows.shape[1], cols.shape[1], basis_r, basis_c, projector)
         else:
-            k, t = factors.rows.shape[:2]
-            rows = factors.rows.reshape(k * t, -1)
-            cols = None if factors.cols is None else factors.cols.reshape(k * t, -1)
-            if factors.out_grads is factors.rows:
-                side = "r"
-            elif factors.out_grads is factors.cols:
-                side = "c"
-            else:  # e.g. a bias: its rows are the output gradients its weight already looked at
-                side = (factors.out_grads.reshape(k * t, -1) != 0).any(dim=1, keepdim=True)
-            plans.append((index, g, rows, cols, side))
+            plans.append((index, g, *_token_sides(factors)))
     if not plans:
         return results
     known = _Known(cache)
@@ -239,6 +232,20 @@ def project_factored_batch(entries: list, *, rank: int, energy: float | None, pr
         basis_c = computed[SubspaceCache._key(cols)][0] if out_side == "c" else found[(number, "c")]
         results[index] = _project_matrix(g, rows.shape[1], cols.shape[1], basis_r, basis_c, projector)
     return results
+
+
+def _token_sides(factors):
+    """``(rows, cols, side)`` of token factors: the (k*t, .) row and column factors, and which of
+    them holds the output gradients (``"r"``/``"c"``) -- or, when neither does (e.g. a bias, whose
+    rows are the output gradients its weight already looked at), the kept token positions."""
+    k, t = factors.rows.shape[:2]
+    rows = factors.rows.reshape(k * t, -1)
+    cols = None if factors.cols is None else factors.cols.reshape(k * t, -1)
+    if factors.out_grads is factors.rows:
+        return rows, cols, "r"
+    if factors.out_grads is factors.cols:
+        return rows, cols, "c"
+    return rows, cols, (factors.out_grads.reshape(k * t, -1) != 0).any(dim=1, keepdim=True)
 
 
 def _project_matrix(g, p: int, q: int, basis_r, basis_c, projector: str):

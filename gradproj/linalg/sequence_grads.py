@@ -328,7 +328,12 @@ class MaterializedLinearGrads(LinearFactors, MaterializedGrads):
 
     @property
     def _flat(self) -> torch.Tensor:  # type: ignore[override]
-        if self._flat_cache is None:
+        return self._materialize()
+
+    def _materialize(self) -> torch.Tensor:
+        """Fill ``_rows`` (k sequence gradients and a scratch row) once; the k gradient rows."""
+        flat = self._flat_cache
+        if flat is None:
             k, (d_out, d_in) = self.k, self.shape
             if self._workspace is None:
                 rows = torch.empty(k + 1, d_out, d_in, dtype=self.A.dtype, device=self.A.device)
@@ -336,12 +341,12 @@ class MaterializedLinearGrads(LinearFactors, MaterializedGrads):
                 rows = self._workspace.take((k + 1, d_out, d_in), self.A.dtype, self.A.device)
             torch.bmm(self.D.transpose(1, 2), self.A, out=rows[:k])
             self._rows = rows.view(k + 1, -1)  # row k is scratch for gram_with
-            self._flat_cache = self._rows[:k]
-        return self._flat_cache
+            flat = self._flat_cache = self._rows[:k]
+        return flat
 
     def gram_with(self, other: torch.Tensor) -> torch.Tensor:
         """Gram of ``[S; other]`` in one pass over S (``other`` copied into a spare row)."""
-        flat = self._flat
+        self._materialize()
         self._rows[self.k].copy_(other.reshape(-1))
         full = row_gram(self._rows)
         self._gram = full[: self.k, : self.k]

@@ -172,9 +172,9 @@ def _randomized_batch(xs: list, keeps: list, rank, energy, oversample, niter) ->
         ys.mul_(mask)
     live = np.ones(len(xs), dtype=bool)
     for _ in range(niter):
-        t = torch.from_numpy(_whiteners(ys, live)).to(device=device, dtype=dtype)
+        tw = torch.from_numpy(_whiteners(ys, live)).to(device=device, dtype=dtype)
         for s, x in enumerate(xs):
-            torch.mm(x, (ys[s].T @ x).T @ t[s], out=ys[s])
+            torch.mm(x, (ys[s].T @ x).T @ tw[s], out=ys[s])
         if mask is not None:
             ys.mul_(mask)
     t = _whiteners(ys, live)

@@ -32,7 +32,7 @@ BUILTIN_PLUGINS = {
 
 _lock = threading.Lock()
 _manager: pluggy.PluginManager | None = None
-_registry: "Registry | None" = None
+_registry: Registry | None = None
 
 
 def get_plugin_manager() -> pluggy.PluginManager:

@@ -32,7 +32,6 @@ from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import Strategy, StrategyOptions, StrategySpec
 from gradproj.work import LayerStep
 
-
 #: Token factors (bytes) held back for one batched projection; more, and the pending layers are
 #: projected at once. Holding them delays freeing those layers' activations and output gradients
 #: by up to this much memory.
@@ -69,6 +68,8 @@ class IntraPromaOptions(StrategyOptions):
 
 class IntraProma(Strategy):
     """Project each microbatch gradient off its own dominant factored subspace, then add it."""
+
+    options: IntraPromaOptions
 
     role = "accumulate"
     needs_tokens = True
@@ -140,9 +141,9 @@ class IntraProma(Strategy):
         opts: IntraPromaOptions = self.options
         # metrics: the compute dtype is enough
         if len(entries) == 1:
-            norms = [float(torch.linalg.vector_norm(entries[0][0]))]
+            norms: list[float] = [float(torch.linalg.vector_norm(entries[0][0]))]
         else:
-            norms = torch.stack(torch._foreach_norm([g for g, _ in entries])).double().cpu().numpy()
+            norms = torch.stack(torch._foreach_norm([g for g, _ in entries])).double().cpu().tolist()
         results = project_factored_batch(
             entries, rank=opts.rank, energy=opts.energy, projector=opts.projector,
             solver=opts.solver, oversample=opts.oversample, niter=opts.niter, cache=self._cache,

@@ -53,6 +53,8 @@ def isopo_coefficients(gram: np.ndarray, coefficients: np.ndarray, variant: str,
 class Isopo(CoefficientTransform):
     """Rescale coefficients per layer from the sequence gradients' Gram."""
 
+    options: IsopoOptions
+
     per_layer = True
     needs_capture = True
 

@@ -49,6 +49,8 @@ class PromaOptions(StrategyOptions):
 class Proma(Strategy):
     """Project the running gradient off the microbatch's sequence-gradient span, then add ``g_m``."""
 
+    options: PromaOptions
+
     role = "accumulate"
     plain_when_no_grad = True
 

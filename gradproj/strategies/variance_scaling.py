@@ -17,9 +17,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from gradproj.work.groups import require_groups
 from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import CoefficientTransform, StrategyOptions, StrategySpec
+from gradproj.work.groups import require_groups
 
 
 class VarianceScalingOptions(StrategyOptions):
@@ -40,6 +40,8 @@ class VarianceScalingOptions(StrategyOptions):
 
 class VarianceScaling(CoefficientTransform):
     """Divide each sequence's coefficient by its group's reward std (to the power ``power``)."""
+
+    options: VarianceScalingOptions
 
     per_layer = False
 

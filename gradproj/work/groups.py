@@ -67,7 +67,7 @@ class StepGroups:
     def __len__(self) -> int:
         return len(self.group_ids)
 
-    def same_as(self, other: "StepGroups") -> bool:
+    def same_as(self, other: StepGroups) -> bool:
         """Whether ``other`` gives the same groups and rewards (a repeated ``set_groups`` call)."""
         return list(self.group_ids) == list(other.group_ids) and torch.equal(self.rewards, other.rewards)
 

@@ -55,8 +55,9 @@ class LayerBatch:
     def gram_with_grads(self) -> torch.Tensor:
         """(L, k+1, k+1) float64 Grams of ``[s_1..s_k, G]`` per member (G = 0 where ``None``)."""
         rows = self._rows[:, self.k].unbind(0)
-        if all(grad is not None for grad in self.grads):
-            torch._foreach_copy_(list(rows), [grad.reshape(-1) for grad in self.grads])
+        grads = [grad for grad in self.grads if grad is not None]
+        if len(grads) == len(self.grads):
+            torch._foreach_copy_(list(rows), [grad.reshape(-1) for grad in grads])
         else:
             for row, grad in zip(rows, self.grads):
                 row.zero_() if grad is None else row.copy_(grad.reshape(-1))
