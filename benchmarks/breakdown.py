@@ -31,6 +31,7 @@ import torch
 
 from benchmarks import step_overhead
 from gradproj.strategies.intra_proma import IntraProma
+from gradproj.work import Update
 
 #: the real ``IntraProma._project``, called by the subspaces-only stage while the class's method is swapped
 _INTRA_PROJECT = IntraProma._project
@@ -38,18 +39,15 @@ _INTRA_PROJECT = IntraProma._project
 __all__ = ["main", "STAGES"]
 
 
-def _capture_only(self, step):
-    return step.combine(step.coefficients)
+def _capture_only(self, batch):
+    return Update(batch.combine(batch.coefficients))
 
 
-def _materialize(self, step):
-    if step.grad is not None and hasattr(step.seq, "_flat"):
-        step.seq._flat  # noqa: B018 -- builds the (k, *shape) sequence gradients
-    return step.combine(step.coefficients)
-
-
-def _batch_combine(self, batch):
-    return batch.combine(batch.coefficients)
+def _materialize(self, batch):
+    seq = batch._seq  # a single large tensor: build its (k, *shape) sequence gradients
+    if batch.grads[0] is not None and hasattr(seq, "_flat"):
+        seq._flat  # noqa: B018
+    return Update(batch.combine(batch.coefficients))
 
 
 def _no_projection(g, p, q, basis_r, basis_c, projector):
@@ -105,8 +103,8 @@ def _checks_off():
 #: stage name -> (strategy, {method name or (class, method name): replacement}); a callable value
 #: builds that mapping when the stage is set up
 STAGES = {
-    "proma/capture": ("proma", {"accumulate": _capture_only, "accumulate_batch": _batch_combine}),
-    "proma/materialize": ("proma", {"accumulate": _materialize, "accumulate_batch": _batch_combine}),
+    "proma/capture": ("proma", {"accumulate": _capture_only}),
+    "proma/materialize": ("proma", {"accumulate": _materialize}),
     "proma/no-checks": ("proma", _checks_off),
     "proma": ("proma", {}),
     "intra_proma/capture": ("intra_proma", {"accumulate": _capture_only}),

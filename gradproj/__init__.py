@@ -24,7 +24,16 @@ from gradproj.errors import (
 from gradproj.microbatch_handle import MicrobatchHandle
 from gradproj.optimizer import GradProjOptimizer
 from gradproj.plugins import get_plugin_manager, get_registry, hookimpl, hookspec
-from gradproj.strategies import CoefficientTransform, LayerStep, Strategy, StrategyOptions, StrategySpec
+from gradproj.strategies import (
+    Capabilities,
+    CoefficientTransform,
+    LayerBatch,
+    MicrobatchContext,
+    Strategy,
+    StrategyOptions,
+    StrategySpec,
+    Update,
+)
 from gradproj.wrapping import wrap
 
 __version__ = "0.1.0"
@@ -50,7 +59,10 @@ __all__ = [
     "CoefficientTransform",
     "StrategyOptions",
     "StrategySpec",
-    "LayerStep",
+    "LayerBatch",
+    "Update",
+    "Capabilities",
+    "MicrobatchContext",
     "policy_kl",
     "__version__",
 ]

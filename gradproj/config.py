@@ -102,18 +102,23 @@ class GradProjConfig(BaseModel):
     def needs_capture(self, registry=None) -> bool:
         """Whether ``wrap()`` with this config captures per-sequence gradients (a strategy needs
         them, or ``diagnostics`` is on); without capture gradproj stays out of the backward."""
-        return self.diagnostics or any(spec.cls.needs_capture for spec, _ in self._plan(registry))
+        return self.diagnostics or any(spec.cls.capabilities.needs_capture for spec, _ in self._plan(registry))
 
     def resolve(self, registry=None) -> ResolvedStrategies:
         """Look the strategies up in the plugin registry and build them with their options.
 
         The one place strategy instances are made (``wrap()`` calls it); building the config only
         validates names, order and options."""
-        try:
-            built = [spec.build(values) for spec, values in self._plan(registry)]
-        except ValidationError as err:  # (validated already; a plugin's options may still disagree)
-            raise ConfigError(_format_validation_error(err, "invalid strategy options")) from None
-        specs = [spec for spec, _ in self._plan(registry)]
+        plan = self._plan(registry)
+        built = []
+        for spec, values in plan:
+            try:
+                built.append(spec.build(values))
+            except ValidationError as err:  # (validated already; a plugin's options may still disagree)
+                raise ConfigError(_format_validation_error(err, f"invalid options for strategy {spec.name!r}")) from None
+            except ValueError as err:  # a plugin's constructor refusing its options
+                raise ConfigError(f"invalid gradproj config: strategy {spec.name!r} refused its options: {err}") from err
+        specs = [spec for spec, _ in plan]
         return ResolvedStrategies(specs=specs, transforms=built[:-1], accumulate=built[-1])
 
     def _plan(self, registry=None) -> list[tuple[Any, dict[str, Any]]]:

@@ -270,3 +270,100 @@ def test_weight_shared_by_two_linears_exact(projector):
     assert len(opt.engine._shared) == 1
     errors = run_microbatches(model, opt, make_microbatches(count=3, k=4, seed=4), ref={"projector": projector})
     assert max(errors.values()) <= 1e-10
+
+
+def test_detach_releases_the_batching_buffers_and_keeps_gradients():
+    """detach() frees the shared buffers of batched small parameters (and forgets the plan that
+    holds them); the gradients already accumulated stay, and wrapping again works."""
+    model = TinyLM()
+    opt = wrap(model)
+    batches = make_microbatches(count=2, k=3, seed=4)
+    run_microbatches(model, opt, batches)
+    groups = list(opt.engine._groups)
+    assert groups and all(g._rows is not None for g in groups)
+    before = {n: p.grad.clone() for n, p in trainable(model)}
+    opt.detach()
+    assert all(g._rows is None for g in groups)
+    assert not opt.engine.updates.plan.groups and not opt.engine.sink._batched and not opt.engine.layers
+    assert all(torch.equal(p.grad, before[n]) for n, p in trainable(model))
+    again = wrap(model)
+    assert again.engine._groups
+
+
+def test_coefficient_transforms_see_a_read_only_context_with_the_mask():
+    """transform_microbatch gets the microbatch's k, group ids, step groups and mask, read-only."""
+    import dataclasses
+    import types
+
+    from gradproj.plugins.manager import refresh_registry
+
+    seen = []
+
+    class Peek(gradproj.CoefficientTransform):
+        def transform_microbatch(self, coefficients, context):
+            seen.append(context)
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                context.k = 0
+            return coefficients
+
+    plugin = types.ModuleType("gradproj_peek_plugin")
+
+    @gradproj.hookimpl
+    def gradproj_strategies():
+        return [gradproj.StrategySpec("peek", Peek, gradproj.StrategyOptions)]
+
+    plugin.gradproj_strategies = gradproj_strategies
+    pm = gradproj.get_plugin_manager()
+    pm.register(plugin, name="peek")
+    refresh_registry()
+    try:
+        model = TinyLM()
+        opt = wrap(model, ["peek", "proma"])
+        ids, attn, mask, adv = make_microbatches(count=1, k=3, seed=2)[0]
+        logp = token_logprobs(model, ids, attn)
+        with opt.microbatch(logp, mask, group_ids=[0, 0, 1]):
+            grpo_loss(logp, mask, adv, 1.0).backward()
+        (context,) = seen
+        assert context.k == 3 and context.group_ids == [0, 0, 1] and context.index == 0
+        assert torch.equal(context.mask, mask.bool())
+    finally:
+        pm.unregister(name="peek")
+        refresh_registry()
+
+
+def test_a_strategy_refusing_its_options_is_a_config_error_at_wrap():
+    """Strategies are built once, by wrap(): a plugin whose constructor refuses its options raises a
+    ConfigError there (building the config validates names and options only)."""
+    import types
+
+    from gradproj.plugins.manager import refresh_registry
+
+    class Picky(gradproj.Strategy):
+        built = 0
+
+        def __init__(self, options):
+            Picky.built += 1
+            raise ValueError("needs a GPU")
+
+    plugin = types.ModuleType("gradproj_picky_plugin")
+
+    @gradproj.hookimpl
+    def gradproj_strategies():
+        return [gradproj.StrategySpec("picky", Picky, gradproj.StrategyOptions)]
+
+    plugin.gradproj_strategies = gradproj_strategies
+    pm = gradproj.get_plugin_manager()
+    pm.register(plugin, name="picky")
+    refresh_registry()
+    try:
+        config = gradproj.GradProjConfig(strategy="picky")
+        assert Picky.built == 0
+        model = TinyLM()
+        with pytest.raises(gradproj.ConfigError, match="picky.*needs a GPU"):
+            wrap(model, config)
+        assert all(p.grad is None for p in model.parameters()) and not any(
+            type(m.forward).__name__ == "InstalledForward" for m in model.modules()
+        )
+    finally:
+        pm.unregister(name="picky")
+        refresh_registry()

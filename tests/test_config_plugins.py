@@ -68,10 +68,8 @@ def test_third_party_strategy_by_name():
         factor: float = Field(default=0.5, gt=0)
 
     class Half(gradproj.Strategy):
-        role = "accumulate"
-
-        def accumulate(self, step):
-            return step.combine(step.coefficients * self.options.factor)
+        def accumulate(self, batch):
+            return gradproj.Update(batch.combine(batch.coefficients * self.options.factor))
 
     plugin = types.ModuleType("gradproj_half_plugin")
 
@@ -101,30 +99,30 @@ def test_third_party_strategy_by_name():
 
 
 def test_third_party_strategy_deferring_its_updates():
-    """A strategy may hand back an unfinished update (step.deferrable) and finish it in place in
+    """A strategy may hand back an unfinished update (batch.deferrable) and finish it in place in
     finish_microbatch(); returning False there drops the microbatch; deferring where the engine
     writes straight into .grad is a ProtocolError unless the rule declares may_defer."""
 
     class Late(gradproj.Strategy):
-        role = "accumulate"
         fail = False
         force = False  # defer even where the engine does not allow it
         deferred = 0
-        needs_tokens = True  # no batching of small parameters: each is a step of its own
+        # no batching of small parameters: each is a batch of its own
+        capabilities = gradproj.Capabilities(needs_tokens=True)
 
         def __init__(self, options):
             super().__init__(options)
             self.pending = []
 
-        def accumulate(self, step):
-            update = step.combine(step.coefficients)
-            if not (step.deferrable or Late.force):
-                return update
-            step.deferred = True
+        def accumulate(self, batch):
+            updates = batch.combine(batch.coefficients)
+            if not (batch.deferrable or Late.force):
+                return gradproj.Update(updates)
             Late.deferred += 1
-            self.pending.append((update, update.clone()))
-            update.zero_()  # unfinished until finish_microbatch
-            return update
+            for update in updates:
+                self.pending.append((update, update.clone()))
+                update.zero_()  # unfinished until finish_microbatch
+            return gradproj.Update(updates, deferred=True)
 
         def finish_microbatch(self):
             for update, value in self.pending:
@@ -136,10 +134,11 @@ def test_third_party_strategy_deferring_its_updates():
             self.pending.clear()
 
     class LateBatched(Late):
-        needs_tokens = False  # small parameters batched (their steps are not deferrable)
+        capabilities = gradproj.Capabilities()  # small parameters stacked (such batches are not deferrable)
 
     class LateDirect(Late):
-        may_defer = True  # also under direct writes: the engine holds the updates
+        # also under direct writes: the engine holds the updates
+        capabilities = gradproj.Capabilities(needs_tokens=True, may_defer=True)
 
     plugin = types.ModuleType("gradproj_late_plugin")
 

@@ -21,13 +21,12 @@ class DampedOptions(gradproj.StrategyOptions):
 class Damped(gradproj.Strategy):
     """``G <- decay * G + g_m``, written as the update ``U = (decay - 1) G + sum_i c_i s_i``."""
 
-    role = "accumulate"
-
-    def accumulate(self, step: gradproj.LayerStep) -> torch.Tensor:
-        update = step.combine(step.coefficients)  # g_m = sum_i c_i s_i (one matmul)
-        if step.grad is not None:
-            update = update + (self.options.decay - 1.0) * step.grad.to(update.dtype)
-        return update
+    def accumulate(self, batch: gradproj.LayerBatch) -> gradproj.Update:
+        updates = batch.combine(batch.coefficients)  # g_m = sum_i c_i s_i per tensor (one matmul)
+        for update, grad in zip(updates, batch.grads):
+            if grad is not None:  # G = None means 0
+                update.add_(grad.to(update.dtype), alpha=self.options.decay - 1.0)
+        return gradproj.Update(updates)
 
 
 class ClipOptions(gradproj.StrategyOptions):
@@ -39,7 +38,7 @@ class ClipOptions(gradproj.StrategyOptions):
 class ClipCoefficients(gradproj.CoefficientTransform):
     """Clamp each sequence's loss coefficient (layer-independent, so no capture is needed)."""
 
-    def transform_microbatch(self, coefficients: torch.Tensor, context) -> torch.Tensor:
+    def transform_microbatch(self, coefficients: torch.Tensor, context: gradproj.MicrobatchContext) -> torch.Tensor:
         return coefficients.clamp(-self.options.max_abs, self.options.max_abs)
 
 

@@ -70,4 +70,4 @@ class ParamGroup:
             rows = rows.index_select(0, torch.tensor(indices, device=rows.device))
         params = [self.members[i][0] for i in indices]
         grads = [p.grad if grad_of is None else grad_of(p) for p in params]
-        return LayerBatch(rows, [self.members[i][1] for i in indices], params, grads, coefficients)
+        return LayerBatch.stacked(rows, [self.members[i][1] for i in indices], params, grads, coefficients)

@@ -3,9 +3,9 @@
 Once every use of a covered module in a microbatch has reached its handler's backward, the
 handler builds the layer's sequence gradients (:mod:`gradproj.linalg`); for each parameter the
 per-layer coefficient transforms and the accumulation rule turn them and the running gradient into
-an update (:class:`gradproj.work.LayerStep`), which the gradient sink stages or writes. Tied
-parameters wait for all their modules; small batched parameters only fill their row of a shared
-buffer and run as one :class:`gradproj.work.LayerBatch` per group when the microbatch closes.
+an update (a single-tensor :class:`gradproj.work.LayerBatch`), which the gradient sink stages or
+writes. Tied parameters wait for all their modules; small batched parameters only fill their row
+of a shared buffer and run as one stacked batch per group when the microbatch closes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from gradproj.diagnostics.gradients import GradientDiagnostics
 from gradproj.errors import ProtocolError
 from gradproj.linalg.sequence_grads import Workspace
 from gradproj.linalg.sum_grads import SumGrads
-from gradproj.work import LayerBatch, LayerStep, ResolvedStrategies
+from gradproj.work import LayerBatch, ResolvedStrategies, Update
 
 __all__ = ["LayerUpdates", "DEFERRED_WRITES_MAX_BYTES"]
 
@@ -95,32 +95,45 @@ class LayerUpdates:
             self.accumulate(mb, param, qname, seq)
 
     def accumulate(self, mb, param: torch.Tensor, qname: str, seq) -> None:
-        """Run the accumulation rule for one parameter tensor and commit (or hold) its update."""
+        """Run the accumulation rule on one parameter tensor (a single-tensor batch) and commit --
+        or, for a deferred update under direct writes, hold -- its update."""
         sink, rule = self.sink, self.rule
         grad = sink.running_grad(param)
-        out = sink.out_buffer(mb, param, grad, rule.may_defer)
+        out = sink.out_buffer(mb, param, grad, rule.capabilities.may_defer)
         start = perf_counter()
-        step = LayerStep(qname, param, grad, mb.coefficients, seq, out)
+        batch = LayerBatch.single(qname, param, grad, mb.coefficients, seq, out)
         # staged by reference (or, with direct writes, held) until finish_microbatch(): the rule may finish it later
-        step.deferrable = self._deferrable(param) and (not sink.writes_directly or rule.may_defer)
+        batch.deferrable = self._deferrable(param) and (not sink.writes_directly or rule.capabilities.may_defer)
         for transform in self.layer_transforms:
-            step.coefficients = transform.transform_layer(step)
+            batch.coefficients = transform.transform_layer(batch)
         if self.diagnostics is not None:
-            self.diagnostics.observe(qname, seq.gram().cpu().numpy(), step.host_coefficients(), mb.group_ids)
-        update = rule.accumulate(step)
+            coeffs = batch.host_coefficients()
+            self.diagnostics.observe(qname, seq.gram().cpu().numpy(), coeffs.reshape(-1, batch.k)[0], mb.group_ids)
+        update = self._run(batch)
         self.metrics.strategy_seconds += perf_counter() - start
-        if step.deferred and not step.deferrable:
-            raise ProtocolError(
-                f"strategy {type(rule).__name__} deferred the update of {qname}, which this engine "
-                "applies at once (step.deferrable is False); finish it in accumulate()"
-            )
-        if step.deferred and sink.writes_directly:
-            mb.deferred_writes.append((param, update))
-            mb.deferred_bytes += update.numel() * update.element_size()
+        (tensor,) = update.tensors
+        if update.deferred and sink.writes_directly:
+            mb.deferred_writes.append((param, tensor))
+            mb.deferred_bytes += tensor.numel() * tensor.element_size()
             if mb.deferred_bytes >= DEFERRED_WRITES_MAX_BYTES:
                 self.finish_deferred(mb)
             return
-        sink.commit(mb, param, update, step.finite or step.deferred)
+        sink.commit(mb, param, tensor, update.finite or update.deferred)
+
+    def _run(self, batch: LayerBatch) -> Update:
+        """The rule's update of ``batch``, checked against the contract."""
+        update = self.rule.accumulate(batch)
+        if not isinstance(update, Update) or len(update.tensors) != len(batch):
+            raise ProtocolError(
+                f"strategy {type(self.rule).__name__}.accumulate() must return an Update with one tensor per "
+                f"member of the batch ({len(batch)}: {', '.join(batch.names[:3])}), got {update!r:.80}"
+            )
+        if update.deferred and not batch.deferrable:
+            raise ProtocolError(
+                f"strategy {type(self.rule).__name__} deferred the update of {', '.join(batch.names)}, which this engine "
+                "applies at once (batch.deferrable is False); finish it in accumulate()"
+            )
+        return update
 
     def _deferrable(self, param: torch.Tensor) -> bool:
         """Neither tied (its pieces are summed first) nor FSDP2-sharded (applied at once)."""
@@ -161,13 +174,13 @@ class LayerUpdates:
             batch = group.batch(indices, mb.coefficients, self.sink.running_grad)
             start = perf_counter()
             for transform in self.layer_transforms:
-                batch.coefficients = transform.transform_batch(batch)
+                batch.coefficients = transform.transform_layer(batch)
             if self.diagnostics is not None:
                 _observe_batch(self.diagnostics, batch, mb)
-            updates = self.rule.accumulate_batch(batch)
+            update = self._run(batch)
             self.metrics.strategy_seconds += perf_counter() - start
-            for param, update in zip(batch.params, updates):
-                self.sink.commit(mb, param, update.view(param.shape), batch.finite)
+            for param, tensor in zip(batch.params, update.tensors):
+                self.sink.commit(mb, param, tensor.view(param.shape), update.finite)
         mb.filled.clear()
 
     def release(self) -> None:

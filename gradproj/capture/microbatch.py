@@ -157,7 +157,7 @@ class Microbatch:
                 f"{self.where}: {len(self.group_ids)} group ids for {self.k} rows of logp; give one per row"
             )
         self.step_groups = step_groups
-        self.context = MicrobatchContext(index, self.where, self.k, self.group_ids, step_groups)
+        self.context = MicrobatchContext(index, self.where, self.k, self.group_ids, step_groups, self.mask)
         self.coefficients: torch.Tensor | None = None
         self.fired = False
         self.dropped = False

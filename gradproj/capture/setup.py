@@ -145,7 +145,7 @@ class EngineSetup:
                 self._guards.append(param.register_hook(guard))
         self.plan = plan
         self._plain_when_no_grad = (
-            not strategies.layer_transforms and self.diagnostics is None and strategies.accumulate.plain_when_no_grad
+            not strategies.layer_transforms and self.diagnostics is None and strategies.accumulate.capabilities.plain_when_no_grad
         )
         self.lora_bound = lora_bound
         if self.needs_capture and is_ddp(self.model):
@@ -186,8 +186,12 @@ class EngineSetup:
         self._guards = []
         # nothing installed any more; what was covered is still known (the optimizer checks a
         # microbatch's parameters against it before the engine refuses the detached optimizer)
-        self.plan = CapturePlan(covered=self.plan.covered, covered_params=self.plan.covered_params)
+        for group in self.plan.groups:
+            group.release()
         self.updates.release()
+        self.plan = CapturePlan(covered=self.plan.covered, covered_params=self.plan.covered_params)
+        self.sink = make_sink(self.settings.nonfinite, [], {}, None)
+        self.updates = LayerUpdates(self.plan, self.sink, self.strategies, self.settings.gram, self.counters, self.diagnostics)
         if ENGINES.get(self.model) is self:
             del ENGINES[self.model]
         self.attached = False

@@ -23,23 +23,22 @@ def solve_coefficients(gram: np.ndarray, inner: np.ndarray, damping: float | Non
             K is singular: duplicate or zero sequence gradients).
     """
     L, k = inner.shape
-    alpha = np.zeros((L, k))
     diag = np.diagonal(gram, axis1=1, axis2=2)
     active = diag.max(axis=1, initial=0.0) > 0.0  # layers with at least one non-zero s_i
-    if not active.any():
+    if not active.all():
+        alpha = np.zeros((L, k))
+        if active.any():
+            alpha[active] = solve_coefficients(gram[active], inner[active], damping)
         return alpha
-    K, b = gram[active], inner[active]
-    lam = 1e-6 * diag[active].mean(axis=1) if damping is None else np.full(K.shape[0], float(damping))
     if damping is None or damping > 0.0:
-        alpha[active] = np.linalg.solve(K + lam[:, None, None] * np.eye(k), b[..., None])[..., 0]
-        return alpha
-    evals, evecs = np.linalg.eigh(K)
+        lam = 1e-6 * diag.mean(axis=1) if damping is None else np.full(L, float(damping))
+        return np.linalg.solve(gram + lam[:, None, None] * np.eye(k), inner[..., None])[..., 0]
+    evals, evecs = np.linalg.eigh(gram)
     cutoff = np.abs(evals).max(axis=1, keepdims=True) * k * np.finfo(np.float64).eps * 10
     keep = evals > cutoff
     inv = np.where(keep, 1.0 / np.where(keep, evals, 1.0), 0.0)
-    coords = np.einsum("lij,li->lj", evecs, b)
-    alpha[active] = np.einsum("lij,lj->li", evecs, inv * coords)
-    return alpha
+    coords = np.einsum("lij,li->lj", evecs, inner)
+    return np.einsum("lij,lj->li", evecs, inv * coords)
 
 
 def gram_schmidt_coefficients(gram: np.ndarray, inner: np.ndarray, sweeps: int) -> np.ndarray:

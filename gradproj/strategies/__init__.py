@@ -7,7 +7,17 @@ low-rank projection inside each microbatch); the coefficient transforms ``varian
 (GRPO's std normalisation as a step size) and ``isopo`` (per-layer normalised sequence gradients).
 """
 
-from gradproj.strategies.base import CoefficientTransform, Strategy, StrategyOptions, StrategySpec
-from gradproj.work import LayerBatch, LayerStep, MicrobatchContext
+from gradproj.strategies.base import CoefficientTransform, Strategy, StrategyBase, StrategyOptions, StrategySpec
+from gradproj.work import Capabilities, LayerBatch, MicrobatchContext, Update
 
-__all__ = ["Strategy", "CoefficientTransform", "StrategyOptions", "StrategySpec", "LayerStep", "LayerBatch", "MicrobatchContext"]
+__all__ = [
+    "Strategy",
+    "CoefficientTransform",
+    "StrategyBase",
+    "StrategyOptions",
+    "StrategySpec",
+    "Capabilities",
+    "LayerBatch",
+    "Update",
+    "MicrobatchContext",
+]

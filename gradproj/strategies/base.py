@@ -1,18 +1,19 @@
 """Base classes every strategy builds on.
 
-A strategy has a *role*:
+A strategy is one of two kinds, each with its own base and one form of each hook:
 
-* ``"accumulate"`` -- the accumulation rule: given the running gradient ``G`` of one parameter
-  tensor and the microbatch's sequence gradients and coefficients, return the update ``U`` so that
-  ``G <- G + U``. Exactly one accumulation rule is active.
-* ``"transform"`` -- a coefficient transform applied before the accumulation rule (stacking):
-  :class:`CoefficientTransform`. Microbatch-level transforms (``per_layer = False``) change the
-  per-sequence coefficients once per microbatch, from what the pipeline supplied (e.g. the step's
-  rewards and prompt groups); per-layer transforms (``per_layer = True``) change them per parameter
-  tensor from that tensor's sequence gradients (e.g. their norms).
+* :class:`Strategy` -- the accumulation rule: given the running gradients ``G`` of a
+  :class:`gradproj.LayerBatch` (one large parameter tensor, or a stack of small ones) and the
+  microbatch's sequence gradients and coefficients, return an :class:`gradproj.Update` so that
+  ``G <- G + U``. Exactly one rule is active.
+* :class:`CoefficientTransform` -- applied before the rule (stacking). Layer-independent transforms
+  change the per-sequence coefficients once per microbatch, from what the pipeline supplied (e.g.
+  the step's rewards and prompt groups); per-layer ones (``Capabilities(per_layer=True)``) change
+  them per batch from its sequence gradients (e.g. their norms).
 
-Strategies run inside backward hooks, once per parameter tensor and microbatch: they must not call
-pluggy or do Python work proportional to the model size there.
+What a strategy needs and may do is declared once, in its ``capabilities``
+(:class:`gradproj.Capabilities`). Strategies run inside backward hooks, once per batch and
+microbatch: they must not call pluggy or do Python work proportional to the model size there.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from gradproj.errors import ProtocolError
-from gradproj.work import LayerBatch, LayerStep, MicrobatchContext
+from gradproj.work import Capabilities, LayerBatch, MicrobatchContext, Update
 
-__all__ = ["StrategyOptions", "Strategy", "CoefficientTransform", "StrategySpec", "LayerStep"]
+__all__ = ["StrategyOptions", "StrategyBase", "Strategy", "CoefficientTransform", "StrategySpec"]
 
 
 class StrategyOptions(BaseModel):
@@ -35,64 +35,24 @@ class StrategyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Strategy:
-    """Base class of strategies. Subclasses set ``role`` and implement their hook.
+class StrategyBase:
+    """What every strategy has: validated options, declared capabilities, per-microbatch and
+    per-step hooks. Subclass :class:`Strategy` (an accumulation rule) or
+    :class:`CoefficientTransform`, not this class.
 
     Args:
         options: the validated options model of this strategy.
     """
 
-    role: ClassVar[str] = "accumulate"
-    #: Whether the strategy needs per-sequence gradients (False only for plain accumulation).
-    needs_capture: ClassVar[bool] = True
-    #: Whether, with ``G = 0`` everywhere (the first microbatch of a step), the update is just
-    #: ``g_m``: the engine then lets autograd compute ordinary gradients for that microbatch.
-    plain_when_no_grad: ClassVar[bool] = False
-    #: Whether the strategy needs the token-level factors of each layer (``step.seq.token_factors()``,
-    #: e.g. Intra-PROMA's input/output-gradient subspaces); the engine then does not batch small
-    #: parameters into per-sequence rows, which would lose the tokens.
-    needs_tokens: ClassVar[bool] = False
-    #: Whether the rule may return deferred updates (``step.deferred``) where the engine writes
-    #: updates straight into ``.grad`` (``nonfinite="propagate"``): it then gives the rule fresh
-    #: update tensors instead of its one-layer scratch buffer, holds the deferred ones, and writes
-    #: them after :meth:`finish_microbatch` -- which it then calls whenever the held updates reach
-    #: a budget, not only at the close.
-    may_defer: ClassVar[bool] = False
+    role: ClassVar[str] = ""
+    #: what the strategy needs and may do, declared once (:class:`gradproj.Capabilities`)
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, options: StrategyOptions) -> None:
         self.options = options
 
-    def accumulate(self, step: LayerStep) -> torch.Tensor:
-        """Return the update ``U`` (shaped like the parameter) so that ``G <- G + U``."""
-        raise NotImplementedError
-
-    def accumulate_batch(self, batch: LayerBatch) -> torch.Tensor:
-        """Updates of several same-shaped small tensors at once, as a (L, numel) tensor.
-
-        ``batch`` is a :class:`gradproj.work.LayerBatch`. The default calls
-        :meth:`accumulate` per member; override it with batched operations for speed.
-        """
-        updates = []
-        for step in batch.steps():  # not deferrable: the stacked copies are applied
-            updates.append(self.accumulate(step).reshape(-1))
-            if step.deferred:
-                raise ProtocolError(
-                    f"strategy {type(self).__name__} deferred the update of {step.name}, a batched "
-                    "small parameter (step.deferrable is False); finish it in accumulate()"
-                )
-        return torch.stack(updates)
-
     def start_microbatch(self) -> None:
         """Called when a microbatch block opens (per-microbatch caches start here)."""
-
-    def finish_microbatch(self) -> bool:
-        """Finish, in place, every update returned with ``step.deferred`` so far.
-
-        Called once the microbatch's backward is over, before its updates are checked and applied
-        -- and, for rules with :attr:`may_defer` under direct writes, also during the backward
-        whenever the held updates reach the engine's budget. Returns False if a finished update
-        came out non-finite (the engine then drops the microbatch)."""
-        return True
 
     def end_microbatch(self) -> None:
         """Called when a microbatch block closes, whatever happened (release per-microbatch caches)."""
@@ -105,18 +65,41 @@ class Strategy:
         """Start gathering metrics for a new optimizer step."""
 
 
-class CoefficientTransform(Strategy):
-    """Base class of coefficient transforms (``role = "transform"``), stacked before the rule.
+class Strategy(StrategyBase):
+    """Base class of accumulation rules: override :meth:`accumulate`.
 
-    Override :meth:`transform_microbatch` (``per_layer = False``) or :meth:`transform_layer`
-    (and, for speed, :meth:`transform_batch`; ``per_layer = True``). Transforms return new
-    float64 coefficients and never touch gradients themselves.
+    Exactly one rule is active; it runs once per :class:`gradproj.LayerBatch` -- one large
+    parameter tensor during the backward, or a stack of small ones when the microbatch closes.
+    """
+
+    role = "accumulate"
+    capabilities = Capabilities(needs_capture=True)
+
+    def accumulate(self, batch: LayerBatch) -> Update:
+        """The updates ``U`` (``G <- G + U``) of the batch's tensors: ``Update(batch.combine(gamma))``
+        for per-member coefficients ``gamma`` (the usual way), plus what the rule vouches for."""
+        raise NotImplementedError
+
+    def finish_microbatch(self) -> bool:
+        """Finish, in place, every update returned with ``Update(deferred=True)`` so far.
+
+        Called once the microbatch's backward is over, before its updates are checked and applied
+        -- and, for rules with ``capabilities.may_defer`` under direct writes, also during the
+        backward whenever the held updates reach the engine's budget. Returns False if a finished
+        update came out non-finite (the engine then drops the microbatch)."""
+        return True
+
+
+class CoefficientTransform(StrategyBase):
+    """Base class of coefficient transforms, stacked before the accumulation rule.
+
+    Override :meth:`transform_microbatch` (layer-independent, ``capabilities.per_layer`` False) or
+    :meth:`transform_layer` (``Capabilities(per_layer=True, needs_capture=True)``). Transforms
+    return new float64 coefficients and never touch gradients themselves.
     """
 
     role = "transform"
-    needs_capture = False
-    #: True when the new coefficients depend on the parameter tensor (its sequence gradients).
-    per_layer: ClassVar[bool] = False
+    capabilities = Capabilities(needs_capture=False)
 
     def validate_microbatch(self, context: MicrobatchContext) -> None:
         """Check, when ``opt.microbatch(...)`` opens, that the pipeline supplied what is needed.
@@ -129,16 +112,9 @@ class CoefficientTransform(Strategy):
         """New (k,) float64 coefficients for the whole microbatch (identity by default)."""
         return coefficients
 
-    def transform_layer(self, step: LayerStep) -> torch.Tensor:
-        """New (k,) float64 coefficients for one parameter tensor (identity by default)."""
-        return step.coefficients
-
-    def transform_batch(self, batch: LayerBatch) -> torch.Tensor:
-        """New (L, k) coefficients for a :class:`gradproj.work.LayerBatch`.
-
-        The default calls :meth:`transform_layer` per member.
-        """
-        return torch.stack([self.transform_layer(step) for step in batch.steps()])
+    def transform_layer(self, batch: LayerBatch) -> torch.Tensor:
+        """New (L, k) float64 coefficients for the batch's tensors (identity by default)."""
+        return batch.coefficients.expand(len(batch), batch.k)
 
 
 @dataclass(frozen=True)
@@ -147,7 +123,7 @@ class StrategySpec:
 
     Attributes:
         name: the name users pass as ``strategy=``.
-        cls: the :class:`Strategy` subclass.
+        cls: the :class:`Strategy` or :class:`CoefficientTransform` subclass.
         options: the :class:`StrategyOptions` subclass validating its options.
         defaults: preset values for options (a preset is a spec with defaults).
         summary: one line shown in error messages and docs.
@@ -156,7 +132,7 @@ class StrategySpec:
     """
 
     name: str
-    cls: type[Strategy]
+    cls: type[StrategyBase]
     options: type[StrategyOptions]
     defaults: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
@@ -171,6 +147,6 @@ class StrategySpec:
         """The option names this strategy accepts."""
         return list(self.options.model_fields)
 
-    def build(self, values: dict[str, Any]) -> Strategy:
+    def build(self, values: dict[str, Any]) -> StrategyBase:
         """Validate ``values`` (over the preset defaults) and instantiate the strategy."""
         return self.cls(self.options(**{**self.defaults, **values}))

@@ -30,7 +30,7 @@ from gradproj.linalg.factored import SubspaceCache, project_factored_batch
 from gradproj.linalg.sequence_grads import TokenFactors
 from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import Strategy, StrategyOptions, StrategySpec
-from gradproj.work import LayerStep
+from gradproj.work import Capabilities, LayerBatch, Update
 
 #: Token factors (bytes) held back for one batched projection; more, and the pending layers are
 #: projected at once. Holding them delays freeing those layers' activations and output gradients
@@ -71,9 +71,7 @@ class IntraProma(Strategy):
 
     options: IntraPromaOptions
 
-    role = "accumulate"
-    needs_tokens = True
-    may_defer = True
+    capabilities = Capabilities(needs_tokens=True, may_defer=True)
 
     def __init__(self, options: IntraPromaOptions) -> None:
         super().__init__(options)
@@ -104,27 +102,26 @@ class IntraProma(Strategy):
         self._rank_sum = 0
         self._sides = 0
 
-    def accumulate(self, step: LayerStep) -> torch.Tensor:
-        """``g_m'`` of one parameter tensor (or ``g_m``, projected in place before the microbatch closes)."""
-        factors = getattr(step.seq, "token_factors", None)
-        if factors is None:
+    def accumulate(self, batch: LayerBatch) -> Update:
+        """``g_m'`` of the batch's tensor (or ``g_m``, projected in place before the microbatch closes).
+
+        ``needs_tokens``: the engine never stacks tensors for this rule, so a batch has one member."""
+        if getattr(batch.seq, "token_factors", None) is None:
             raise ProtocolError(
-                f"intra_proma needs token-level factors of {step.name}, but its sequence gradients "
-                f"({type(step.seq).__name__}) do not provide them; exclude this parameter or use proma"
+                f"intra_proma needs token-level factors of {batch.names[0]}, but its sequence gradients "
+                f"({type(batch.seq).__name__}) do not provide them; exclude this parameter or use proma"
             )
-        g = step.combine(step.coefficients)
-        factors = factors()
-        if step.deferrable and isinstance(factors, TokenFactors):
+        (factors,) = batch.token_factors()
+        (g,) = batch.combine(batch.coefficients)
+        if batch.deferrable and isinstance(factors, TokenFactors):
             self._pending.append((g, factors))
             self._pending_bytes += _factor_bytes(factors)
-            step.deferred = True
             if self._pending_bytes >= DEFER_MAX_BYTES:
                 self._flush()
-            return g
+            return Update([g], deferred=True)
         # g finite (its norm is) and the removed block finite (so are the bases) => g' finite: both
         # projectors are orthogonal, ||g'|| <= ||g||; the engine can skip its own check
-        step.finite = self._project([(g, factors)])
-        return g
+        return Update([g], finite=self._project([(g, factors)]))
 
     def finish_microbatch(self) -> bool:
         """Project the layers still pending; False if some projected update is not finite."""

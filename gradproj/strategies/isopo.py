@@ -21,7 +21,7 @@ from pydantic import Field
 
 from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import CoefficientTransform, StrategyOptions, StrategySpec
-from gradproj.work import LayerStep
+from gradproj.work import Capabilities, LayerBatch
 
 
 class IsopoOptions(StrategyOptions):
@@ -55,8 +55,7 @@ class Isopo(CoefficientTransform):
 
     options: IsopoOptions
 
-    per_layer = True
-    needs_capture = True
+    capabilities = Capabilities(per_layer=True, needs_capture=True)
 
     def __init__(self, options: IsopoOptions) -> None:
         super().__init__(options)
@@ -78,17 +77,10 @@ class Isopo(CoefficientTransform):
         self._count += int(ok.sum())
         return out
 
-    def transform_layer(self, step: LayerStep) -> torch.Tensor:
-        """ISOPO coefficients of one parameter tensor."""
-        gram = step.seq.gram().cpu().numpy()[None]
-        coeffs = step.host_coefficients()[None]
-        return torch.from_numpy(self._apply(gram, coeffs)[0]).to(step.coefficients.device)
-
-    def transform_batch(self, batch) -> torch.Tensor:
-        """The same for a batch of small tensors (one batched Gram)."""
-        seqs = batch.sequence_grads
-        gram = torch.bmm(seqs, seqs.transpose(1, 2)).double().cpu().numpy()
-        coeffs = np.broadcast_to(batch.coefficients.cpu().numpy(), gram.shape[:2])
+    def transform_layer(self, batch: LayerBatch) -> torch.Tensor:
+        """ISOPO coefficients of the batch's tensors (one batched Gram)."""
+        gram = batch.grams().cpu().numpy()
+        coeffs = np.broadcast_to(batch.host_coefficients(), gram.shape[:2])
         return torch.from_numpy(self._apply(gram, np.ascontiguousarray(coeffs))).to(batch.coefficients.device)
 
     def step_metrics(self) -> dict[str, float]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import Strategy, StrategyOptions, StrategySpec
-from gradproj.work import LayerStep
+from gradproj.work import Capabilities, LayerBatch, Update
 
 
 class NoneOptions(StrategyOptions):
@@ -18,17 +18,11 @@ class NoneOptions(StrategyOptions):
 class PlainAccumulation(Strategy):
     """``G <- G + sum_i c_i s_i``."""
 
-    role = "accumulate"
-    plain_when_no_grad = True
-    needs_capture = False
+    capabilities = Capabilities(needs_capture=False, plain_when_no_grad=True)
 
-    def accumulate(self, step: LayerStep):
+    def accumulate(self, batch: LayerBatch) -> Update:
         """The microbatch gradient ``g_m``, unchanged."""
-        return step.combine(step.coefficients)
-
-    def accumulate_batch(self, batch):
-        """``g_m`` for every member, in one batched product."""
-        return batch.combine(batch.coefficients)
+        return Update(batch.combine(batch.coefficients))
 
 
 @hookimpl

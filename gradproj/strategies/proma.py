@@ -22,7 +22,7 @@ from pydantic import Field
 from gradproj.linalg.projection import gram_schmidt_coefficients, solve_coefficients
 from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import Strategy, StrategyOptions, StrategySpec
-from gradproj.work import LayerStep
+from gradproj.work import Capabilities, LayerBatch, Update
 
 
 class PromaOptions(StrategyOptions):
@@ -51,8 +51,7 @@ class Proma(Strategy):
 
     options: PromaOptions
 
-    role = "accumulate"
-    plain_when_no_grad = True
+    capabilities = Capabilities(plain_when_no_grad=True)
 
     def __init__(self, options: PromaOptions) -> None:
         super().__init__(options)
@@ -72,13 +71,16 @@ class Proma(Strategy):
             full: (L, k+1, k+1) Grams of ``[s_1..s_k, G]`` (float64).
             coefficients: (k,) or (L, k) per-sequence coefficients ``c``.
             has_grad: (L,) bool, False where G was ``None`` (nothing to project, not counted).
+
+        Every Python/NumPy call here runs inside the backward, once per large layer: the common
+        case (all finite) takes no masking detours.
         """
         k = full.shape[1] - 1
-        finite = np.isfinite(full).all(axis=(1, 2))
-        if not finite.all():  # those layers get NaN updates: the engine drops the microbatch
+        finite = None if np.isfinite(full).all() else np.isfinite(full).all(axis=(1, 2))
+        if finite is not None:  # those layers get NaN updates: the engine drops the microbatch
             full = np.where(finite[:, None, None], full, np.eye(k + 1))
         gram, inner, running_sq = full[:, :k, :k], full[:, :k, k], full[:, k, k]
-        opts: PromaOptions = self.options
+        opts = self.options
         if opts.projector == "solve":
             alpha = solve_coefficients(gram, inner, opts.damping)
         else:
@@ -90,69 +92,33 @@ class Proma(Strategy):
             limit = opts.relative_bound * np.sqrt(g_sq)
             norm = np.sqrt(proj_sq)
             hit = (norm > limit) & (proj_sq > 0.0)
-            scale = np.where(hit, limit / np.where(hit, norm, 1.0), 1.0)
-            alpha = alpha * scale[:, None]
-            proj_sq = proj_sq * scale * scale
-            self._bound_hits += int((hit & has_grad).sum())
-        alpha[~finite] = np.nan
-        counted = has_grad & finite
+            if hit.any():
+                scale = np.where(hit, limit / np.where(hit, norm, 1.0), 1.0)
+                alpha = alpha * scale[:, None]
+                proj_sq = proj_sq * scale * scale
+                self._bound_hits += int((hit & has_grad).sum())
+        counted = has_grad
+        if finite is not None:
+            alpha[~finite] = np.nan
+            counted = has_grad & finite
         self._proj_sq += float(proj_sq[counted].sum())
         self._running_sq += float(running_sq[counted].sum())
         self._projections += int(has_grad.sum())
         return alpha
 
-    def _alpha_single(self, full: np.ndarray, coefficients: np.ndarray) -> np.ndarray | None:
-        """Lean path of :meth:`coefficients_removed` for one tensor (``solve``, ``damping > 0``).
+    def accumulate(self, batch: LayerBatch) -> Update:
+        """``sum_i (c_i - shrinkage alpha_i) s_i`` per tensor; just ``g_m`` where ``G`` is still zero.
 
-        Inside a backward pass every Python/NumPy call is expensive (the interpreter's working set
-        has been evicted by the step's tensors), so this does the minimum; ``None`` = not handled.
-        """
-        opts: PromaOptions = self.options
-        if opts.projector != "solve" or opts.damping == 0.0 or not np.isfinite(full).all():
-            return None
-        k = full.shape[0] - 1
-        gram, inner = full[:k, :k], full[:k, k]
-        trace = float(np.trace(gram))
-        if trace <= 0.0:
-            return np.zeros(k)
-        lam = 1e-6 * trace / k if opts.damping is None else opts.damping
-        alpha = np.linalg.solve(gram + lam * np.eye(k), inner)
-        proj_sq = max(float(alpha @ gram @ alpha), 0.0)
-        if opts.relative_bound is not None and proj_sq > 0.0:
-            limit = opts.relative_bound * math.sqrt(max(float(coefficients @ gram @ coefficients), 0.0))
-            norm = math.sqrt(proj_sq)
-            if norm > limit:
-                alpha = alpha * (limit / norm)
-                proj_sq = limit * limit
-                self._bound_hits += 1
-        self._proj_sq += proj_sq
-        self._running_sq += float(full[k, k])
-        self._projections += 1
-        return alpha
-
-    def accumulate(self, step: LayerStep) -> torch.Tensor:
-        """``sum_i (c_i - shrinkage alpha_i) s_i``; just ``g_m`` while ``G`` is still zero."""
-        if step.grad is None or self.options.shrinkage == 0.0:
-            return step.combine(step.coefficients)
-        full = step.seq.gram_with(step.grad).cpu().numpy()
-        coeffs = step.host_coefficients()
-        alpha = self._alpha_single(full, coeffs)
-        if alpha is None:
-            alpha = self.coefficients_removed(full[None], coeffs, np.ones(1, dtype=bool))[0]
-        step.finite = bool(np.isfinite(alpha).all())  # finite Gram of [S; G] => finite update
-        return step.combine(torch.from_numpy(coeffs - self.options.shrinkage * alpha))
-
-    def accumulate_batch(self, batch) -> torch.Tensor:
-        """The same for a batch of small tensors, with batched Gram, solve and combine."""
-        coeffs = batch.coefficients
+        A finite Gram of ``[S; G]`` gives finite coefficients, hence a finite update (the engine
+        skips its own check)."""
         has_grad = np.array([g is not None for g in batch.grads])
         if self.options.shrinkage == 0.0 or not has_grad.any():
-            return batch.combine(coeffs)
+            return Update(batch.combine(batch.coefficients))
         full = batch.gram_with_grads().cpu().numpy()
-        host = coeffs.cpu().numpy()
+        host = batch.host_coefficients()
         alpha = self.coefficients_removed(full, host, has_grad)
-        batch.finite = bool(np.isfinite(alpha).all()) and bool(has_grad.all())
-        return batch.combine(torch.from_numpy(np.broadcast_to(host, alpha.shape) - self.options.shrinkage * alpha))
+        finite = bool(np.isfinite(alpha).all()) and bool(has_grad.all())
+        return Update(batch.combine(torch.from_numpy(host - self.options.shrinkage * alpha)), finite=finite)
 
     def step_metrics(self) -> dict[str, float]:
         """``proma/projected_fraction`` = sqrt(sum ||proj||^2 / sum ||G||^2) over layers and microbatches."""

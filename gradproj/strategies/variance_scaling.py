@@ -43,8 +43,6 @@ class VarianceScaling(CoefficientTransform):
 
     options: VarianceScalingOptions
 
-    per_layer = False
-
     def __init__(self, options: VarianceScalingOptions) -> None:
         super().__init__(options)
         self.reset_metrics()

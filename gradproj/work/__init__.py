@@ -3,22 +3,24 @@
 It sits right above :mod:`gradproj.linalg` and below both :mod:`gradproj.capture` and
 :mod:`gradproj.strategies`, which never import each other:
 
-* :class:`LayerStep` -- one parameter tensor in one microbatch (the per-layer work item);
-* :class:`LayerBatch` -- several small same-sized parameter tensors in one microbatch;
+* :class:`LayerBatch` -- the work item: parameter tensors of one microbatch handled by one strategy
+  call (several small same-sized ones, or one large one); :class:`Update` -- what a rule returns;
+* :class:`Capabilities` -- what a strategy declares about itself;
 * :class:`MicrobatchContext` -- what coefficient transforms read of a microbatch (read-only);
 * :class:`StepGroups` -- the step's prompt groups and rewards (``opt.set_groups``);
 * :class:`ResolvedStrategies` -- the strategies of one optimizer, in the order capture runs them.
 """
 
+from gradproj.work.capabilities import Capabilities
 from gradproj.work.context import MicrobatchContext
 from gradproj.work.groups import StepGroups, as_group_ids, require_groups
-from gradproj.work.layer_batch import LayerBatch
-from gradproj.work.layer_step import LayerStep
+from gradproj.work.layer_batch import LayerBatch, Update
 from gradproj.work.resolved import ResolvedStrategies
 
 __all__ = [
-    "LayerStep",
     "LayerBatch",
+    "Update",
+    "Capabilities",
     "MicrobatchContext",
     "StepGroups",
     "as_group_ids",

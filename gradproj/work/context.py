@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from gradproj.work.groups import StepGroups
 
 __all__ = ["MicrobatchContext"]
@@ -19,6 +21,7 @@ class MicrobatchContext:
         k: number of sequences (rows of ``logp``).
         group_ids: the prompt group of each row (``None`` if the pipeline gave none).
         step_groups: the step's :class:`StepGroups` from ``opt.set_groups`` (or ``None``).
+        mask: (k, T) bool, the valid tokens of each row (as given to ``opt.microbatch``).
     """
 
     index: int
@@ -26,3 +29,4 @@ class MicrobatchContext:
     k: int
     group_ids: list | None
     step_groups: StepGroups | None
+    mask: torch.Tensor

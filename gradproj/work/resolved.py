@@ -35,19 +35,19 @@ class ResolvedStrategies:
     @property
     def needs_capture(self) -> bool:
         """Whether any strategy needs per-sequence gradients (else gradproj stays out of the way)."""
-        return any(s.needs_capture for s in self.all)
+        return any(s.capabilities.needs_capture for s in self.all)
 
     @property
     def microbatch_transforms(self) -> list[Any]:
         """Transforms applied once per microbatch (layer-independent), in order."""
-        return [t for t in self.transforms if not getattr(t, "per_layer", False)]
+        return [t for t in self.transforms if not t.capabilities.per_layer]
 
     @property
     def layer_transforms(self) -> list[Any]:
         """Transforms applied per parameter tensor, in order."""
-        return [t for t in self.transforms if getattr(t, "per_layer", False)]
+        return [t for t in self.transforms if t.capabilities.per_layer]
 
     @property
     def needs_tokens(self) -> bool:
         """Whether a strategy needs token-level factors (no batching of small tensors)."""
-        return any(s.needs_tokens for s in self.all)
+        return any(s.capabilities.needs_tokens for s in self.all)
