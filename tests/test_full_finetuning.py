@@ -95,18 +95,18 @@ def _force_blocks(monkeypatch, block_numel: int):
     """Every weight goes through its handler (no batching) and any weight with more than
     ``2 * block_numel`` elements is materialised in blocks; returns a list counting them."""
     from gradproj.capture import plan as plan_module
-    from gradproj.linalg import sequence_grads
+    from gradproj.linalg import linear_grads
 
     monkeypatch.setattr(plan_module, "BATCH_MAX_NUMEL", 0)
     monkeypatch.setattr(plan_module, "block_numel", lambda params: block_numel)
     built = []
-    original = sequence_grads.BlockedLinearGrads.__init__
+    original = linear_grads.BlockedLinearGrads.__init__
 
     def counting(self, inputs, out_grads, workspace, block_rows):
         built.append((out_grads.shape[-1], block_rows))  # (rows of the weight, rows per block)
         original(self, inputs, out_grads, workspace, block_rows)
 
-    monkeypatch.setattr(sequence_grads.BlockedLinearGrads, "__init__", counting)
+    monkeypatch.setattr(linear_grads.BlockedLinearGrads, "__init__", counting)
     return built
 
 
@@ -144,7 +144,8 @@ def _check_blocked(monkeypatch, arch, strategy):
 def test_blocked_linear_grads_match_materialised():
     """Each operation of the blocked form against the materialised one (float64), with a block
     size that does not divide the rows, and gram_with both before and after gram."""
-    from gradproj.linalg.sequence_grads import BlockedLinearGrads, MaterializedLinearGrads, Workspace
+    from gradproj.linalg.linear_grads import BlockedLinearGrads, MaterializedLinearGrads
+    from gradproj.linalg.sequence_grads import Workspace
 
     g = torch.Generator().manual_seed(0)
     A = torch.randn(3, 5, 7, generator=g, dtype=torch.float64)
@@ -168,9 +169,8 @@ def test_only_an_outlier_layer_is_blocked():
     """The block size is the second-largest parameter's (at least BLOCK_MIN_NUMEL): only a weight
     more than twice that is blocked -- a large vocabulary's lm_head, not the decoder's matrices."""
     from gradproj.capture.plan import BLOCK_MIN_NUMEL, block_numel as _block_numel
-    from gradproj.linalg.sequence_grads import (
-        BlockedLinearGrads, MaterializedLinearGrads, Workspace, linear_weight_grads,
-    )
+    from gradproj.linalg.linear_grads import BlockedLinearGrads, MaterializedLinearGrads, linear_weight_grads
+    from gradproj.linalg.sequence_grads import Workspace
 
     head, mlp = torch.empty(4 * BLOCK_MIN_NUMEL), torch.empty(BLOCK_MIN_NUMEL + 1)
     block = _block_numel([head, mlp, mlp, torch.empty(10)])  # a tied tensor counts once

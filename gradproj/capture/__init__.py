@@ -21,7 +21,9 @@ The engine and what it is made of:
 Layer handlers and their interface:
 
 * :mod:`gradproj.capture.layer` -- :class:`LayerCapture`, the whole interface between a handler
-  and the engine; :mod:`gradproj.capture.forwards` -- installing a forward;
+  and the engine; :mod:`gradproj.capture.captured_call` -- the one capture mechanism every handler
+  uses (a module's computation as a ``CapturedOp``, run by ``CapturedCall``);
+  :mod:`gradproj.capture.forwards` -- installing a forward;
 * :mod:`gradproj.capture.handlers` (``nn.Linear``, ``Conv1D``), :mod:`gradproj.capture.norm_handlers`,
   :mod:`gradproj.capture.embedding_handler` -- the built-in handlers, registered as plugins.
 """

@@ -82,7 +82,7 @@ def remove_watcher(watcher: Callable[[tuple], None]) -> None:
 
 
 def node_name(node) -> str:
-    """A readable name of an autograd graph node (``MulBackward0``, ``_CapturedLinearBackward``)."""
+    """A readable name of an autograd graph node (``MulBackward0``, ``CapturedCallBackward``)."""
     try:
         return node.name()
     except Exception:  # any node type

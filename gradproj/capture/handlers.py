@@ -1,16 +1,16 @@
 """Layer handlers: per module type, how to capture a layer and build its sequence gradients.
 
 A handler is registered through the ``gradproj_layer_handlers`` hook (the built-in ``nn.Linear``
-handler below is registered that way). It must
+handler below is registered that way). It
 
-* ``install`` itself on a module (:func:`gradproj.capture.forwards.install_forward`) so that, while
-  gradproj captures, the module's backward hands ``(inputs, output_grads)`` to the engine
-  (``layer.backward(use)``, :mod:`gradproj.capture.layer`) instead of accumulating its parameters' gradients (no extra
-  matmul: the weight gradient is never computed twice) -- unless ``layer.plain_backward()`` is
-  true, in which case it returns ordinary parameter gradients. Its autograd Function's forward
-  calls ``layer.count_forward()`` once per use, and its backward calls exactly one of the two
-  (its installed forward asks ``layer.capturing`` whether to capture at all);
-* turn the collected uses into :mod:`gradproj.linalg` sequence gradients per parameter.
+* describes its module's computation as a :class:`gradproj.capture.captured_call.CapturedOp` and
+  ``install`` s a forward (:func:`gradproj.capture.forwards.install_forward`) that runs it through
+  the shared :class:`gradproj.capture.captured_call.CapturedCall` while
+  :func:`gradproj.capture.captured_call.captures` says so: the module's backward then hands its
+  *use* (e.g. ``(inputs, output_grads)``) to the engine instead of accumulating parameter gradients
+  (no extra matmul: the weight gradient is never computed twice), or returns ordinary gradients in
+  a plain microbatch;
+* turns the collected uses into :mod:`gradproj.linalg` sequence gradients per parameter.
 
 peft's LoRA adapters (``lora_A``/``lora_B``) are ``nn.Linear`` and need nothing more.
 """
@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradproj.capture.captured_call import CapturedCall, CapturedOp, captures
 from gradproj.capture.forwards import install_forward, runs_class_forward
-from gradproj.linalg.sequence_grads import TokenSumGrads, linear_weight_grads
+from gradproj.linalg.linear_grads import linear_weight_grads
+from gradproj.linalg.sequence_grads import TokenSumGrads
 from gradproj.plugins.hookspecs import hookimpl
 
 __all__ = ["LayerHandler", "LinearHandler", "Conv1DHandler", "compute_dtype"]
@@ -74,11 +76,12 @@ class LayerHandler:
         raise NotImplementedError
 
 
-class _CapturedLinear(torch.autograd.Function):
-    """``F.linear`` whose backward returns the input gradient only and hands (x, dy) to the engine."""
+class _LinearOp(CapturedOp):
+    """``F.linear`` (autocast's casts applied here); the engine gets ``(x, dy)`` per use."""
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, layer):
+    n_inputs, n_params = 1, 2
+
+    def forward(self, x, weight, bias):
         device_type = x.device.type
         if x.is_floating_point() and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
@@ -88,22 +91,21 @@ class _CapturedLinear(torch.autograd.Function):
                 out = F.linear(x, weight, bias)
         else:
             out = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, weight)
-        ctx.layer = layer
-        layer.count_forward()
-        return out
+        return out, (x, weight), None
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
-        if ctx.layer.plain_backward():  # paused, or a microbatch that needs no sequence gradients
-            d2 = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_w = d2.T @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-            grad_b = d2.sum(dim=0) if ctx.needs_input_grad[2] else None
-            return grad_x, grad_w, grad_b, None
-        ctx.layer.backward((x, grad_out))
-        return grad_x, None, None, None
+    def input_grads(self, meta, saved, grad_out, needs):
+        return (grad_out.matmul(saved[1].to(grad_out.dtype)) if needs[0] else None,)
+
+    def param_grads(self, meta, saved, grad_out, needs):
+        x = saved[0]
+        d2 = grad_out.reshape(-1, grad_out.shape[-1])
+        return (d2.T @ x.reshape(-1, x.shape[-1]) if needs[0] else None, d2.sum(dim=0) if needs[1] else None)
+
+    def use(self, meta, saved, grad_out):
+        return (saved[0], grad_out)
+
+
+_LINEAR = _LinearOp()
 
 
 class LinearHandler(LayerHandler):
@@ -122,15 +124,12 @@ class LinearHandler(LayerHandler):
         return type(module).forward is nn.Linear.forward and runs_class_forward(module)
 
     def install(self, module: nn.Module, layer) -> Callable[[], None]:
-        """Route the module's forward through :class:`_CapturedLinear` while capture is on."""
+        """Route the module's forward through the captured linear op while capture is on."""
+
         def forward(input):
             weight, bias = module.weight, module.bias
-            if (
-                layer.capturing
-                and torch.is_grad_enabled()
-                and (weight.requires_grad or (bias is not None and bias.requires_grad))
-            ):
-                return _CapturedLinear.apply(input, weight, bias, layer)
+            if captures(layer, weight, bias):
+                return CapturedCall.apply(_LINEAR, layer, input, weight, bias)
             return F.linear(input, weight, bias)
 
         return install_forward(module, forward)
@@ -162,11 +161,10 @@ class LinearHandler(LayerHandler):
         return out
 
 
-class _CapturedConv1D(torch.autograd.Function):
+class _Conv1DOp(_LinearOp):
     """transformers' ``Conv1D`` (``addmm(bias, x, W)``, W stored (in, out)), captured like Linear."""
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, layer):
+    def forward(self, x, weight, bias):
         device_type = x.device.type
         shape = x.shape[:-1] + (weight.shape[1],)
         if x.is_floating_point() and torch.is_autocast_enabled(device_type):
@@ -176,22 +174,18 @@ class _CapturedConv1D(torch.autograd.Function):
                 out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
         else:
             out = torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight)
-        ctx.save_for_backward(x, weight)
-        ctx.layer = layer
-        layer.count_forward()
-        return out.view(shape)
+        return out.view(shape), (x, weight), None
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_out.matmul(weight.to(grad_out.dtype).T) if ctx.needs_input_grad[0] else None
-        if ctx.layer.plain_backward():
-            d2 = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_w = x.reshape(-1, x.shape[-1]).T @ d2 if ctx.needs_input_grad[1] else None
-            grad_b = d2.sum(dim=0) if ctx.needs_input_grad[2] else None
-            return grad_x, grad_w, grad_b, None
-        ctx.layer.backward((x, grad_out))
-        return grad_x, None, None, None
+    def input_grads(self, meta, saved, grad_out, needs):
+        return (grad_out.matmul(saved[1].to(grad_out.dtype).T) if needs[0] else None,)
+
+    def param_grads(self, meta, saved, grad_out, needs):
+        x = saved[0]
+        d2 = grad_out.reshape(-1, grad_out.shape[-1])
+        return (x.reshape(-1, x.shape[-1]).T @ d2 if needs[0] else None, d2.sum(dim=0) if needs[1] else None)
+
+
+_CONV1D = _Conv1DOp()
 
 
 class Conv1DHandler(LinearHandler):
@@ -207,12 +201,12 @@ class Conv1DHandler(LinearHandler):
         return type(module) in self.module_types and runs_class_forward(module)
 
     def install(self, module: nn.Module, layer) -> Callable[[], None]:
-        """Route the module's forward through :class:`_CapturedConv1D` while capture is on."""
+        """Route the module's forward through the captured Conv1D op while capture is on."""
         original = type(module).forward
 
         def forward(x):
-            if layer.capturing and torch.is_grad_enabled() and (module.weight.requires_grad or module.bias.requires_grad):
-                return _CapturedConv1D.apply(x, module.weight, module.bias, layer)
+            if captures(layer, module.weight, module.bias):
+                return CapturedCall.apply(_CONV1D, layer, x, module.weight, module.bias)
             return original(module, x)
 
         return install_forward(module, forward)

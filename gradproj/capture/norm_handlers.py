@@ -2,8 +2,8 @@
 classes of Llama, Qwen2, Qwen3 and Gemma3 (Gemma's ``1 + weight`` form).
 
 The module's normalisation runs as ordinary autograd code; only the affine step
-``y = xhat * (offset + weight) + bias`` goes through :class:`_CapturedAffine`, whose backward hands
-``(xhat, dy)`` to the engine. The sequence gradients are ``s_i = sum_{u in i} dy_u * xhat_u`` (weight)
+``y = xhat * (offset + weight) + bias`` is captured (:mod:`gradproj.capture.captured_call`), its
+backward handing ``(xhat, dy)`` to the engine. The sequence gradients are ``s_i = sum_{u in i} dy_u * xhat_u`` (weight)
 and ``sum_{u in i} dy_u`` (bias): k x d, so they take the batched path for small tensors.
 
 Numerics follow the Hugging Face forwards exactly for float32/bf16/fp16 inputs. For float64 inputs
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradproj.capture.captured_call import CapturedCall, CapturedOp, captures
 from gradproj.capture.forwards import install_forward, runs_class_forward
 from gradproj.capture.handlers import LayerHandler, compute_dtype
 from gradproj.linalg.sequence_grads import TokenSumGrads
@@ -27,33 +28,38 @@ from gradproj.plugins.hookspecs import hookimpl
 __all__ = ["LayerNormHandler", "RMSNormHandler", "GemmaRMSNormHandler"]
 
 
-class _CapturedAffine(torch.autograd.Function):
-    """``y = (xhat * (offset + weight) + bias).to(out_dtype)``; parameter gradients go to the engine."""
+class _AffineOp(CapturedOp):
+    """``y = (xhat * (offset + weight) + bias).to(out_dtype)``; the engine gets ``(xhat, dy)``.
 
-    @staticmethod
-    def forward(ctx, xhat, weight, bias, layer, offset, out_dtype):
-        scale = weight.to(xhat.dtype) + offset if offset else weight.to(xhat.dtype)
-        out = xhat * scale
+    Args (of a call): ``xhat``, ``out_dtype`` (``None``: xhat's), then ``weight`` and ``bias``."""
+
+    n_inputs, n_params = 2, 2
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def _scale(self, weight, dtype):
+        return weight.to(dtype) + self.offset if self.offset else weight.to(dtype)
+
+    def forward(self, xhat, out_dtype, weight, bias):
+        out = xhat * self._scale(weight, xhat.dtype)
         if bias is not None:
             out = out + bias.to(xhat.dtype)
-        ctx.save_for_backward(xhat, weight)
-        ctx.layer, ctx.offset = layer, offset
-        layer.count_forward()
-        return out if out_dtype is None else out.to(out_dtype)
+        return (out if out_dtype is None else out.to(out_dtype)), (xhat, weight), None
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        xhat, weight = ctx.saved_tensors
+    def input_grads(self, meta, saved, grad_out, needs):
+        xhat, weight = saved
+        return (grad_out.to(xhat.dtype) * self._scale(weight, xhat.dtype) if needs[0] else None, None)
+
+    def param_grads(self, meta, saved, grad_out, needs):
+        xhat = saved[0]
         grad = grad_out.to(xhat.dtype)
-        scale = weight.to(xhat.dtype) + ctx.offset if ctx.offset else weight.to(xhat.dtype)
-        grad_xhat = grad * scale if ctx.needs_input_grad[0] else None
-        if ctx.layer.plain_backward():
-            dims = tuple(range(grad.dim() - 1))
-            grad_w = (grad * xhat).sum(dim=dims) if ctx.needs_input_grad[1] else None
-            grad_b = grad.sum(dim=dims) if ctx.needs_input_grad[2] else None
-            return grad_xhat, grad_w, grad_b, None, None, None
-        ctx.layer.backward((xhat, grad))
-        return grad_xhat, None, None, None, None, None
+        dims = tuple(range(grad.dim() - 1))
+        return ((grad * xhat).sum(dim=dims) if needs[0] else None, grad.sum(dim=dims) if needs[1] else None)
+
+    def use(self, meta, saved, grad_out):
+        xhat = saved[0]
+        return (xhat, grad_out.to(xhat.dtype))
 
 
 class _AffineHandler(LayerHandler):
@@ -73,16 +79,15 @@ class _AffineHandler(LayerHandler):
         return runs_class_forward(module) and type(module) in self.module_types
 
     def install(self, module: nn.Module, layer) -> Callable[[], None]:
-        """Route the affine step through :class:`_CapturedAffine` while gradproj captures."""
+        """Route the affine step through the captured affine op while gradproj captures."""
         original = type(module).forward
+        op = _AffineOp(self.offset)
 
         def forward(x):
             weight, bias = module.weight, getattr(module, "bias", None)
-            if layer.capturing and torch.is_grad_enabled() and (
-                weight.requires_grad or (bias is not None and bias.requires_grad)
-            ):
+            if captures(layer, weight, bias):
                 xhat, out_dtype = self.normalise(module, x)
-                return _CapturedAffine.apply(xhat, weight, bias, layer, self.offset, out_dtype)
+                return CapturedCall.apply(op, layer, xhat, out_dtype, weight, bias)
             return original(module, x)
 
         return install_forward(module, forward)

@@ -118,7 +118,7 @@ def block_numel(params: list[torch.Tensor]) -> int:
 
     ``params``: the parameters whose sequence gradients may be materialised. A weight more than
     twice this size (typically a large vocabulary's lm_head) is materialised a
-    block at a time (:class:`gradproj.linalg.sequence_grads.BlockedLinearGrads`), so the
+    block at a time (:class:`gradproj.linalg.linear_grads.BlockedLinearGrads`), so the
     workspace is sized by the second-largest parameter, not by that one.
     """
     sizes = sorted({id(p): p.numel() for p in params}.values(), reverse=True)
