@@ -316,3 +316,29 @@ def poisoned_output_grads(module: nn.Module, poison):
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def registered_strategy(name: str, cls, options=None):
+    """While open, ``cls`` is registered as strategy ``name`` by a plugin module (as a third-party
+    package would register it); unregistered afterwards."""
+    import types
+
+    import gradproj
+    from gradproj.plugins.manager import refresh_registry
+
+    plugin = types.ModuleType(f"gradproj_{name}_plugin")
+
+    @gradproj.hookimpl
+    def gradproj_strategies():
+        return [gradproj.StrategySpec(name, cls, options or gradproj.StrategyOptions)]
+
+    plugin.gradproj_strategies = gradproj_strategies
+    manager = gradproj.get_plugin_manager()
+    manager.register(plugin, name=name)
+    refresh_registry()
+    try:
+        yield
+    finally:
+        manager.unregister(name=name)
+        refresh_registry()

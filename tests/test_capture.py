@@ -6,8 +6,8 @@ import torch
 
 import gradproj
 from helpers import (
-    TinyLM, grpo_coefficients, grpo_loss, make_microbatches, reference_update, run_microbatches,
-    sequence_gradients, token_logprobs, trainable,
+    TinyLM, grpo_coefficients, grpo_loss, make_microbatches, reference_update, registered_strategy,
+    run_microbatches, sequence_gradients, token_logprobs, trainable,
 )
 
 
@@ -293,9 +293,6 @@ def test_detach_releases_the_batching_buffers_and_keeps_gradients():
 def test_coefficient_transforms_see_a_read_only_context_with_the_mask():
     """transform_microbatch gets the microbatch's k, group ids, step groups and mask, read-only."""
     import dataclasses
-    import types
-
-    from gradproj.plugins.manager import refresh_registry
 
     seen = []
 
@@ -306,17 +303,7 @@ def test_coefficient_transforms_see_a_read_only_context_with_the_mask():
                 context.k = 0
             return coefficients
 
-    plugin = types.ModuleType("gradproj_peek_plugin")
-
-    @gradproj.hookimpl
-    def gradproj_strategies():
-        return [gradproj.StrategySpec("peek", Peek, gradproj.StrategyOptions)]
-
-    plugin.gradproj_strategies = gradproj_strategies
-    pm = gradproj.get_plugin_manager()
-    pm.register(plugin, name="peek")
-    refresh_registry()
-    try:
+    with registered_strategy("peek", Peek):
         model = TinyLM()
         opt = wrap(model, ["peek", "proma"])
         ids, attn, mask, adv = make_microbatches(count=1, k=3, seed=2)[0]
@@ -326,17 +313,11 @@ def test_coefficient_transforms_see_a_read_only_context_with_the_mask():
         (context,) = seen
         assert context.k == 3 and context.group_ids == [0, 0, 1] and context.index == 0
         assert torch.equal(context.mask, mask.bool())
-    finally:
-        pm.unregister(name="peek")
-        refresh_registry()
 
 
 def test_a_strategy_refusing_its_options_is_a_config_error_at_wrap():
     """Strategies are built once, by wrap(): a plugin whose constructor refuses its options raises a
     ConfigError there (building the config validates names and options only)."""
-    import types
-
-    from gradproj.plugins.manager import refresh_registry
 
     class Picky(gradproj.Strategy):
         built = 0
@@ -345,17 +326,7 @@ def test_a_strategy_refusing_its_options_is_a_config_error_at_wrap():
             Picky.built += 1
             raise ValueError("needs a GPU")
 
-    plugin = types.ModuleType("gradproj_picky_plugin")
-
-    @gradproj.hookimpl
-    def gradproj_strategies():
-        return [gradproj.StrategySpec("picky", Picky, gradproj.StrategyOptions)]
-
-    plugin.gradproj_strategies = gradproj_strategies
-    pm = gradproj.get_plugin_manager()
-    pm.register(plugin, name="picky")
-    refresh_registry()
-    try:
+    with registered_strategy("picky", Picky):
         config = gradproj.GradProjConfig(strategy="picky")
         assert Picky.built == 0
         model = TinyLM()
@@ -364,6 +335,3 @@ def test_a_strategy_refusing_its_options_is_a_config_error_at_wrap():
         assert all(p.grad is None for p in model.parameters()) and not any(
             type(m.forward).__name__ == "InstalledForward" for m in model.modules()
         )
-    finally:
-        pm.unregister(name="picky")
-        refresh_registry()
