@@ -41,6 +41,22 @@ def test_plain_pytorch_guide_loop_runs(capsys):
     assert capsys.readouterr().out.count("step ") == 3
 
 
+def test_layer_handler_guide_example_runs(capsys):
+    """The handler page's example registers a handler, covers its module and matches autograd."""
+    page = (ROOT / "docs" / "guides" / "write-a-layer-handler.md").read_text()
+    assert '--8<-- "docs/snippets/layer_handler.py"' in page
+    code = (SNIPPETS / "layer_handler.py").read_text()
+    exec(compile(code, "docs/snippets/layer_handler.py", "exec"), {"__name__": "__main__"})
+    assert "gradient equals plain autograd's" in capsys.readouterr().out
+    assert "layer_scale" not in dict(gradproj_plugins())
+
+
+def gradproj_plugins():
+    import gradproj
+
+    return gradproj.get_plugin_manager().list_name_plugin()
+
+
 def test_trl_guide_example_runs(tmp_path):
     page = (ROOT / "docs" / "guides" / "trl.md").read_text()
     assert '--8<-- "docs/snippets/trl_example.py"' in page
