@@ -275,6 +275,10 @@ def tiny_full(arch: str, seed: int = 0, train_embeddings: bool = False, tie: boo
         cfg, cls = transformers.Qwen3Config(head_dim=8, **common), transformers.Qwen3ForCausalLM
     elif arch == "qwen2":
         cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
+    elif arch in ("mistral", "phi3", "olmo2", "smollm3"):
+        names = {"mistral": "Mistral", "phi3": "Phi3", "olmo2": "Olmo2", "smollm3": "SmolLM3"}
+        cfg = getattr(transformers, f"{names[arch]}Config")(bos_token_id=1, eos_token_id=2, **common)
+        cls = getattr(transformers, f"{names[arch]}ForCausalLM")
     else:
         cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
     cfg._attn_implementation = "sdpa"
@@ -342,3 +346,34 @@ def registered_strategy(name: str, cls, options=None):
     finally:
         manager.unregister(name=name)
         refresh_registry()
+
+
+@contextlib.contextmanager
+def exact_norms(model):
+    """HF norms round through float32 even for float64 inputs; while open, the classes of the model's
+    recognised norms compute their own form (offset, bias) in the input's dtype, for an exact float64
+    brute force -- recognised by structure, as the handler does."""
+    from gradproj.capture.norm_probe import normalise, recognise_norm
+
+    forms = {}
+    for module in model.modules():
+        form = recognise_norm(module) if type(module) is not nn.LayerNorm else None
+        if form is not None:
+            forms.setdefault(type(module), form)
+
+    def exact(form):
+        def forward(self, x):
+            out = (normalise(form.kind, x, getattr(self, form.eps)) * (form.offset + self.weight)).to(x.dtype)
+            bias = getattr(self, "bias", None)
+            return out if bias is None else out + bias
+
+        return forward
+
+    saved = {cls: cls.forward for cls in forms}
+    try:
+        for cls, form in forms.items():
+            cls.forward = exact(form)
+        yield forms
+    finally:
+        for cls, forward in saved.items():
+            cls.forward = forward

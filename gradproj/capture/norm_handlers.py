@@ -1,5 +1,6 @@
-"""Layer handlers for elementwise-affine normalisation layers: ``nn.LayerNorm`` and the RMSNorm
-classes of Llama, Qwen2, Qwen3 and Gemma3 (Gemma's ``1 + weight`` form).
+"""Layer handlers for elementwise-affine normalisation layers: ``nn.LayerNorm``, and every other
+norm recognised by what it computes (RMSNorms with ``weight`` or Gemma's ``1 + weight``, with or
+without bias; custom layer norms): :mod:`gradproj.capture.norm_probe`.
 
 The module's normalisation runs as ordinary autograd code; only the affine step
 ``y = xhat * (offset + weight) + bias`` is captured (:mod:`gradproj.capture.captured_call`), its
@@ -13,6 +14,7 @@ brute-force checks exact.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -22,10 +24,11 @@ from torch import nn
 from gradproj.capture.captured_call import CapturedCall, CapturedOp, captures
 from gradproj.capture.forwards import install_forward, runs_class_forward
 from gradproj.capture.handlers import LayerHandler, compute_dtype
+from gradproj.capture.norm_probe import NormForm, normalise, recognise_norm
 from gradproj.linalg.sequence_grads import TokenSumGrads
 from gradproj.plugins.hookspecs import hookimpl
 
-__all__ = ["LayerNormHandler", "RMSNormHandler", "GemmaRMSNormHandler"]
+__all__ = ["LayerNormHandler", "StructuralNormHandler"]
 
 
 class _AffineOp(CapturedOp):
@@ -130,62 +133,52 @@ class LayerNormHandler(_AffineHandler):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps), None
 
 
-def _rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
-    work = x.to(torch.promote_types(x.dtype, torch.float32))
-    return work * torch.rsqrt(work.pow(2).mean(-1, keepdim=True) + eps)
+class StructuralNormHandler(_AffineHandler):
+    """Any other elementwise-affine norm -- the RMSNorms of Llama, Qwen, Mistral, Phi3, Gemma,
+    OLMo2, gpt-oss, ..., with or without bias, and custom layer norms -- recognised by what it
+    computes (:func:`gradproj.capture.norm_probe.recognise_norm`), not by its class name.
 
+    Registered for ``nn.Module``: it is asked only about modules no more specific handler covers,
+    and accepts those whose forward reproduces a known form on a probe input."""
 
-class RMSNormHandler(_AffineHandler):
-    """Llama/Qwen2/Qwen3 RMSNorm: ``weight * normalise(x in fp32).to(input dtype)``."""
+    module_types: tuple[type, ...] = (nn.Module,)
 
-    parameter_names = ("weight",)
+    def __init__(self) -> None:
+        self._forms: weakref.WeakKeyDictionary[nn.Module, NormForm | None] = weakref.WeakKeyDictionary()
 
-    def __init__(self, module_types: tuple[type, ...]) -> None:
-        self.module_types = module_types
+    def form(self, module: nn.Module) -> NormForm | None:
+        """The module's recognised form (probed once per module), or ``None``."""
+        if module not in self._forms:
+            self._forms[module] = recognise_norm(module)
+        return self._forms[module]
 
-    def normalise(self, module, x):
-        """fp32 (fp64 for fp64 inputs) RMS normalisation, cast back to the input dtype."""
-        return _rms_normalise(x, module.variance_epsilon).to(x.dtype), None
+    def accepts(self, module: nn.Module) -> bool:
+        """Modules whose forward is a recognised elementwise-affine norm."""
+        return self.form(module) is not None
 
+    def install(self, module: nn.Module, layer) -> Callable[[], None]:
+        """Run the module's normalisation as it does, and its affine step captured."""
+        form = self.form(module)
+        assert form is not None  # (accepted)
+        op = _AffineOp(form.offset)
+        original = type(module).forward
+        eps = getattr(module, form.eps)
 
-class GemmaRMSNormHandler(_AffineHandler):
-    """Gemma3 RMSNorm: ``(normalise(x in fp32) * (1 + weight)).to(input dtype)``."""
+        def forward(x):
+            weight, bias = module.weight, getattr(module, "bias", None)
+            if not captures(layer, weight, bias):
+                return original(module, x)
+            if form.round_first:
+                xhat, out_dtype = normalise(form.kind, x, eps).to(x.dtype), None
+            else:
+                xhat, out_dtype = normalise(form.kind, x, eps), x.dtype
+            return CapturedCall.apply(op, layer, xhat, out_dtype, weight, bias)
 
-    parameter_names = ("weight",)
-    offset = 1.0
-
-    def __init__(self, module_types: tuple[type, ...]) -> None:
-        self.module_types = module_types
-
-    def normalise(self, module, x):
-        """fp32 (fp64 for fp64 inputs) RMS normalisation; the output is cast to the input dtype."""
-        return _rms_normalise(x, module.eps), x.dtype
-
-
-def _transformers_classes(paths: list[tuple[str, str]]) -> tuple[type, ...]:
-    import importlib
-
-    found = []
-    for module_name, cls_name in paths:
-        try:
-            found.append(getattr(importlib.import_module(module_name), cls_name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
+        return install_forward(module, forward)
 
 
 @hookimpl
 def gradproj_layer_handlers():
-    """Register LayerNorm and, when transformers is installed, the HF RMSNorm classes."""
-    handlers: list[LayerHandler] = [LayerNormHandler()]
-    rms = _transformers_classes([
-        ("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
-        ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
-        ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
-    ])
-    if rms:
-        handlers.append(RMSNormHandler(rms))
-    gemma = _transformers_classes([("transformers.models.gemma3.modeling_gemma3", "Gemma3RMSNorm")])
-    if gemma:
-        handlers.append(GemmaRMSNormHandler(gemma))
+    """Register ``nn.LayerNorm`` and the structural handler for every other elementwise-affine norm."""
+    handlers: list[LayerHandler] = [LayerNormHandler(), StructuralNormHandler()]
     return handlers
