@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import gradproj
-from helpers import TinyLM, float64_exact_norms, make_microbatches, run_microbatches, tiny_full, trainable
+from helpers import VOCAB, TinyLM, float64_exact_norms, make_microbatches, run_microbatches, tiny_full, trainable
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "gemma3"])
@@ -197,3 +197,59 @@ def test_blocked_tied_lm_head_exact(monkeypatch, arch):
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-10, (worst, errors[worst])
     assert any(rows == model.config.vocab_size for rows, _ in built), "the tied lm_head was blocked"
+
+
+class _MixLM(torch.nn.Module):
+    """Embedding -> a linear layer -> causal running mean -> head, over given module classes."""
+
+    def __init__(self, embedding, linear, head, tie=False):
+        super().__init__()
+        self.emb, self.fc, self.head = embedding, linear, head
+        if tie:
+            self.head.weight = self.emb.weight
+        self.double()
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        from types import SimpleNamespace
+
+        x = self.fc(self.emb(input_ids))
+        x = torch.cumsum(x, 1) / torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[None, :, None]
+        return SimpleNamespace(logits=self.head(torch.tanh(x)))
+
+
+def test_linear_subclass_with_its_own_forward_is_verified_and_exact():
+    """transformers' FalconLinear (``x @ W.T + b``, its own forward) is covered once a probe shows it
+    computes F.linear, and exact; a Linear subclass computing something else is refused by name."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    torch.manual_seed(0)
+    model = _MixLM(torch.nn.Embedding(VOCAB, 16), FalconLinear(16, 16), FalconLinear(16, VOCAB, bias=False))
+    model.emb.weight.requires_grad_(False)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+    assert {type(layer.module).__name__ for layer in opt.engine.layers} == {"FalconLinear"}
+    errors = run_microbatches(model, opt, make_microbatches(count=3, k=4, seed=5), ref={})
+    assert max(errors.values()) <= 1e-10, errors
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+    other = _MixLM(torch.nn.Embedding(VOCAB, 16), Doubled(16, 16), torch.nn.Linear(16, VOCAB))
+    other.emb.weight.requires_grad_(False)
+    with pytest.raises(gradproj.CoverageError, match=r"fc\.weight \(Doubled\)"):
+        gradproj.wrap(torch.optim.SGD([p for _, p in trainable(other)], lr=0.1), other, "proma")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_scaled_word_embedding_verified_and_exact(tie):
+    """Gemma2's scaled word embedding (``embedding(ids) * embed_scale``, its own class) is recognised
+    by a probe -- no class list -- and exact, also tied to the output head."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2TextScaledWordEmbedding
+
+    torch.manual_seed(0)
+    embedding = Gemma2TextScaledWordEmbedding(VOCAB, 16, 0, embed_scale=16**0.5)
+    model = _MixLM(embedding, torch.nn.Linear(16, 16), torch.nn.Linear(16, VOCAB, bias=False), tie=tie)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+    assert "emb.weight" in {q for layer in opt.engine.layers for _, _, q in layer.params}
+    errors = run_microbatches(model, opt, make_microbatches(count=3, k=4, seed=7), ref={})
+    assert max(errors.values()) <= 1e-10, errors

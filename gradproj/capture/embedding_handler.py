@@ -6,6 +6,7 @@ Its backward hands ``(ids, dy)`` to the engine; the sequence gradients are built
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from gradproj.capture.captured_call import CapturedCall, CapturedOp, captures
 from gradproj.capture.forwards import install_forward, runs_class_forward
 from gradproj.capture.handlers import LayerHandler, compute_dtype
+from gradproj.capture.probe import class_forward_on
 from gradproj.linalg.embedding_grads import EmbeddingGrads
 from gradproj.plugins.hookspecs import hookimpl
 
@@ -50,32 +52,39 @@ _EMBEDDING = _EmbeddingOp()
 
 
 class EmbeddingHandler(LayerHandler):
-    """``torch.nn.Embedding`` with dense gradients, and scaled-embedding subclasses whose forward is
-    ``embedding(ids) * module.embed_scale`` (Gemma3's). ``sparse``, ``max_norm`` and
-    ``scale_grad_by_freq`` are not supported: such modules stay uncovered."""
+    """``torch.nn.Embedding`` with dense gradients, and subclasses whose own forward is verified on a
+    probe to compute ``embedding(ids)`` or ``embedding(ids) * module.embed_scale`` (the scaled word
+    embeddings of Gemma2, Gemma3, ...). ``sparse``, ``max_norm`` and ``scale_grad_by_freq`` are not
+    supported: such modules stay uncovered."""
 
     module_types = (nn.Embedding,)
     parameter_names = ("weight",)
     provides_tokens = True
 
-    def __init__(self, scaled_types: tuple[type, ...] = ()) -> None:
-        self.scaled_types = scaled_types
+    def __init__(self) -> None:
+        #: module -> "plain", "scaled" or None (probed once)
+        self._forms: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
+
+    def form(self, module: nn.Module) -> str | None:
+        """``"plain"``, ``"scaled"`` or ``None`` (not an embedding lookup gradproj can capture)."""
+        if module not in self._forms:
+            self._forms[module] = _embedding_form(module)
+        return self._forms[module]
 
     def accepts(self, module: nn.Module) -> bool:
-        """Dense embeddings running ``nn.Embedding.forward`` or a known scaled forward."""
-        known = type(module).forward is nn.Embedding.forward or type(module) in self.scaled_types
+        """Dense embeddings computing a plain or scaled lookup."""
         return (
-            known
-            and runs_class_forward(module)
+            runs_class_forward(module)
             and not module.sparse
             and module.max_norm is None
             and not module.scale_grad_by_freq
+            and self.form(module) is not None
         )
 
     def install(self, module: nn.Module, layer) -> Callable[[], None]:
         """Route lookups through the captured embedding op while gradproj captures."""
         original = type(module).forward
-        scaled = type(module) in self.scaled_types
+        scaled = self.form(module) == "scaled"
 
         def forward(input):
             if captures(layer, module.weight):
@@ -99,11 +108,31 @@ class EmbeddingHandler(LayerHandler):
         return {"weight": EmbeddingGrads(ids_all, grads_all, module.num_embeddings, module.padding_idx)}
 
 
+def _embedding_form(module: nn.Module) -> str | None:
+    """``"plain"`` for ``nn.Embedding.forward``; for a subclass's own forward, what a float64 probe
+    shows it computes: ``"plain"``, ``"scaled"`` (times ``module.embed_scale``) or ``None``."""
+    if type(module).forward is nn.Embedding.forward:
+        return "plain"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    n, d = weight.shape
+    ids = torch.randint(0, n, (2, 3), generator=generator)
+    w = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    out = class_forward_on(module, {"weight": w}, ids)
+    if not isinstance(out, torch.Tensor) or out.shape != (2, 3, d):
+        return None
+    plain = F.embedding(ids, w, getattr(module, "padding_idx", None))
+    if torch.allclose(out, plain, rtol=1e-12, atol=0.0):
+        return "plain"
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, torch.Tensor) and torch.allclose(out, plain * scale.to(torch.float64), rtol=1e-7, atol=0.0):
+        return "scaled"
+    return None
+
+
 @hookimpl
 def gradproj_layer_handlers():
-    """Register the ``nn.Embedding`` handler (with Gemma3's scaled embedding when transformers is installed)."""
-    try:
-        from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
-    except ImportError:
-        return [EmbeddingHandler()]
-    return [EmbeddingHandler((Gemma3TextScaledWordEmbedding,))]
+    """Register the ``nn.Embedding`` handler."""
+    return [EmbeddingHandler()]

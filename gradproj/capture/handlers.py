@@ -17,6 +17,7 @@ peft's LoRA adapters (``lora_A``/``lora_B``) are ``nn.Linear`` and need nothing 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from gradproj.capture.captured_call import CapturedCall, CapturedOp, captures
 from gradproj.capture.forwards import install_forward, runs_class_forward
+from gradproj.capture.probe import class_forward_on
 from gradproj.linalg.linear_grads import linear_weight_grads
 from gradproj.linalg.sequence_grads import TokenSumGrads
 from gradproj.plugins.hookspecs import hookimpl
@@ -119,18 +121,29 @@ class LinearHandler(LayerHandler):
     #: (out, in) with ``s_i = D_i^T A_i``.
     weight_transposed = False
 
+    def __init__(self) -> None:
+        self._verified: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
     def accepts(self, module: nn.Module) -> bool:
-        """Only modules that run ``nn.Linear.forward`` unchanged (subclasses overriding it are not)."""
-        return type(module).forward is nn.Linear.forward and runs_class_forward(module)
+        """Modules running ``nn.Linear.forward``, or a subclass's own forward (transformers'
+        ``FalconLinear``, ...) verified to compute ``F.linear`` on a probe input."""
+        if not runs_class_forward(module):
+            return False
+        if type(module).forward is nn.Linear.forward:
+            return True
+        if module not in self._verified:
+            self._verified[module] = _computes_linear(module)
+        return self._verified[module]
 
     def install(self, module: nn.Module, layer) -> Callable[[], None]:
         """Route the module's forward through the captured linear op while capture is on."""
+        original = type(module).forward
 
         def forward(input):
             weight, bias = module.weight, module.bias
             if captures(layer, weight, bias):
                 return CapturedCall.apply(_LINEAR, layer, input, weight, bias)
-            return F.linear(input, weight, bias)
+            return original(module, input)
 
         return install_forward(module, forward)
 
@@ -194,6 +207,7 @@ class Conv1DHandler(LinearHandler):
     weight_transposed = True
 
     def __init__(self, module_types: tuple[type, ...]) -> None:
+        super().__init__()
         self.module_types = module_types
 
     def accepts(self, module: nn.Module) -> bool:
@@ -210,6 +224,21 @@ class Conv1DHandler(LinearHandler):
             return original(module, x)
 
         return install_forward(module, forward)
+
+
+def _computes_linear(module: nn.Module) -> bool:
+    """Whether the module's class forward computes ``F.linear(x, weight, bias)`` (float64 probe)."""
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    d_out, d_in = weight.shape
+    x = torch.randn(2, 3, d_in, generator=generator, dtype=torch.float64)
+    w = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+    b = None if bias is None else torch.randn(d_out, generator=generator, dtype=torch.float64)
+    out = class_forward_on(module, {"weight": w, "bias": b}, x)
+    expected = F.linear(x, w, b)
+    return isinstance(out, torch.Tensor) and out.shape == expected.shape and torch.allclose(out, expected, rtol=1e-10, atol=1e-12)
 
 
 @hookimpl

@@ -4,7 +4,7 @@ A module qualifies when its only direct parameters are a 1-D ``weight`` (and opt
 ``bias`` of the same size), it has a float epsilon attribute (``variance_epsilon``, ``eps`` or
 ``epsilon``), it runs its class's own forward, and that forward -- run on a stand-in of the module
 holding random probe parameters, so the module itself and its hooks are untouched -- reproduces one
-of the known forms on a random probe input:
+of the known forms on a random probe input (:func:`gradproj.capture.probe.class_forward_on`):
 
 * RMS normalisation: ``normalise(x) * (offset + weight) [+ bias]`` with ``offset`` 0 (Llama, Qwen,
   Mistral, Phi3, OLMo2, gpt-oss, ...) or 1 (Gemma);
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradproj.capture.forwards import runs_class_forward
+from gradproj.capture.probe import class_forward_on
 
 __all__ = ["NormForm", "recognise_norm", "normalise", "rms", "EPS_ATTRIBUTES"]
 
@@ -57,18 +58,8 @@ def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return work * torch.rsqrt(work.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def _stand_in(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
-    """An object of the module's class with the module's plain attributes and probe parameters
-    (no hooks, no submodules, no buffers): its class forward can run without touching the module."""
-    stand = type(module).__new__(type(module))
-    nn.Module.__init__(stand)
-    for key, value in module.__dict__.items():
-        if not key.startswith("_") and key not in ("forward", "training"):
-            object.__setattr__(stand, key, value)
-    stand.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        stand.bias = nn.Parameter(bias, requires_grad=False)
-    return stand
+def _params(weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+    return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
 
 
 def _eps(module: nn.Module) -> str | None:
@@ -106,11 +97,7 @@ def recognise_norm(module: nn.Module) -> NormForm | None:
     x = torch.randn(2, 3, d, generator=generator) + 1.0  # a non-zero mean tells RMS from layer norm
     w = torch.randn(d, generator=generator) * 0.5 + 1.0
     b = None if bias is None else torch.randn(d, generator=generator) * 0.1
-    try:
-        with torch.no_grad():
-            out = type(module).forward(_stand_in(module, w, b), x)
-    except Exception:  # a forward that needs more than one tensor, or other state
-        return None
+    out = class_forward_on(module, _params(w, b), x)
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         return None
     matches = [(kind, offset) for kind, offset, y in _candidates(x.double(), w.double(), None if b is None else b.double(), eps)
@@ -138,10 +125,8 @@ def _rounds_first(module, kind, x, w, b, offset, eps) -> bool | None:
     low = torch.bfloat16
     xl, wl = x.to(low), w.to(low)
     bl = None if b is None else b.to(low)
-    try:
-        with torch.no_grad():
-            out = type(module).forward(_stand_in(module, wl, bl), xl)
-    except Exception:
+    out = class_forward_on(module, _params(wl, bl), xl)
+    if not isinstance(out, torch.Tensor):
         return None
     extra = 0.0 if bl is None else bl
     first = normalise(kind, xl, eps).to(low) * (offset + wl) + extra

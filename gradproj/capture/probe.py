@@ -1,0 +1,34 @@
+"""Running a module's class forward on a stand-in: what the structural handlers verify with.
+
+A handler that recognises modules by what they compute (a norm class it was never told about, a
+Linear or Embedding subclass with its own forward) runs the module's *class* forward on a stand-in:
+an object of the same class holding the module's plain attributes and buffers but probe
+parameters, and no hooks or submodules. The module itself -- its parameters, hooks (FSDP's,
+accelerate's) and autograd state -- is never touched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["class_forward_on"]
+
+
+def class_forward_on(module: nn.Module, params: dict[str, torch.Tensor | None], *args):
+    """``type(module).forward`` run on a stand-in of ``module`` whose parameters are ``params``
+    (``None`` for an absent one), under ``no_grad``; ``None`` if it raises (it needs more state)."""
+    stand = type(module).__new__(type(module))
+    nn.Module.__init__(stand)
+    for key, value in module.__dict__.items():
+        if not key.startswith("_") and key not in ("forward", "training"):
+            object.__setattr__(stand, key, value)
+    for name, buffer in module.named_buffers(recurse=False):
+        stand.register_buffer(name, buffer)
+    for name, value in params.items():
+        stand.register_parameter(name, None if value is None else nn.Parameter(value, requires_grad=False))
+    try:
+        with torch.no_grad():
+            return type(module).forward(stand, *args)
+    except Exception:  # a forward that needs other arguments or state: not this form
+        return None
