@@ -34,6 +34,19 @@ def _format_validation_error(err: ValidationError, context: str) -> str:
     return f"{context}: " + "; ".join(parts)
 
 
+def _check_spec(spec) -> None:
+    """Refuse a plugin's strategy whose role or class does not follow the contract (plugin bugs,
+    or a class written for the earlier contract whose flags would be silently ignored)."""
+    if spec.role not in ("accumulate", "transform"):
+        raise ConfigError(f"strategy {spec.name!r} has unknown role {spec.role!r} (plugin bug)")
+    problems = spec.contract_problems()
+    if problems:
+        raise ConfigError(
+            f"strategy {spec.name!r} does not follow gradproj's strategy contract: {'; '.join(problems)}. "
+            "See docs/guides/write-a-strategy.md"
+        )
+
+
 class GradProjConfig(BaseModel):
     """What ``gradproj.wrap`` should do.
 
@@ -146,8 +159,7 @@ class GradProjConfig(BaseModel):
             if spec.name in seen:
                 raise ConfigError(f"strategy {spec.name!r} appears twice in {self.strategies}; list it once")
             seen.add(spec.name)
-            if spec.role not in ("accumulate", "transform"):
-                raise ConfigError(f"strategy {spec.name!r} has unknown role {spec.role!r} (plugin bug)")
+            _check_spec(spec)
         for position, spec in enumerate(specs):
             if spec.role == "accumulate" and position != len(specs) - 1:
                 raise ConfigError(

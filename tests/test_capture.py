@@ -335,3 +335,37 @@ def test_a_strategy_refusing_its_options_is_a_config_error_at_wrap():
         assert all(p.grad is None for p in model.parameters()) and not any(
             type(m.forward).__name__ == "InstalledForward" for m in model.modules()
         )
+
+
+@pytest.mark.parametrize("legacy", ["per_layer_transform", "needs_tokens_rule", "accumulate_batch_rule", "not_a_strategy"])
+def test_a_strategy_written_for_the_earlier_contract_is_refused(legacy):
+    """Flags and hooks of the earlier strategy contract would be ignored -- a per-layer transform
+    would silently never run: such a class is a ConfigError naming the fix, before anything is
+    installed."""
+
+    class OldTransform(gradproj.CoefficientTransform):
+        per_layer = True
+
+        def transform_layer(self, batch):
+            return batch.coefficients * 0.0
+
+    class OldTokens(gradproj.Strategy):
+        needs_tokens = True
+
+    class OldBatched(gradproj.Strategy):
+        def accumulate_batch(self, batch):
+            return batch.combine(batch.coefficients)
+
+    class NotAStrategy:
+        role = "accumulate"
+
+    classes = {"per_layer_transform": OldTransform, "needs_tokens_rule": OldTokens,
+               "accumulate_batch_rule": OldBatched, "not_a_strategy": NotAStrategy}
+    with registered_strategy("legacy", classes[legacy]):
+        model = TinyLM()
+        trained = [p.requires_grad for p in model.parameters()]
+        strategy = ["legacy", "proma"] if legacy == "per_layer_transform" else "legacy"
+        with pytest.raises(gradproj.ConfigError, match="does not follow gradproj's strategy contract"):
+            wrap(model, strategy)
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert [p.requires_grad for p in model.parameters()] == trained

@@ -146,3 +146,23 @@ def test_a_norm_like_module_computing_something_else_is_refused():
     with pytest.raises(gradproj.CoverageError, match=r"1\.weight \(ScaledRMSNorm\)"):
         gradproj.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, "proma")
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_recognised_norm_reads_its_epsilon_at_each_call():
+    """Changing the module's epsilon after wrap() changes the captured forward as it changes the
+    module's own."""
+    import transformers.models.mistral.modeling_mistral as mistral
+
+    torch.manual_seed(0)
+    norm = mistral.MistralRMSNorm(16)
+    model = nn.Sequential(nn.Linear(16, 16), norm, nn.Linear(16, 4))
+    opt = gradproj.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, "proma")
+    x = torch.randn(2, 3, 16) * 1e-3
+    norm.variance_epsilon = 1.0
+    captured = model(x)
+    with opt.paused():
+        plain = model(x)
+    torch.testing.assert_close(captured, plain)
+    opt.detach()
+    norm.variance_epsilon = 1e-6
+    assert not torch.allclose(model(x), plain)

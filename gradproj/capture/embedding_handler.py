@@ -6,7 +6,6 @@ Its backward hands ``(ids, dy)`` to the engine; the sequence gradients are built
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 from gradproj.capture.captured_call import CapturedCall, CapturedOp, captures
 from gradproj.capture.forwards import install_forward, runs_class_forward
 from gradproj.capture.handlers import LayerHandler, compute_dtype
-from gradproj.capture.probe import class_forward_on
+from gradproj.capture.probe import ProbedForms, class_forward_on
 from gradproj.linalg.embedding_grads import EmbeddingGrads
 from gradproj.plugins.hookspecs import hookimpl
 
@@ -62,14 +61,8 @@ class EmbeddingHandler(LayerHandler):
     provides_tokens = True
 
     def __init__(self) -> None:
-        #: module -> "plain", "scaled" or None (probed once)
-        self._forms: weakref.WeakKeyDictionary[nn.Module, str | None] = weakref.WeakKeyDictionary()
-
-    def form(self, module: nn.Module) -> str | None:
-        """``"plain"``, ``"scaled"`` or ``None`` (not an embedding lookup gradproj can capture)."""
-        if module not in self._forms:
-            self._forms[module] = _embedding_form(module)
-        return self._forms[module]
+        #: ``"plain"``, ``"scaled"`` or ``None`` (not a lookup gradproj can capture), probed once per module
+        self.form: ProbedForms[str | None] = ProbedForms(_embedding_form)
 
     def accepts(self, module: nn.Module) -> bool:
         """Dense embeddings computing a plain or scaled lookup."""

@@ -17,7 +17,6 @@ peft's LoRA adapters (``lora_A``/``lora_B``) are ``nn.Linear`` and need nothing 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -27,7 +26,7 @@ from torch import nn
 
 from gradproj.capture.captured_call import CapturedCall, CapturedOp, captures
 from gradproj.capture.forwards import install_forward, runs_class_forward
-from gradproj.capture.probe import class_forward_on
+from gradproj.capture.probe import ProbedForms, class_forward_on
 from gradproj.linalg.linear_grads import linear_weight_grads
 from gradproj.linalg.sequence_grads import TokenSumGrads
 from gradproj.plugins.hookspecs import hookimpl
@@ -122,7 +121,8 @@ class LinearHandler(LayerHandler):
     weight_transposed = False
 
     def __init__(self) -> None:
-        self._verified: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+        #: whether a subclass's own forward computes F.linear, probed once per module
+        self._computes_linear: ProbedForms[bool] = ProbedForms(_computes_linear)
 
     def accepts(self, module: nn.Module) -> bool:
         """Modules running ``nn.Linear.forward``, or a subclass's own forward (transformers'
@@ -131,9 +131,7 @@ class LinearHandler(LayerHandler):
             return False
         if type(module).forward is nn.Linear.forward:
             return True
-        if module not in self._verified:
-            self._verified[module] = _computes_linear(module)
-        return self._verified[module]
+        return self._computes_linear(module)
 
     def install(self, module: nn.Module, layer) -> Callable[[], None]:
         """Route the module's forward through the captured linear op while capture is on."""

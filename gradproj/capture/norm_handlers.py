@@ -14,7 +14,6 @@ brute-force checks exact.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -25,6 +24,7 @@ from gradproj.capture.captured_call import CapturedCall, CapturedOp, captures
 from gradproj.capture.forwards import install_forward, runs_class_forward
 from gradproj.capture.handlers import LayerHandler, compute_dtype
 from gradproj.capture.norm_probe import NormForm, normalise, recognise_norm
+from gradproj.capture.probe import ProbedForms
 from gradproj.linalg.sequence_grads import TokenSumGrads
 from gradproj.plugins.hookspecs import hookimpl
 
@@ -144,13 +144,8 @@ class StructuralNormHandler(_AffineHandler):
     module_types: tuple[type, ...] = (nn.Module,)
 
     def __init__(self) -> None:
-        self._forms: weakref.WeakKeyDictionary[nn.Module, NormForm | None] = weakref.WeakKeyDictionary()
-
-    def form(self, module: nn.Module) -> NormForm | None:
-        """The module's recognised form (probed once per module), or ``None``."""
-        if module not in self._forms:
-            self._forms[module] = recognise_norm(module)
-        return self._forms[module]
+        #: the module's recognised form (probed once per module), or ``None``
+        self.form: ProbedForms[NormForm | None] = ProbedForms(recognise_norm)
 
     def accepts(self, module: nn.Module) -> bool:
         """Modules whose forward is a recognised elementwise-affine norm."""
@@ -162,12 +157,12 @@ class StructuralNormHandler(_AffineHandler):
         assert form is not None  # (accepted)
         op = _AffineOp(form.offset)
         original = type(module).forward
-        eps = getattr(module, form.eps)
 
         def forward(x):
             weight, bias = module.weight, getattr(module, "bias", None)
             if not captures(layer, weight, bias):
                 return original(module, x)
+            eps = getattr(module, form.eps)  # (read at each call, as the module's own forward does)
             if form.round_first:
                 xhat, out_dtype = normalise(form.kind, x, eps).to(x.dtype), None
             else:

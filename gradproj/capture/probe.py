@@ -9,10 +9,14 @@ accelerate's) and autograd state -- is never touched.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 import torch
 from torch import nn
 
-__all__ = ["class_forward_on"]
+__all__ = ["class_forward_on", "ProbedForms"]
 
 
 def class_forward_on(module: nn.Module, params: dict[str, torch.Tensor | None], *args):
@@ -32,3 +36,21 @@ def class_forward_on(module: nn.Module, params: dict[str, torch.Tensor | None], 
             return type(module).forward(stand, *args)
     except Exception:  # a forward that needs other arguments or state: not this form
         return None
+
+
+T = TypeVar("T")
+
+
+class ProbedForms(Generic[T]):
+    """What ``probe(module)`` found, computed once per module (weakly keyed: a freed module is
+    forgotten). Structural handlers ask it from ``accepts`` and again from ``install``."""
+
+    def __init__(self, probe: Callable[[nn.Module], T]) -> None:
+        self._probe = probe
+        self._found: weakref.WeakKeyDictionary[nn.Module, T] = weakref.WeakKeyDictionary()
+
+    def __call__(self, module: nn.Module) -> T:
+        """The probe's result for ``module``."""
+        if module not in self._found:
+            self._found[module] = self._probe(module)
+        return self._found[module]

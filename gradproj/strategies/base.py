@@ -117,6 +117,11 @@ class CoefficientTransform(StrategyBase):
         return batch.coefficients.expand(len(batch), batch.k)
 
 
+#: class flags and hooks of the earlier strategy contract, refused rather than silently ignored
+LEGACY_FLAGS = frozenset({"needs_capture", "plain_when_no_grad", "needs_tokens", "may_defer", "per_layer"})
+LEGACY_HOOKS = frozenset({"accumulate_batch", "transform_batch"})
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     """How a plugin announces a strategy.
@@ -142,6 +147,34 @@ class StrategySpec:
     def role(self) -> str:
         """``"accumulate"`` or ``"transform"`` (from the strategy class)."""
         return self.cls.role
+
+    def contract_problems(self) -> list[str]:
+        """What in the strategy class does not follow the current contract (empty when it does): a
+        class that is neither a :class:`Strategy` nor a :class:`CoefficientTransform`, capabilities
+        that are not a :class:`gradproj.Capabilities`, or flags and hooks of the earlier contract
+        (``per_layer = True``, ``accumulate_batch``, ...) that gradproj would silently ignore."""
+        cls = self.cls
+        if not (isinstance(cls, type) and issubclass(cls, (Strategy, CoefficientTransform))):
+            return [f"{cls!r} is neither a gradproj.Strategy nor a gradproj.CoefficientTransform subclass"]
+        problems = []
+        if not isinstance(cls.capabilities, Capabilities):
+            problems.append(f"capabilities is {cls.capabilities!r}, not a gradproj.Capabilities(...)")
+        for klass in cls.__mro__:
+            if klass in (Strategy, CoefficientTransform, StrategyBase, object):
+                continue
+            flags = sorted(LEGACY_FLAGS & set(vars(klass)))
+            if flags:
+                problems.append(
+                    f"{klass.__name__} sets {', '.join(flags)} as class attributes; declare them once as "
+                    f"capabilities = gradproj.Capabilities({', '.join(f + '=...' for f in flags)})"
+                )
+            hooks = sorted(LEGACY_HOOKS & set(vars(klass)))
+            if hooks:
+                problems.append(
+                    f"{klass.__name__} defines {', '.join(hooks)}, which gradproj no longer calls; "
+                    "accumulate(batch) / transform_layer(batch) receive every batch, stacked or single"
+                )
+        return problems
 
     def option_names(self) -> list[str]:
         """The option names this strategy accepts."""
