@@ -377,3 +377,67 @@ def exact_norms(model):
     finally:
         for cls, forward in saved.items():
             cls.forward = forward
+
+
+#: MoE families of transformers used by the MoE tests (tiny configs below)
+MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
+
+
+def tiny_moe(arch: str, seed: int = 0, experts: int = 4, top_k: int = 2):
+    """A tiny random float64 MoE model of transformers' ``arch`` (fused 3-D experts, eager expert
+    loop: torch's grouped_mm has no float64), every parameter trainable except the input embedding
+    and gpt-oss's attention sinks; routers, biases and norms perturbed so that none is trivial."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  pad_token_id=0, max_position_embeddings=128, tie_word_embeddings=False)
+    if arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(head_dim=8, num_experts=experts, num_experts_per_tok=top_k,
+                                          moe_intermediate_size=16, intermediate_size=48, **common)
+        cls = transformers.Qwen3MoeForCausalLM
+    elif arch == "qwen2_moe":
+        cfg = transformers.Qwen2MoeConfig(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=16,
+                                          shared_expert_intermediate_size=24, intermediate_size=48, **common)
+        cls = transformers.Qwen2MoeForCausalLM
+    elif arch == "mixtral":
+        cfg = transformers.MixtralConfig(num_local_experts=experts, num_experts_per_tok=top_k, intermediate_size=24, **common)
+        cls = transformers.MixtralForCausalLM
+    elif arch == "olmoe":
+        cfg = transformers.OlmoeConfig(num_experts=experts, num_experts_per_tok=top_k, intermediate_size=24,
+                                       bos_token_id=1, eos_token_id=2, **common)
+        cls = transformers.OlmoeForCausalLM
+    elif arch == "gpt_oss":
+        cfg = transformers.GptOssConfig(num_local_experts=experts, num_experts_per_tok=top_k, head_dim=8,
+                                        intermediate_size=24, **common)
+        cls = transformers.GptOssForCausalLM
+    else:
+        raise ValueError(arch)
+    cfg._attn_implementation = "eager" if arch == "gpt_oss" else "sdpa"  # gpt-oss's sinks need eager
+    cfg._experts_implementation = "eager"
+    model = cls(cfg).double()
+    for name, p in model.named_parameters():
+        p.requires_grad_("embed_tokens" not in name and not name.endswith("sinks"))
+        if "norm" in name or "bias" in name or "router" in name or name.endswith("gate.weight"):
+            with torch.no_grad():
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@contextlib.contextmanager
+def float64_routers():
+    """HF routers round through float32 (``softmax(..., dtype=torch.float)``, ``logits.float()``);
+    while open, both keep a float64 input's dtype, so an MoE model's brute force is float64 throughout."""
+    softmax, to_float = torch.nn.functional.softmax, torch.Tensor.float
+
+    def exact_softmax(x, dim=None, _stacklevel=3, dtype=None):
+        return softmax(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype)
+
+    def exact_float(self, *args, **kwargs):
+        return self if self.dtype == torch.float64 else to_float(self, *args, **kwargs)
+
+    torch.nn.functional.softmax, torch.Tensor.float = exact_softmax, exact_float
+    try:
+        yield
+    finally:
+        torch.nn.functional.softmax, torch.Tensor.float = softmax, to_float

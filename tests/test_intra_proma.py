@@ -36,15 +36,19 @@ def svd_basis(x: torch.Tensor, rank: int, energy=None) -> torch.Tensor:
     return vh[:r].T
 
 
-def token_data(model, ids, attn, mask, logp_fn=None):
-    """Per covered module: inputs, outputs and unweighted output gradients (one plain backward)."""
+def token_data(model, ids, attn, mask, logp_fn=None, arguments=None):
+    """Per covered module: inputs, outputs and unweighted output gradients (one plain backward).
+    A module returning a tuple (an MoE router: logits, scores, indices) is seen through its first
+    output. ``arguments`` (a dict), if given, receives every module's positional arguments."""
     inputs, outputs = {}, {}
     hooks = []
     for name, module in model.named_modules():
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             def hook(mod, args, out, name=name):
                 inputs[name] = args[0]
-                outputs[name] = out
+                outputs[name] = out[0] if isinstance(out, tuple) else out
+                if arguments is not None:
+                    arguments[name] = args
             hooks.append(module.register_forward_hook(hook))
     logp = token_logprobs(model, ids, attn) if logp_fn is None else logp_fn(model)
     for h in hooks:
@@ -59,7 +63,8 @@ def brute_intra(model, ids, attn, mask, c, *, rank=8, energy=None, projector="co
 
     ``layer_c(S_name, c)``: per-layer coefficient transform (stacked isopo), applied to ``c``.
     """
-    logp, inputs, outputs, deltas = token_data(model, ids, attn, mask, logp_fn)
+    arguments: dict = {}
+    logp, inputs, outputs, deltas = token_data(model, ids, attn, mask, logp_fn, arguments)
     S = sequence_gradients(model, logp, mask)
     out = {}
     c_all = c
@@ -81,6 +86,10 @@ def brute_intra(model, ids, attn, mask, c, *, rank=8, energy=None, projector="co
             pd = projector_of(svd_basis(rows[k2], rank, energy))
             pa = projector_of(svd_basis(cols[k2], rank, energy))
             out[name] = apply_projector(g, pd, pa, projector)
+            continue
+        if hasattr(module, "gate_up_proj"):  # fused MoE experts: each expert's slice on its own tokens
+            out[name] = expert_projection(module, attr, g, arguments[mod_name], outputs[mod_name], deltas[mod_name],
+                                          rank, energy, projector)
             continue
         if isinstance(module, nn.Embedding):
             rows, cols = embedding_factors(module, inputs[mod_name], deltas[mod_name])
@@ -109,7 +118,7 @@ def brute_intra(model, ids, attn, mask, c, *, rank=8, energy=None, projector="co
             pa = projector_of(svd_basis(delta[keep], rank, energy))
             out[name] = apply_projector(g, pd, pa, projector)
             continue
-        if isinstance(module, nn.Linear) and attr == "weight":
+        if attr == "weight" and param.dim() == 2:  # nn.Linear, or an MoE router's F.linear
             a = inputs[mod_name].reshape(-1, param.shape[1])[keep]
             d = delta[keep]
             ud, ua = svd_basis(d, rank, energy), svd_basis(a, rank, energy)
@@ -130,6 +139,50 @@ def brute_intra(model, ids, attn, mask, c, *, rank=8, energy=None, projector="co
         rows = torch.stack(rows)[keep]
         u_basis = svd_basis(rows, rank, energy)
         out[name] = (g.reshape(-1) - u_basis @ (u_basis.T @ g.reshape(-1))).reshape(param.shape)
+    return out
+
+
+def expert_projection(module, attr, g, args, y, dy, rank, energy, projector):
+    """Brute force for a fused experts parameter: per token t and routed expert e, the gradient of
+    ``<y_t, dy_t>`` with respect to the parameter (one autograd call per token) -- rank one,
+    ``u v^T`` -- with the factor on the known side (the expert's input x_t for ``gate_up``, the
+    down projection's output gradient ``w_te dy_t`` for ``down``) taken as is and the other side
+    read off the gradient; each expert's slice is then projected with the SVD bases of its own
+    tokens' factors."""
+    x, index, weights = args[0], args[1], args[2]
+    param = getattr(module, attr)
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    transposed = module.gate_up_proj.shape[1] == x.shape[-1] and module.gate_up_proj.shape[2] != x.shape[-1]
+    factors = {}  # expert -> list of (row-side factor, col-side factor or None)
+    for t in range(x2.shape[0]):
+        if not bool(dy2[t].abs().amax() > 0):
+            continue
+        (grad,) = torch.autograd.grad((y.reshape(-1, y.shape[-1])[t] * dy2[t]).sum(), param, retain_graph=True)
+        for slot, e in enumerate(index[t].tolist()):
+            if e >= param.shape[0] or not bool(grad[e].abs().amax() > 0):
+                continue
+            block = grad[e]
+            if block.dim() == 1:  # a bias: the token's gradient row itself
+                factors.setdefault(e, []).append((block, None))
+                continue
+            known = x2[t] if attr == "gate_up_proj" else weights[t, slot] * dy2[t]
+            # gate_up: block = dh x^T (x^T dh transposed); down: block = do a^T (a do^T transposed)
+            if attr == "gate_up_proj":
+                other = (block.T @ known if transposed else block @ known) / known.dot(known)
+                row, col = (known, other) if transposed else (other, known)
+            else:
+                other = (block @ known if transposed else block.T @ known) / known.dot(known)
+                row, col = (other, known) if transposed else (known, other)
+            factors.setdefault(e, []).append((row, col))
+    out = g.clone()
+    for e, pairs in factors.items():
+        rows = torch.stack([r for r, _ in pairs])
+        u_r = svd_basis(rows, rank, energy)
+        if pairs[0][1] is None:
+            out[e] = g[e] - u_r @ (u_r.T @ g[e])
+            continue
+        u_c = svd_basis(torch.stack([c for _, c in pairs]), rank, energy)
+        out[e] = apply_projector(g[e], projector_of(u_r), projector_of(u_c), projector)
     return out
 
 

@@ -27,11 +27,12 @@ from torch import nn
 from gradproj.capture.captured_call import CapturedCall, CapturedOp, captures
 from gradproj.capture.forwards import install_forward, runs_class_forward
 from gradproj.capture.probe import ProbedForms, class_forward_on
+from gradproj.capture.token_rows import as_token_rows
 from gradproj.linalg.linear_grads import linear_weight_grads
 from gradproj.linalg.sequence_grads import TokenSumGrads
 from gradproj.plugins.hookspecs import hookimpl
 
-__all__ = ["LayerHandler", "LinearHandler", "Conv1DHandler", "compute_dtype"]
+__all__ = ["LayerHandler", "LinearHandler", "Conv1DHandler", "captured_linear", "compute_dtype"]
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,6 +56,10 @@ class LayerHandler:
     #: Whether the sequence gradients it returns offer ``token_factors()`` (needed by strategies
     #: with ``needs_tokens``, e.g. ``intra_proma``).
     provides_tokens: ClassVar[bool] = False
+    #: A structural handler recognises modules by what they compute rather than by type: it is
+    #: asked (``accepts``) about every module no type-specific handler covers, in registration
+    #: order; its ``module_types`` is usually empty.
+    structural: ClassVar[bool] = False
 
     def accepts(self, module: nn.Module) -> bool:
         """Whether this handler can capture this particular module (default: yes)."""
@@ -109,6 +114,15 @@ class _LinearOp(CapturedOp):
 _LINEAR = _LinearOp()
 
 
+def captured_linear(layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through the captured linear op of ``layer``. A 2-D ``x`` whose
+    rows are provably a flattening of ``(B, T, d)`` tokens (MoE routers and shared experts) runs as
+    ``(B, T, d)``, so the layout can tell each row's sequence (:mod:`gradproj.capture.token_rows`)."""
+    rows = as_token_rows(x)
+    out = CapturedCall.apply(_LINEAR, layer, rows, weight, bias)
+    return out if rows is x else out.reshape(x.shape[0], out.shape[-1])
+
+
 class LinearHandler(LayerHandler):
     """``torch.nn.Linear`` (weight and bias); covers peft LoRA's ``lora_A``/``lora_B`` too."""
 
@@ -140,7 +154,7 @@ class LinearHandler(LayerHandler):
         def forward(input):
             weight, bias = module.weight, module.bias
             if captures(layer, weight, bias):
-                return CapturedCall.apply(_LINEAR, layer, input, weight, bias)
+                return captured_linear(layer, input, weight, bias)
             return original(module, input)
 
         return install_forward(module, forward)
@@ -167,7 +181,7 @@ class LinearHandler(LayerHandler):
                 out["weight"].out_side = "A"
         if "bias" in slots:
             torch.sum(d, dim=1, out=slots["bias"])
-        elif layer.module.bias is not None and layer.module.bias.requires_grad:
+        elif getattr(layer.module, "bias", None) is not None and layer.module.bias.requires_grad:
             out["bias"] = TokenSumGrads(d)
         return out
 

@@ -14,7 +14,7 @@ import torch
 
 from gradproj.errors import InputError
 
-__all__ = ["PaddedLayout", "PackedLayout", "make_layout", "cu_seqlens_from_position_ids", "check_row_order"]
+__all__ = ["PaddedLayout", "PackedLayout", "make_layout", "cu_seqlens_from_position_ids", "check_row_order", "sequence_reorder"]
 
 
 class PaddedLayout:
@@ -54,6 +54,23 @@ class PaddedLayout:
                 "per-sequence gradients: pass them per row."
             )
         return tensor.reshape(self.k, -1, tensor.shape[-1])
+
+    def sequence_of_rows(self, rows: torch.Tensor, n: int, token_shape, layer) -> torch.Tensor:
+        """The sequence of each of ``rows`` (indices into a flattened activation of ``n`` rows whose
+        provenance ``token_shape`` -- ``(B, T)`` or ``None`` -- was recorded at the forward)."""
+        if token_shape is not None and token_shape[0] == self.k and token_shape[0] * token_shape[1] == n:
+            return torch.div(rows, token_shape[1], rounding_mode="floor")
+        if token_shape is None and not self.token_axis and n == self.k:
+            return rows
+        raise InputError(
+            f"layer {layer.name!r} saw {n} flattened token rows (MoE experts) "
+            + (f"from a batch of {token_shape[0]} sequences of {token_shape[1]} tokens, " if token_shape else "")
+            + f"but the microbatch has k={self.k} sequences"
+            + ("" if token_shape else "; gradproj could not trace those rows back to the (sequences, tokens, features) "
+               "activation they were flattened from (a view of it, or through elementwise operations and matmuls), so "
+               "it cannot tell which sequence each row belongs to. Flatten with .view(-1, d)/.reshape(-1, d) of the "
+               "model's (B, T, d) activations, or freeze or exclude this layer (wrap(..., exclude=['<glob>']))")
+        )
 
     def ids(self, ids: torch.Tensor, layer) -> torch.Tensor:
         """(k, positions) view of batch-first integer ids."""
@@ -110,6 +127,15 @@ class PackedLayout:
         per_token = flat.shape[1]
         out = flat.new_zeros(self.k * self.max_len, per_token, flat.shape[-1])
         return out.index_copy_(0, self._dest, flat).view(self.k, self.max_len * per_token, -1)
+
+    def sequence_of_rows(self, rows: torch.Tensor, n: int, token_shape, layer) -> torch.Tensor:
+        """The sequence of each of ``rows`` (indices into the packed tokens; ``n`` must be the total)."""
+        if n != self.total:
+            raise InputError(
+                f"layer {layer.name!r} saw {n} flattened token rows but cu_seqlens describes a packed batch of "
+                f"{self.total} tokens in {self.k} sequences"
+            )
+        return torch.searchsorted(self.cu_seqlens[1:], rows, right=True)
 
     def ids(self, ids: torch.Tensor, layer) -> torch.Tensor:
         """(k, max_len) ids, padded with the first id of the batch (those positions carry no gradient)."""
@@ -175,7 +201,7 @@ def _identity(index, k) -> bool:
     return index.dim() == 1 and index.numel() == k and torch.equal(index.cpu(), torch.arange(k))
 
 
-def _reordered(node) -> str | None:
+def sequence_reorder(node) -> str | None:
     """How ``node`` reorders or mixes the first (sequence) axis, or ``None``."""
     name = node.name()
     sizes = tuple(getattr(node, "_saved_self_sym_sizes", ()) or ())
@@ -219,7 +245,7 @@ def check_row_order(logp: torch.Tensor, where: str, limit: int = 64) -> None:
         seen.add(node)
         if getattr(node, "layer", None) is not None or node.name().startswith(_MODEL_NODES):
             continue
-        problem = _reordered(node)
+        problem = sequence_reorder(node)
         if problem is not None:
             raise InputError(
                 f"{where}: the rows of logp were reordered after the model ({problem}, {node.name()}): row i of logp "

@@ -138,10 +138,11 @@ class StructuralNormHandler(_AffineHandler):
     OLMo2, gpt-oss, ..., with or without bias, and custom layer norms -- recognised by what it
     computes (:func:`gradproj.capture.norm_probe.recognise_norm`), not by its class name.
 
-    Registered for ``nn.Module``: it is asked only about modules no more specific handler covers,
-    and accepts those whose forward reproduces a known form on a probe input."""
+    A structural handler: it is asked only about modules no type-specific handler covers, and
+    accepts those whose forward reproduces a known form on a probe input."""
 
-    module_types: tuple[type, ...] = (nn.Module,)
+    module_types: tuple[type, ...] = ()
+    structural = True
 
     def __init__(self) -> None:
         #: the module's recognised form (probed once per module), or ``None``

@@ -54,6 +54,32 @@ class CapturePlan:
     frozen: list[torch.nn.Parameter] = field(default_factory=list)
 
 
+def _refuse_functional_adapters(model: nn.Module, frozen_ids: set) -> None:
+    """Refuse trainable parameters that reach the model through a *weight* rather than through
+    their module's forward: torch parametrizations (``torch.nn.utils.parametrize``) and peft's
+    ``target_parameters`` (LoRA on a model parameter -- fused MoE experts --, whose adapters are
+    multiplied into the weight functionally). Their gradient never passes a captured layer."""
+    for name, module in model.named_modules():
+        parametrized = getattr(module, "parametrizations", None)
+        wrapper = hasattr(module, "parameter_name") and hasattr(module, "lora_A")  # peft's ParamWrapper
+        if not (isinstance(parametrized, nn.ModuleDict) or wrapper):
+            continue
+        trained = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in frozen_ids]
+        if not trained:
+            continue
+        what = (
+            "LoRA on a model parameter (peft target_parameters, e.g. fused MoE experts)"
+            if wrapper
+            else "a torch parametrization (torch.nn.utils.parametrize)"
+        )
+        raise CoverageError(
+            f"{name or 'the model'} trains {list_names(trained)} through {what}: the adapter is multiplied "
+            "into the weight outside any module's forward, so gradproj cannot capture its sequence gradients. "
+            "Use peft target_modules (e.g. 'all-linear': attention and shared-expert Linears) and train the "
+            "expert parameters fully or freeze them, or exclude these parameters (wrap(..., exclude=['<glob>']))"
+        )
+
+
 def build_plan(
     engine,
     model: nn.Module,
@@ -73,6 +99,7 @@ def build_plan(
     plan = CapturePlan(frozen=frozen)
     if not needs_capture:
         return plan
+    _refuse_functional_adapters(model, frozen_ids)
     uncovered: list[str] = []
     for mod_name, module in model.named_modules():
         own = [(a, p) for a, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in frozen_ids]

@@ -3,7 +3,7 @@
 A handler that recognises modules by what they compute (a norm class it was never told about, a
 Linear or Embedding subclass with its own forward) runs the module's *class* forward on a stand-in:
 an object of the same class holding the module's plain attributes and buffers but probe
-parameters, and no hooks or submodules. The module itself -- its parameters, hooks (FSDP's,
+parameters, its parameter-free submodules (activations) and no hooks. The module itself -- its parameters, hooks (FSDP's,
 accelerate's) and autograd state -- is never touched.
 """
 
@@ -19,18 +19,27 @@ from torch import nn
 __all__ = ["class_forward_on", "ProbedForms"]
 
 
+#: nn.Module's own bookkeeping (parameters, buffers, submodules, hooks): never copied to a stand-in
+_MODULE_STATE = frozenset(nn.Module().__dict__)
+
+
 def class_forward_on(module: nn.Module, params: dict[str, torch.Tensor | None], *args):
     """``type(module).forward`` run on a stand-in of ``module`` whose parameters are ``params``
-    (``None`` for an absent one), under ``no_grad``; ``None`` if it raises (it needs more state)."""
+    (``None`` for an absent one; an ``nn.Parameter`` is registered as given), under ``no_grad``; ``None`` if it raises (it needs more state)."""
     stand = type(module).__new__(type(module))
     nn.Module.__init__(stand)
     for key, value in module.__dict__.items():
-        if not key.startswith("_") and key not in ("forward", "training"):
+        if key not in _MODULE_STATE and key != "forward":
             object.__setattr__(stand, key, value)
     for name, buffer in module.named_buffers(recurse=False):
         stand.register_buffer(name, buffer)
+    for name, child in module.named_children():
+        if next(child.parameters(), None) is None:  # parameter-free (an activation): shared as is
+            stand.add_module(name, child)
     for name, value in params.items():
-        stand.register_parameter(name, None if value is None else nn.Parameter(value, requires_grad=False))
+        if value is not None and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        stand.register_parameter(name, value)
     try:
         with torch.no_grad():
             return type(module).forward(stand, *args)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from gradproj.linalg.expert_grads import ExpertTokenFactors
 from gradproj.linalg.sequence_grads import IndexTokenFactors, dense_token_factors
 from gradproj.linalg.subspace import top_subspace, top_subspaces
 
@@ -181,8 +182,29 @@ def project_factored_batch(entries: list, *, rank: int, energy: float | None, pr
     other factors (inputs, kept positions from the first batch) in a second one
     (:func:`gradproj.linalg.subspace.top_subspaces`): the small per-factor algebra runs batched.
     A factor shared by several entries (q/k/v inputs, a weight's output gradients seen by its bias)
-    is computed once. The result equals projecting the entries one at a time.
+    is computed once. The result equals projecting the entries one at a time. A fused expert
+    parameter (:class:`gradproj.linalg.expert_grads.ExpertTokenFactors`) is projected slice by
+    slice, each expert's slice with its own tokens (its ranks are listed per slice).
     """
+    options: dict[str, Any] = {"rank": rank, "energy": energy, "projector": projector, "solver": solver,
+                               "oversample": oversample, "niter": niter, "cache": cache}
+    if not any(isinstance(factors, ExpertTokenFactors) for _, factors in entries):
+        return _project_entries(entries, **options)
+    flat, owners = [], []
+    for index, (g, factors) in enumerate(entries):
+        pieces = [(g[e], f) for e, f in factors.blocks] if isinstance(factors, ExpertTokenFactors) else [(g, factors)]
+        flat.extend(pieces)
+        owners.extend([index] * len(pieces))
+    merged: list = [[g, 0.0, ()] for g, _ in entries]
+    for owner, (_, removed_sq, ranks) in zip(owners, _project_entries(flat, **options)):
+        merged[owner][1] += removed_sq
+        merged[owner][2] += tuple(ranks)
+    return [tuple(entry) for entry in merged]
+
+
+def _project_entries(entries: list, *, rank: int, energy: float | None, projector: str,
+                     solver: str, oversample: int, niter: int, cache: SubspaceCache | None = None) -> list:
+    """:func:`project_factored_batch` of entries without expert blocks."""
     options: dict[str, Any] = {"rank": rank, "energy": energy, "solver": solver, "oversample": oversample, "niter": niter}
     results: list = [None] * len(entries)
     plans = []  # (entry index, g, rows, cols, output side "r"/"c" or keep)

@@ -28,6 +28,8 @@ BUILTIN_PLUGINS = {
     "linear": "gradproj.capture.handlers",
     "norms": "gradproj.capture.norm_handlers",
     "embedding": "gradproj.capture.embedding_handler",
+    "functional_linear": "gradproj.capture.functional_linear",
+    "experts": "gradproj.capture.experts_handler",
 }
 
 _lock = threading.Lock()
@@ -87,7 +89,9 @@ class Registry:
     def handler_for(self, module):
         """The handler covering ``module``, or ``None``: the handler registered for the most specific
         type in the module's MRO (one handler per type: two claiming the same type are refused when
-        the registry is built), if it :meth:`accepts` the module."""
+        the registry is built), if it :meth:`accepts` the module; otherwise the first *structural*
+        handler (``structural = True``, registration order) that recognises the module by what it
+        computes."""
         best, best_depth = None, None
         mro = type(module).__mro__
         for handler in self.handlers:
@@ -96,9 +100,12 @@ class Registry:
                     depth = mro.index(module_type)
                     if best_depth is None or depth < best_depth:
                         best, best_depth = handler, depth
-        if best is not None and not best.accepts(module):
-            return None
-        return best
+        if best is not None and best.accepts(module):
+            return best
+        for handler in self.handlers:
+            if getattr(handler, "structural", False) and handler is not best and handler.accepts(module):
+                return handler
+        return None
 
 
 def get_registry() -> Registry:

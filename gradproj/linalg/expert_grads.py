@@ -1,0 +1,118 @@
+"""The sequence gradients of a fused MoE expert parameter: one block per expert.
+
+transformers 5 stores an MoE layer's experts as one 3-D parameter (``gate_up_proj`` of shape
+(E, 2I, d), ``down_proj`` (E, d, I), biases (E, n)). Expert ``e``'s slice is an ordinary linear
+weight (or bias) seen only by the tokens routed to ``e``, so the sequence gradient is block-wise:
+``s_i[e] = sum over sequence i's tokens routed to e`` of that token's gradient, and
+
+* ``<s_i, s_j> = sum_e <s_i[e], s_j[e]>``, ``<s_i, G> = sum_e <s_i[e], G[e]>``,
+* ``sum_i g_i s_i`` is built expert by expert.
+
+:class:`ExpertStackGrads` composes the per-expert sequence gradients (any representation: a
+linear weight's materialised or ghost form over that expert's tokens only, a bias's token sums); an
+expert no token reached has none and contributes zeros. Nothing of size E x k x |slice| is built
+unless each block's own cost rule materialises it. :func:`rows_by_sequence` groups an expert's
+tokens by sequence, padded to the longest group (not to the sequence length).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gradproj.linalg.sequence_grads import augmented_gram
+
+__all__ = ["ExpertStackGrads", "ExpertTokenFactors", "rows_by_sequence"]
+
+
+@dataclass
+class ExpertTokenFactors:
+    """Token factors of a fused expert parameter: ``blocks[(e, factors_e)]`` -- each expert's slice
+    has the token factors of its own tokens (:class:`gradproj.linalg.sequence_grads.TokenFactors`).
+    Factored strategies (Intra-PROMA) project each expert's slice with its own tokens."""
+
+    blocks: list
+
+
+class ExpertStackGrads:
+    """Sequence gradients of a parameter of shape (E, ...) whose slice ``e`` has its own sequence
+    gradients ``blocks[e]`` (``None``: no token reached expert e, its slice gets no gradient).
+
+    Args:
+        blocks: per expert, a :class:`gradproj.linalg.sequence_grads.SequenceGradients` of the
+            slice's shape, or ``None``.
+        k: the number of sequences.
+        shape: the parameter's shape (E, ...).
+        dtype, device: of the combined tensor.
+    """
+
+    def __init__(self, blocks: list, k: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+        self.blocks = blocks
+        self.k = k
+        self.shape = torch.Size(shape)
+        self.dtype, self.device = dtype, device
+        self._gram: torch.Tensor | None = None
+
+    def _present(self):
+        return [(e, block) for e, block in enumerate(self.blocks) if block is not None]
+
+    def gram(self) -> torch.Tensor:
+        """``sum_e K^(e)`` (computed once, cached)."""
+        if self._gram is None:
+            gram = torch.zeros(self.k, self.k, dtype=torch.float64, device=self.device)
+            for _, block in self._present():
+                gram += block.gram()
+            self._gram = gram
+        return self._gram
+
+    def inner(self, other: torch.Tensor) -> torch.Tensor:
+        """``sum_e <s_i[e], other[e]>``."""
+        out = torch.zeros(self.k, dtype=torch.float64, device=self.device)
+        for e, block in self._present():
+            out += block.inner(other[e])
+        return out
+
+    def gram_with(self, other: torch.Tensor) -> torch.Tensor:
+        """Gram of ``[s_1, ..., s_k, other]``."""
+        return augmented_gram(self, other)
+
+    def combine(self, gamma: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``sum_i gamma_i s_i``, expert by expert (zero slices for experts without tokens)."""
+        if out is None:
+            out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        else:
+            out.zero_()
+        for e, block in self._present():
+            block.combine(gamma, out=out[e])
+        return out
+
+    @property
+    def token_factors(self):
+        """Per-expert token factors (a method, like the other representations'), or ``None`` when
+        some expert's representation has none."""
+        if any(getattr(block, "token_factors", None) is None for _, block in self._present()):
+            return None
+        return self._token_factors
+
+    def _token_factors(self) -> ExpertTokenFactors:
+        return ExpertTokenFactors([(e, block.token_factors()) for e, block in self._present()])
+
+
+def rows_by_sequence(sequence: torch.Tensor, k: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Each of ``tensors`` (n, ...) -- rows belonging to sequences ``sequence`` (n,), non-decreasing
+    or not -- as a zero-padded (k, C, ...) tensor, C the largest number of rows of one sequence;
+    rows of a sequence keep their order."""
+    n = sequence.numel()
+    counts = torch.bincount(sequence, minlength=k)
+    width = int(counts.max()) if n else 0
+    order = torch.sort(sequence, stable=True).indices
+    ordered = sequence[order]
+    starts = torch.cumsum(counts, 0) - counts
+    slot = ordered * width + (torch.arange(n, device=sequence.device) - starts[ordered])
+    out = []
+    for tensor in tensors:
+        padded = tensor.new_zeros((k * width, *tensor.shape[1:]))
+        padded.index_copy_(0, slot, tensor.index_select(0, order))
+        out.append(padded.view(k, width, *tensor.shape[1:]))
+    return out
