@@ -105,6 +105,9 @@ def test_moe_lora_all_linear_exact(arch):
     assert errors[worst] <= 1e-10, (worst, errors[worst])
     if arch == "qwen2_moe":
         assert any("shared_expert.down_proj.lora_A" in n for n in errors)
+    else:  # peft's all-linear also puts LoRA on Qwen3-MoE's fused experts and router weight
+        assert any("experts" in n and "lora_B" in n for n in errors)
+        assert any("mlp.gate" in n and "lora_B" in n for n in errors)
 
 
 def test_moe_packed_layout_exact():
@@ -222,18 +225,50 @@ def test_router_with_a_cast_weight_is_not_covered():
         _wrap(model, "proma")
 
 
-def test_peft_lora_on_expert_parameters_is_refused_at_wrap():
-    """peft's target_parameters (LoRA on the fused expert tensors) computes the adapters' product
-    functionally: refused at wrap(), with the supported alternative named."""
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("targets", [["mlp.experts.gate_up_proj"], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]])
+def test_peft_lora_on_expert_parameters_exact(arch, targets):
+    """peft target_parameters: LoRA on the fused expert tensors (one wrapper, or two nested), the
+    adapters' sequence gradients read off the experts' token factors; Qwen's (E, out, in) storage
+    and gpt-oss's transposed (E, in, out) one."""
     from peft import LoraConfig, get_peft_model
 
-    base = tiny_moe("qwen3_moe")
+    base = tiny_moe(arch, seed=9)
     for p in base.parameters():
         p.requires_grad_(False)
-    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"],
-                                            target_parameters=["mlp.experts.gate_up_proj"]))
-    with pytest.raises(CoverageError, match="target_parameters"):
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["o_proj"],
+                                            target_parameters=targets))
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.double()
+    with exact_norms(model), float64_routers():
+        opt = _wrap(model, "proma")
+        errors = run_microbatches(model, opt, make_microbatches(3, 4, seed=10), ref=dict(strategy="proma"))
+        opt.detach()
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-10, (worst, errors[worst])
+    assert sum("experts" in n and "lora_B" in n for n in errors) == 2 * len(targets)
+
+
+def test_trainable_parametrization_is_refused_at_wrap():
+    """A weight computed by a torch parametrization with its own trainable parameters never passes a
+    captured layer as that parameter: refused at wrap(), nothing installed."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(1, dtype=torch.float64))
+
+        def forward(self, weight):
+            return weight * self.scale
+
+    model = nn.Sequential(nn.Linear(4, 4).double())
+    parametrize.register_parametrization(model[0], "weight", Scale())
+    with pytest.raises(CoverageError, match="parametrization"):
         _wrap(model, "proma")
+    assert "forward" not in model[0].__dict__
 
 
 # -- building blocks ----------------------------------------------------------------------------

@@ -34,9 +34,10 @@ from gradproj.linalg.linear_grads import linear_weight_grads
 from gradproj.linalg.sequence_grads import TokenSumGrads
 from gradproj.plugins.hookspecs import hookimpl
 
-__all__ = ["FusedExpertsHandler"]
+__all__ = ["EXPERT_PARAMS", "FusedExpertsHandler", "expert_factors", "recognise_experts"]
 
-_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+#: the parameters of a fused experts module (the biases are optional)
+EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
 
 
 def _default_gate(module: nn.Module):
@@ -56,11 +57,11 @@ def _gate_of(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None
     return _default_gate(module) if callable(getattr(module, "act_fn", None)) else None
 
 
-def _recognise(module: nn.Module) -> ExpertsForm | None:
+def recognise_experts(module: nn.Module) -> ExpertsForm | None:
     """The module's form if its class forward computes fused experts (float64 probe), else None."""
     own = dict(module.named_parameters(recurse=False))
     gate_up, down = own.get("gate_up_proj"), own.get("down_proj")
-    if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3 or set(own) - set(_PARAMS):
+    if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3 or set(own) - set(EXPERT_PARAMS):
         return None
     if any(True for child in module.children() for _ in child.parameters()):
         return None
@@ -78,7 +79,7 @@ def _probe(module: nn.Module, own: dict, gate, dtype: torch.dtype, rtol: float) 
     gate_up, down = own["gate_up_proj"], own["down_proj"]
     num_experts = gate_up.shape[0]
     generator = torch.Generator().manual_seed(0)
-    probe: dict[str, torch.Tensor | None] = dict.fromkeys(_PARAMS)
+    probe: dict[str, torch.Tensor | None] = dict.fromkeys(EXPERT_PARAMS)
     probe.update({name: torch.randn(p.shape, generator=generator, dtype=dtype) for name, p in own.items()})
     declared = bool(getattr(module, "is_transposed", False))
     for transposed in (declared, not declared):
@@ -111,12 +112,12 @@ class FusedExpertsHandler(LayerHandler):
 
     module_types: tuple[type, ...] = ()
     structural = True
-    parameter_names = _PARAMS
+    parameter_names = EXPERT_PARAMS
     provides_tokens = True
 
     def __init__(self) -> None:
         #: the module's recognised form (probed once per module), or ``None``
-        self.form: ProbedForms[ExpertsForm | None] = ProbedForms(_recognise)
+        self.form: ProbedForms[ExpertsForm | None] = ProbedForms(recognise_experts)
 
     def accepts(self, module: nn.Module) -> bool:
         """Modules running their class forward that compute fused experts."""
@@ -131,7 +132,7 @@ class FusedExpertsHandler(LayerHandler):
         signature = inspect.signature(original)
 
         def forward(*args, **kwargs):
-            params = [getattr(module, name, None) for name in _PARAMS]
+            params = [getattr(module, name, None) for name in EXPERT_PARAMS]
             if not captures(layer, *params):
                 return original(module, *args, **kwargs)
             bound = signature.bind(module, *args, **kwargs)
@@ -143,36 +144,49 @@ class FusedExpertsHandler(LayerHandler):
     def sequence_gradients(self, layer, uses, layout, gram: str, workspace=None, slots=None) -> dict:
         """Per expert, the sequence gradients of its slices over the tokens routed to it."""
         module = layer.module
-        num_experts = module.gate_up_proj.shape[0]
-        dtype = compute_dtype(module.gate_up_proj.dtype)
-        pieces: list[list] = [[] for _ in range(num_experts)]
-        for tokens, counts, rows, token_shape, xs, d_h, a_all, d_out in uses:
-            sequence = layout.sequence_of_rows(tokens, rows, token_shape, layer)
-            start = 0
-            for e, n in enumerate(counts):
-                if n:
-                    part = slice(start, start + n)
-                    pieces[e].append((sequence[part], xs[part], d_h[part], a_all[part], d_out[part]))
-                start += n
         form = self.form(module)
         assert form is not None  # (accepted)
-        transposed = form.transposed
-        blocks: dict[str, list] = {name: [None] * num_experts for name in _PARAMS}
-        for e, parts in enumerate(pieces):
-            if not parts:
+        num_experts = module.gate_up_proj.shape[0]
+        dtype = compute_dtype(module.gate_up_proj.dtype)
+        blocks: dict[str, list] = {name: [None] * num_experts for name in EXPERT_PARAMS}
+        for e, factors in enumerate(expert_factors(layer, uses, layout, num_experts, dtype)):
+            if factors is None:
                 continue
-            sequence, xs, d_h, a_all, d_out = (torch.cat(column) if len(parts) > 1 else column[0] for column in zip(*parts))
-            x_, h_, a_, o_ = (t if t.dtype == dtype else t.to(dtype) for t in rows_by_sequence(sequence, layout.k, xs, d_h, a_all, d_out))
-            blocks["gate_up_proj"][e] = _weight(x_, h_, gram, transposed)
-            blocks["down_proj"][e] = _weight(a_, o_, gram, transposed)
+            x_, h_, a_, o_ = factors
+            blocks["gate_up_proj"][e] = _weight(x_, h_, gram, form.transposed)
+            blocks["down_proj"][e] = _weight(a_, o_, gram, form.transposed)
             blocks["gate_up_proj_bias"][e] = TokenSumGrads(h_)
             blocks["down_proj_bias"][e] = TokenSumGrads(o_)
         out = {}
-        for name in _PARAMS:
+        for name in EXPERT_PARAMS:
             param = getattr(module, name, None)
             if param is not None and param.requires_grad:
                 out[name] = ExpertStackGrads(blocks[name], layout.k, param.shape, dtype, param.device)
         return out
+
+
+def expert_factors(layer, uses, layout, num_experts: int, dtype: torch.dtype) -> list:
+    """Per expert, its tokens' factors grouped by sequence -- ``(inputs, gate_up output grads, gate
+    outputs, down output grads)``, each (k, C, .) in ``dtype`` -- or ``None`` if no token reached it.
+    ``uses`` are :class:`gradproj.capture.expert_op.ExpertsOp` uses."""
+    pieces: list[list] = [[] for _ in range(num_experts)]
+    for tokens, counts, rows, token_shape, xs, d_h, a_all, d_out in uses:
+        sequence = layout.sequence_of_rows(tokens, rows, token_shape, layer)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                part = slice(start, start + n)
+                pieces[e].append((sequence[part], xs[part], d_h[part], a_all[part], d_out[part]))
+            start += n
+    out: list = []
+    for parts in pieces:
+        if not parts:
+            out.append(None)
+            continue
+        sequence, xs, d_h, a_all, d_out = (torch.cat(column) if len(parts) > 1 else column[0] for column in zip(*parts))
+        grouped = rows_by_sequence(sequence, layout.k, xs, d_h, a_all, d_out)
+        out.append(tuple(t if t.dtype == dtype else t.to(dtype) for t in grouped))
+    return out
 
 
 def _weight(inputs: torch.Tensor, out_grads: torch.Tensor, gram: str, transposed: bool):

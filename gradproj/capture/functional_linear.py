@@ -29,7 +29,7 @@ from gradproj.capture.handlers import LinearHandler, captured_linear
 from gradproj.capture.probe import ProbedForms, class_forward_on
 from gradproj.plugins.hookspecs import hookimpl
 
-__all__ = ["FunctionalLinearHandler"]
+__all__ = ["FunctionalLinearHandler", "install_linear_capture", "uses_only_linear"]
 
 
 def _tensors(value):
@@ -76,7 +76,7 @@ class _RecordUses(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _uses_only_linear(module: nn.Module) -> bool:
+def uses_only_linear(module: nn.Module) -> bool:
     """Whether the module's class forward uses ``weight`` (2-D) and ``bias`` only as ``F.linear``."""
     own = dict(module.named_parameters(recurse=False))
     weight, bias = own.get("weight"), own.get("bias")
@@ -124,7 +124,7 @@ class FunctionalLinearHandler(LinearHandler):
     def __init__(self) -> None:
         super().__init__()
         #: whether the module's forward uses its parameters only through F.linear (probed once)
-        self.linear_only: ProbedForms[bool] = ProbedForms(_uses_only_linear)
+        self.linear_only: ProbedForms[bool] = ProbedForms(uses_only_linear)
 
     def accepts(self, module: nn.Module) -> bool:
         """Modules running their class forward whose parameters enter only through ``F.linear``."""
@@ -132,16 +132,23 @@ class FunctionalLinearHandler(LinearHandler):
 
     def install(self, module: nn.Module, layer) -> Callable[[], None]:
         """Run the module's own forward with its ``F.linear`` call captured."""
-        original = type(module).forward
+        return install_linear_capture(module, layer)
 
-        def forward(*args, **kwargs):
-            weight, bias = module.weight, getattr(module, "bias", None)
-            if not captures(layer, weight, bias):
-                return original(module, *args, **kwargs)
-            with _CaptureLinear(layer, weight, bias):
-                return original(module, *args, **kwargs)
 
-        return install_forward(module, forward)
+def install_linear_capture(module: nn.Module, layer) -> Callable[[], None]:
+    """Install on ``module`` (whose forward uses ``weight``/``bias`` only through ``F.linear``) a
+    forward that captures that call for ``layer``; the parameters are read at each call (a
+    parametrized weight -- peft's LoRA on it -- is captured as computed)."""
+    original = type(module).forward
+
+    def forward(*args, **kwargs):
+        weight, bias = module.weight, getattr(module, "bias", None)
+        if not captures(layer, weight, bias):
+            return original(module, *args, **kwargs)
+        with _CaptureLinear(layer, weight, bias):
+            return original(module, *args, **kwargs)
+
+    return install_forward(module, forward)
 
 
 @hookimpl

@@ -60,6 +60,14 @@ class LayerHandler:
     #: asked (``accepts``) about every module no type-specific handler covers, in registration
     #: order; its ``module_types`` is usually empty.
     structural: ClassVar[bool] = False
+    #: The handler covers parameters held by the module's *submodules* (an adapter that wraps a
+    #: module, e.g. peft's LoRA on a model parameter): the plan asks every such handler about every
+    #: module (``accepts``), outermost first, and takes :meth:`covered_parameters` as the layer's.
+    covers_descendants: ClassVar[bool] = False
+
+    def covered_parameters(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """``[(dotted path from module, parameter)]`` this handler covers (``covers_descendants``)."""
+        return [(name, p) for name in self.parameter_names if isinstance(p := getattr(module, name, None), nn.Parameter)]
 
     def accepts(self, module: nn.Module) -> bool:
         """Whether this handler can capture this particular module (default: yes)."""

@@ -67,7 +67,7 @@ class LayerCapture:
                         "Call opt.detach(), build the optimizer anew (its state is for the old kind too) and wrap() it "
                         "after converting the model"
                     )
-                if getattr(module, attr, None) is not param:
+                if _resolve(module, attr) is not param:
                     raise CoverageError(
                         f"parameter {qname} was replaced after wrap() (a new tensor was assigned to "
                         f"{self.name or 'the model'}.{attr}); gradproj still tracks the old one, so the new "
@@ -99,6 +99,16 @@ class LayerCapture:
 
     def __repr__(self) -> str:
         return f"LayerCapture({self.name!r}, {type(self.module).__name__})"
+
+
+def _resolve(module, attr: str):
+    """``module``'s parameter ``attr`` -- a dotted path for handlers that cover submodules' parameters."""
+    if "." not in attr:
+        return getattr(module, attr, None)
+    try:
+        return module.get_parameter(attr)
+    except AttributeError:
+        return None
 
 
 _top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)

@@ -54,7 +54,34 @@ class CapturePlan:
     frozen: list[torch.nn.Parameter] = field(default_factory=list)
 
 
-def _refuse_functional_adapters(model: nn.Module, frozen_ids: set) -> None:
+def _claim_descendants(engine, model: nn.Module, registry, frozen_ids: set, plan: CapturePlan) -> set:
+    """Layers of handlers that cover their module's submodules' parameters (``covers_descendants``,
+    e.g. peft's LoRA on fused expert tensors), outermost module first; the ids of those parameters."""
+    handlers = [h for h in registry.handlers if getattr(h, "covers_descendants", False)]
+    claimed: set = set()
+    if not handlers:
+        return claimed
+    skip: list[str] = []
+    for mod_name, module in model.named_modules():
+        if any(mod_name.startswith(prefix) for prefix in skip):
+            continue
+        handler = next((h for h in handlers if h.accepts(module)), None)
+        if handler is None:
+            continue
+        params = []
+        for attr, param in handler.covered_parameters(module):
+            if param.requires_grad and id(param) not in frozen_ids:
+                qname = f"{mod_name}.{attr}" if mod_name else attr
+                plan.covered.setdefault(id(param), qname)
+                params.append((attr, param, plan.covered[id(param)]))
+                claimed.add(id(param))
+        if params:
+            plan.layers.append(LayerCapture(engine, module, mod_name, handler, params))
+        skip.append(f"{mod_name}." if mod_name else "")
+    return claimed
+
+
+def _refuse_functional_adapters(model: nn.Module, handled: set) -> None:
     """Refuse trainable parameters that reach the model through a *weight* rather than through
     their module's forward: torch parametrizations (``torch.nn.utils.parametrize``) and peft's
     ``target_parameters`` (LoRA on a model parameter -- fused MoE experts --, whose adapters are
@@ -64,7 +91,7 @@ def _refuse_functional_adapters(model: nn.Module, frozen_ids: set) -> None:
         wrapper = hasattr(module, "parameter_name") and hasattr(module, "lora_A")  # peft's ParamWrapper
         if not (isinstance(parametrized, nn.ModuleDict) or wrapper):
             continue
-        trained = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in frozen_ids]
+        trained = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in handled]
         if not trained:
             continue
         what = (
@@ -99,10 +126,12 @@ def build_plan(
     plan = CapturePlan(frozen=frozen)
     if not needs_capture:
         return plan
-    _refuse_functional_adapters(model, frozen_ids)
+    claimed = _claim_descendants(engine, model, registry, frozen_ids, plan)
+    _refuse_functional_adapters(model, frozen_ids | claimed)
     uncovered: list[str] = []
     for mod_name, module in model.named_modules():
-        own = [(a, p) for a, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in frozen_ids]
+        own = [(a, p) for a, p in module.named_parameters(recurse=False)
+               if p.requires_grad and id(p) not in frozen_ids and id(p) not in claimed]
         if not own:
             continue
         handler = registry.handler_for(module)

@@ -36,26 +36,41 @@ class ExpertTokenFactors:
 
 
 class ExpertStackGrads:
-    """Sequence gradients of a parameter of shape (E, ...) whose slice ``e`` has its own sequence
-    gradients ``blocks[e]`` (``None``: no token reached expert e, its slice gets no gradient).
+    """Sequence gradients of a parameter made of one block per expert, block ``e`` with its own
+    sequence gradients ``blocks[e]`` (``None``: no token reached expert e, its block gets no gradient).
 
     Args:
         blocks: per expert, a :class:`gradproj.linalg.sequence_grads.SequenceGradients` of the
-            slice's shape, or ``None``.
+            block's shape, or ``None``.
         k: the number of sequences.
-        shape: the parameter's shape (E, ...).
+        shape: the parameter's shape.
         dtype, device: of the combined tensor.
+        block_shape: the shape of one block (default ``shape[1:]``).
+        expert_axis: where the expert index sits when the parameter is viewed as blocks:
+            ``"leading"`` -- ``(E, *block_shape)``, the fused expert tensors and peft's ``lora_A``
+            of them, ``(E * r, in)``; ``"trailing"`` -- ``(*block_shape, E)``, peft's ``lora_B``
+            of them, ``(out, r * E)`` with expert e in the columns ``j * E + e``.
     """
 
-    def __init__(self, blocks: list, k: int, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, blocks: list, k: int, shape, dtype: torch.dtype, device: torch.device,
+                 block_shape=None, expert_axis: str = "leading") -> None:
         self.blocks = blocks
         self.k = k
         self.shape = torch.Size(shape)
+        self.block_shape = torch.Size(self.shape[1:] if block_shape is None else block_shape)
+        self.expert_axis = expert_axis
         self.dtype, self.device = dtype, device
         self._gram: torch.Tensor | None = None
 
     def _present(self):
         return [(e, block) for e, block in enumerate(self.blocks) if block is not None]
+
+    def _by_expert(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the parameter's shape) as (E, *block_shape) -- a view for leading experts."""
+        experts = len(self.blocks)
+        if self.expert_axis == "leading":
+            return tensor.reshape(experts, *self.block_shape)
+        return tensor.reshape(*self.block_shape, experts).movedim(-1, 0)
 
     def gram(self) -> torch.Tensor:
         """``sum_e K^(e)`` (computed once, cached)."""
@@ -69,8 +84,9 @@ class ExpertStackGrads:
     def inner(self, other: torch.Tensor) -> torch.Tensor:
         """``sum_e <s_i[e], other[e]>``."""
         out = torch.zeros(self.k, dtype=torch.float64, device=self.device)
+        parts = self._by_expert(other)
         for e, block in self._present():
-            out += block.inner(other[e])
+            out += block.inner(parts[e])
         return out
 
     def gram_with(self, other: torch.Tensor) -> torch.Tensor:
@@ -78,19 +94,26 @@ class ExpertStackGrads:
         return augmented_gram(self, other)
 
     def combine(self, gamma: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``sum_i gamma_i s_i``, expert by expert (zero slices for experts without tokens)."""
+        """``sum_i gamma_i s_i``, expert by expert (zero blocks for experts without tokens)."""
+        leading = self.expert_axis == "leading"
         if out is None:
             out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         else:
             out.zero_()
+        stacked = self._by_expert(out) if leading else torch.zeros(
+            len(self.blocks), *self.block_shape, dtype=out.dtype, device=out.device)
         for e, block in self._present():
-            block.combine(gamma, out=out[e])
+            block.combine(gamma, out=stacked[e])
+        if not leading:
+            out.view(*self.block_shape, len(self.blocks)).copy_(stacked.movedim(0, -1))
         return out
 
     @property
     def token_factors(self):
         """Per-expert token factors (a method, like the other representations'), or ``None`` when
-        some expert's representation has none."""
+        some block's representation has none or the experts are not the leading axis."""
+        if self.expert_axis != "leading" or self.shape[0] != len(self.blocks):
+            return None
         if any(getattr(block, "token_factors", None) is None for _, block in self._present()):
             return None
         return self._token_factors

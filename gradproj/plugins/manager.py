@@ -30,6 +30,7 @@ BUILTIN_PLUGINS = {
     "embedding": "gradproj.capture.embedding_handler",
     "functional_linear": "gradproj.capture.functional_linear",
     "experts": "gradproj.capture.experts_handler",
+    "param_lora": "gradproj.capture.param_lora",
 }
 
 _lock = threading.Lock()
