@@ -441,3 +441,62 @@ def float64_routers():
         yield
     finally:
         torch.nn.functional.softmax, torch.Tensor.float = softmax, to_float
+
+
+#: the model families of the coverage matrix (tests/test_coverage_matrix.py, docs/coverage.md)
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mistral", "mixtral", "gemma2", "gemma3", "phi3",
+            "olmo2", "olmoe", "gpt_neox", "gpt2", "smollm3", "gpt_oss")
+
+
+def family_model(family: str, seed: int = 0):
+    """A tiny random float64 model of ``family`` with every parameter trainable -- embeddings, norms,
+    routers, experts -- except gpt-oss's attention sinks (not covered: see docs/coverage.md)."""
+    import transformers
+
+    if family in MOE_ARCHS:
+        model = tiny_moe(family, seed=seed)
+    elif family == "gpt2":
+        torch.manual_seed(seed)
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
+                                      bos_token_id=1, eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      tie_word_embeddings=False)
+        cfg._attn_implementation = "sdpa"
+        model = transformers.GPT2LMHeadModel(cfg).double()
+    elif family == "gpt_neox":
+        torch.manual_seed(seed)
+        cfg = transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=128, pad_token_id=0,
+                                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        cfg._attn_implementation = "sdpa"
+        model = transformers.GPTNeoXForCausalLM(cfg).double()
+    elif family == "gemma2":
+        torch.manual_seed(seed)
+        cfg = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
+                                        pad_token_id=0, max_position_embeddings=128, tie_word_embeddings=False)
+        cfg._attn_implementation = "eager"
+        model = transformers.Gemma2ForCausalLM(cfg).double()
+    else:
+        model = tiny_full(family, seed=seed)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.endswith("sinks"))
+        if "norm" in name or "ln" in name:  # non-trivial norm weights (Gemma's start at 0, others at 1)
+            with torch.no_grad():
+                p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def family_lora(family: str, seed: int = 0):
+    """``family_model`` frozen, with peft LoRA ``target_modules="all-linear"`` (random B: every
+    adapter has a gradient), adapters in float64."""
+    from peft import LoraConfig, get_peft_model
+
+    base = family_model(family, seed=seed)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed + 1)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.double()
+    return model

@@ -43,7 +43,7 @@ def token_data(model, ids, attn, mask, logp_fn=None, arguments=None):
     inputs, outputs = {}, {}
     hooks = []
     for name, module in model.named_modules():
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
+        if any(p.requires_grad for p in module.parameters(recurse=False)) or _is_param_wrapper(module):
             def hook(mod, args, out, name=name):
                 inputs[name] = args[0]
                 outputs[name] = out[0] if isinstance(out, tuple) else out
@@ -56,6 +56,25 @@ def token_data(model, ids, attn, mask, logp_fn=None, arguments=None):
     names = list(outputs)
     grads = torch.autograd.grad((logp * mask).sum(), [outputs[n] for n in names], retain_graph=True)
     return logp, inputs, outputs, dict(zip(names, grads))
+
+
+def _is_param_wrapper(module) -> bool:
+    """peft's ParamWrapper (LoRA on a model parameter: fused experts, routers)."""
+    return hasattr(module, "parameter_name") and hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def _outer_wrapper(model, mod_name):
+    """(name, module) of the outermost ParamWrapper above the lora_A/lora_B module ``mod_name``."""
+    parts = mod_name.split(".")
+    found = None
+    for i in range(len(parts), 0, -1):
+        name = ".".join(parts[:i])
+        module = model.get_submodule(name)
+        if _is_param_wrapper(module):
+            found = (name, module)
+        elif found is not None:
+            break
+    return found
 
 
 def brute_intra(model, ids, attn, mask, c, *, rank=8, energy=None, projector="complement", layer_c=None, logp_fn=None):
@@ -72,6 +91,11 @@ def brute_intra(model, ids, attn, mask, c, *, rank=8, energy=None, projector="co
         c = c_all if layer_c is None else layer_c(S[name], c_all)
         mod_name, attr = name.rsplit(".", 1)
         module = model.get_submodule(mod_name)
+        wrapper = _outer_wrapper(model, mod_name) if (".lora_A." in name or ".lora_B." in name) else None
+        if wrapper is not None:  # peft LoRA on a model parameter (fused experts, a router)
+            g = (c @ S[name]).reshape(param.shape)
+            out[name] = param_lora_projection(model, name, wrapper, g, arguments, outputs, deltas, rank, energy, projector)
+            continue
         delta = deltas[mod_name].reshape(-1, deltas[mod_name].shape[-1])
         keep = delta.abs().amax(1) > 0
         g = (c @ S[name]).reshape(param.shape)
@@ -183,6 +207,70 @@ def expert_projection(module, attr, g, args, y, dy, rank, energy, projector):
             continue
         u_c = svd_basis(torch.stack([c for _, c in pairs]), rank, energy)
         out[e] = apply_projector(g[e], projector_of(u_r), projector_of(u_c), projector)
+    return out
+
+
+def param_lora_projection(model, name, wrapper, g, arguments, outputs, deltas, rank, energy, projector):
+    """Brute force for peft LoRA on a model parameter: per token t (and routed expert e), the
+    gradient of ``<y_t, dy_t>`` (the wrapped module's output) with respect to the adapter -- rank one
+    per expert block, ``u v^T`` -- one side taken as known (the projection's input x_t for gate_up
+    and a router, its output gradient ``w_te dy_t`` for down; through the other adapter factor and
+    the scale where the side is ``s B^T y`` or ``s A x``), the other read off the gradient; each
+    block projected with the SVD bases of its own tokens' factors."""
+    outer_name, outer = wrapper
+    param = model.get_parameter(name)
+    owner_name = name.rsplit(".lora_", 1)[0]
+    owner = model.get_submodule(owner_name)  # the ParamWrapper holding this adapter
+    side = "A" if ".lora_A." in name else "B"
+    adapter = name.split(".lora_" + side + ".", 1)[1].split(".")[0]
+    scale = float(owner.scaling[adapter])
+    a_w, b_w = owner.lora_A[adapter].weight, owner.lora_B[adapter].weight
+    args, y, dy = arguments[outer_name], outputs[outer_name], deltas[outer_name]
+    x = args[0].reshape(-1, args[0].shape[-1])
+    y2, dy2 = y.reshape(-1, y.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    experts = getattr(owner, "num_experts", 1)
+    a_blocks = a_w.detach().view(experts, -1, a_w.shape[-1])
+    b_blocks = b_w.detach().view(b_w.shape[0], -1, experts)
+    routed = args[1] if experts > 1 else None
+    weights = args[2] if experts > 1 else None
+    x_known = owner.parameter_name in ("gate_up_proj", "weight")
+
+    def blocks_of(t):
+        return t.view(experts, -1, t.shape[-1]) if side == "A" else t.view(t.shape[0], -1, experts).movedim(-1, 0)
+
+    factors = {}
+    for t in range(x2_len := x.shape[0]):
+        if not bool(dy2[t].abs().amax() > 0):
+            continue
+        (grad,) = torch.autograd.grad((y2[t] * dy2[t]).sum(), param, retain_graph=True)
+        pairs = [(slot, e) for slot, e in enumerate(routed[t].tolist())] if routed is not None else [(0, 0)]
+        for slot, e in pairs:
+            block = blocks_of(grad)[e]
+            if not bool(block.abs().amax() > 0):
+                continue
+            if x_known:
+                known = x[t]
+                if side == "A":  # block = (s B^T y) x^T
+                    row, col = block @ known / known.dot(known), known
+                else:  # block = y (s A x)^T
+                    col = scale * (a_blocks[e] @ known)
+                    row, col = block @ col / col.dot(col), col
+            else:
+                y_t = weights[t, slot] * dy2[t]
+                if side == "A":  # block = (s B^T y) x^T
+                    row = scale * (b_blocks[:, :, e].T @ y_t)
+                    row, col = row, block.T @ row / row.dot(row)
+                else:  # block = y (s A x)^T
+                    row, col = y_t, block.T @ y_t / y_t.dot(y_t)
+            factors.setdefault(e, []).append((row, col))
+    del x2_len
+    out = g.clone()
+    out_blocks = blocks_of(out)
+    g_blocks = blocks_of(g)
+    for e, pairs in factors.items():
+        u_r = svd_basis(torch.stack([r for r, _ in pairs]), rank, energy)
+        u_c = svd_basis(torch.stack([c for _, c in pairs]), rank, energy)
+        out_blocks[e].copy_(apply_projector(g_blocks[e], projector_of(u_r), projector_of(u_c), projector))
     return out
 
 

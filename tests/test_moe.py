@@ -318,3 +318,18 @@ def test_rows_by_sequence_and_expert_stack():
     bias = ExpertStackGrads([TokenSumGrads(rows_by_sequence(seq, k, dy)[0])], k, (1, d_out), torch.float64, x.device)
     sums = torch.zeros(k, d_out, dtype=torch.float64).index_add_(0, seq, dy)
     assert torch.allclose(bias.gram(), sums @ sums.T, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_on_experts_while_training_the_experts_is_refused():
+    """peft LoRA on the expert tensors while the tensors themselves are trained too: refused at wrap()."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_moe("qwen3_moe")
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj"]))
+    for name, p in model.named_parameters():
+        if name.endswith("experts.base_layer.gate_up_proj") or name.endswith("experts.base_layer.down_proj"):
+            p.requires_grad_(True)
+    with pytest.raises(CoverageError, match="target_parameters"):
+        _wrap(model, "proma")

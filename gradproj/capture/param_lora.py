@@ -21,8 +21,8 @@ storage orientation)::
 Covered: one active, unmerged adapter per wrapper, without DoRA or ``lora_bias``, on ``gate_up_proj``
 and/or ``down_proj`` of a module :class:`gradproj.capture.experts_handler.FusedExpertsHandler`
 recognises, or on the ``weight`` of a module that uses it only through ``F.linear`` (a router); the
-wrapped module's own parameters frozen. Token-factor strategies (``intra_proma``) are not offered on
-these adapters.
+wrapped module's own parameters frozen. Token-factor strategies (``intra_proma``) project each
+expert's block of ``lora_A``/``lora_B`` with that expert's tokens.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ class ParamLoraHandler(LayerHandler):
 
     module_types: tuple[type, ...] = ()
     covers_descendants = True
-    provides_tokens = False
+    provides_tokens = True
 
     def __init__(self) -> None:
         #: what a module wraps, if it is the outermost LoRA wrapper of a covered module (probed once)

@@ -17,7 +17,8 @@ tokens by sequence, padded to the longest group (not to the sequence length).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,11 +29,14 @@ __all__ = ["ExpertStackGrads", "ExpertTokenFactors", "rows_by_sequence"]
 
 @dataclass
 class ExpertTokenFactors:
-    """Token factors of a fused expert parameter: ``blocks[(e, factors_e)]`` -- each expert's slice
-    has the token factors of its own tokens (:class:`gradproj.linalg.sequence_grads.TokenFactors`).
-    Factored strategies (Intra-PROMA) project each expert's slice with its own tokens."""
+    """Token factors of a parameter made of expert blocks: ``blocks[(e, factors_e)]`` -- each
+    expert's block has the token factors of its own tokens
+    (:class:`gradproj.linalg.sequence_grads.TokenFactors`). Factored strategies (Intra-PROMA)
+    project each block with its own tokens; ``by_expert(g)`` views a parameter-shaped ``g`` as
+    (E, *block) -- for peft's ``lora_B`` of fused experts, a strided view."""
 
     blocks: list
+    by_expert: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda g: g)
 
 
 class ExpertStackGrads:
@@ -111,15 +115,13 @@ class ExpertStackGrads:
     @property
     def token_factors(self):
         """Per-expert token factors (a method, like the other representations'), or ``None`` when
-        some block's representation has none or the experts are not the leading axis."""
-        if self.expert_axis != "leading" or self.shape[0] != len(self.blocks):
-            return None
+        some block's representation has none."""
         if any(getattr(block, "token_factors", None) is None for _, block in self._present()):
             return None
         return self._token_factors
 
     def _token_factors(self) -> ExpertTokenFactors:
-        return ExpertTokenFactors([(e, block.token_factors()) for e, block in self._present()])
+        return ExpertTokenFactors([(e, block.token_factors()) for e, block in self._present()], self._by_expert)
 
 
 def rows_by_sequence(sequence: torch.Tensor, k: int, *tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -190,13 +190,25 @@ def project_factored_batch(entries: list, *, rank: int, energy: float | None, pr
                                "oversample": oversample, "niter": niter, "cache": cache}
     if not any(isinstance(factors, ExpertTokenFactors) for _, factors in entries):
         return _project_entries(entries, **options)
-    flat, owners = [], []
+    flat, owners, strided = [], [], []
     for index, (g, factors) in enumerate(entries):
-        pieces = [(g[e], f) for e, f in factors.blocks] if isinstance(factors, ExpertTokenFactors) else [(g, factors)]
-        flat.extend(pieces)
-        owners.extend([index] * len(pieces))
+        if not isinstance(factors, ExpertTokenFactors):
+            flat.append((g, factors))
+            owners.append(index)
+            continue
+        blocks = factors.by_expert(g)
+        for e, f in factors.blocks:
+            view = blocks[e]
+            if not view.is_contiguous():  # (peft's lora_B: columns j*E + e) projected in a copy
+                strided.append((view, len(flat)))
+                view = view.contiguous()
+            flat.append((view, f))
+            owners.append(index)
     merged: list = [[g, 0.0, ()] for g, _ in entries]
-    for owner, (_, removed_sq, ranks) in zip(owners, _project_entries(flat, **options)):
+    results = _project_entries(flat, **options)
+    for view, position in strided:
+        view.copy_(results[position][0])
+    for owner, (_, removed_sq, ranks) in zip(owners, results):
         merged[owner][1] += removed_sq
         merged[owner][2] += tuple(ranks)
     return [tuple(entry) for entry in merged]
