@@ -2,11 +2,15 @@
 
     python -m benchmarks.step_overhead                       # the issue's shape, both setups
     python -m benchmarks.step_overhead --quick               # tiny shape (what CI runs)
+    python -m benchmarks.step_overhead --arch qwen3_moe --setups full lora --memory   # an MoE model
 
 Setups (Qwen2-shaped random model, float32, AdamW):
 * ``lora``   -- peft LoRA r=16 on every projection, base frozen;
 * ``linear`` -- every nn.Linear of the decoder trainable (embeddings, norms, lm_head frozen);
-* ``full``   -- full fine-tuning: every parameter (embeddings, norms, Linears, untied lm_head).
+* ``full``   -- full fine-tuning: every parameter (embeddings, norms, Linears, untied lm_head; with
+  ``--arch qwen3_moe`` also the routers and the fused experts).
+With ``--arch qwen3_moe`` the ``lora`` setup is peft ``target_modules="all-linear"``, which puts LoRA
+on the attention projections, the fused expert tensors and the routers.
 ``--checkpointing`` turns HF gradient checkpointing (non-reentrant) on in every variant.
 
 For each setup it times, over the same microbatches, interleaved and repeated:
@@ -35,15 +39,27 @@ def build_model(args, setup: str, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(
+    common = dict(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64 or 1,
         num_key_value_heads=max(1, (args.hidden // 64) // 2), tie_word_embeddings=False,
         max_position_embeddings=max(256, args.tokens + 8),
     )
-    cfg._attn_implementation = "sdpa"
-    model = transformers.Qwen2ForCausalLM(cfg)
-    if setup == "lora":
+    if args.arch == "qwen3_moe":  # fused experts (the config's default experts implementation), router
+        cfg = transformers.Qwen3MoeConfig(head_dim=64, num_experts=args.experts, num_experts_per_tok=args.top_k,
+                                          moe_intermediate_size=args.moe_intermediate, **common)
+        cfg._attn_implementation = "sdpa"
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    else:
+        cfg = transformers.Qwen2Config(**common)
+        cfg._attn_implementation = "sdpa"
+        model = transformers.Qwen2ForCausalLM(cfg)
+    if setup == "lora" and args.arch == "qwen3_moe":  # all-linear: attention, fused experts, router
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, init_lora_weights=False,
+                                                 target_modules="all-linear"))
+    elif setup == "lora":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(
@@ -276,6 +292,11 @@ def parse(argv=None):
     p.add_argument("--checkpointing", action="store_true", help="HF gradient checkpointing (non-reentrant) on")
     p.add_argument("--strategies", nargs="+", default=["proma", "intra_proma"],
                    help="strategies to time, with options as NAME:KEY=VALUE,... (e.g. intra_proma:niter=0)")
+    p.add_argument("--arch", default="qwen2", choices=["qwen2", "qwen3_moe"],
+                   help="qwen3_moe: Qwen3-MoE with fused experts (--experts, --top-k, --moe-intermediate)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--moe-intermediate", type=int, default=256)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=1376)
     p.add_argument("--layers", type=int, default=4)
@@ -311,8 +332,10 @@ def publish(lines: list[str], path: str | None = None) -> None:
 def write_markdown(results, path) -> None:
     """A Markdown table of the step-time (and memory) ratios, for the docs."""
     a = results["args"]
+    arch = ("Qwen3-MoE-shaped" + f" ({a['experts']} experts, top-{a['top_k']}, expert intermediate {a['moe_intermediate']})"
+            if a.get("arch") == "qwen3_moe" else "Qwen2-shaped")
     lines = [
-        f"Shape: Qwen2-shaped, hidden {a['hidden']}, intermediate {a['intermediate']}, {a['layers']} layers, "
+        f"Shape: {arch}, hidden {a['hidden']}, intermediate {a['intermediate']}, {a['layers']} layers, "
         f"vocab {a['vocab']}; {a['microbatches']} microbatches x {a['k']} sequences x {a['tokens']} tokens; "
         + (f"LoRA rank {a['rank']}; " if "lora" in a["setups"] else "")
         + ("gradient checkpointing on; " if a.get("checkpointing") else "")

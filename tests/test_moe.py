@@ -333,3 +333,30 @@ def test_lora_on_experts_while_training_the_experts_is_refused():
             p.requires_grad_(True)
     with pytest.raises(CoverageError, match="target_parameters"):
         _wrap(model, "proma")
+
+
+def test_dropped_tokens_and_routing_weights_exact():
+    """Tokens the routing drops (expert id E, transformers' sentinel: skipped by the experts) and
+    routing weights that carry the router's gradient: exact, experts and router alike."""
+    import transformers.models.qwen3_moe.modeling_qwen3_moe as q3m
+
+    original = q3m.Qwen3MoeTopKRouter.forward
+
+    def dropping(self, hidden_states):
+        logits, scores, index = original(self, hidden_states)
+        index = index.clone()
+        index[::3, 1] = self.num_experts  # every third token keeps only its first choice
+        return logits, scores, index
+
+    model = tiny_moe("qwen3_moe", seed=11)
+    q3m.Qwen3MoeTopKRouter.forward = dropping
+    try:
+        with exact_norms(model), float64_routers():
+            opt = _wrap(model, "proma")
+            errors = run_microbatches(model, opt, make_microbatches(3, 4, seed=12), ref=dict(strategy="proma"))
+            opt.detach()
+    finally:
+        q3m.Qwen3MoeTopKRouter.forward = original
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-10, (worst, errors[worst])
+    assert errors["model.layers.0.mlp.gate.weight"] <= 1e-10

@@ -30,7 +30,7 @@ from gradproj.capture.handlers import LayerHandler, compute_dtype
 from gradproj.capture.probe import ProbedForms, class_forward_on
 from gradproj.capture.token_rows import flattened_token_shape
 from gradproj.linalg.expert_grads import ExpertStackGrads, rows_by_sequence
-from gradproj.linalg.linear_grads import linear_weight_grads
+from gradproj.linalg.linear_grads import BlockedLinearGrads, GhostLinearGrads, choose_linear_form
 from gradproj.linalg.sequence_grads import TokenSumGrads
 from gradproj.plugins.hookspecs import hookimpl
 
@@ -153,8 +153,8 @@ class FusedExpertsHandler(LayerHandler):
             if factors is None:
                 continue
             x_, h_, a_, o_ = factors
-            blocks["gate_up_proj"][e] = _weight(x_, h_, gram, form.transposed)
-            blocks["down_proj"][e] = _weight(a_, o_, gram, form.transposed)
+            blocks["gate_up_proj"][e] = _weight(x_, h_, gram, form.transposed, workspace)
+            blocks["down_proj"][e] = _weight(a_, o_, gram, form.transposed, workspace)
             blocks["gate_up_proj_bias"][e] = TokenSumGrads(h_)
             blocks["down_proj_bias"][e] = TokenSumGrads(o_)
         out = {}
@@ -178,23 +178,40 @@ def expert_factors(layer, uses, layout, num_experts: int, dtype: torch.dtype) ->
                 part = slice(start, start + n)
                 pieces[e].append((sequence[part], xs[part], d_h[part], a_all[part], d_out[part]))
             start += n
+    columns: list[Any] = [None if not parts else tuple(torch.cat(c) if len(parts) > 1 else c[0] for c in zip(*parts)) for parts in pieces]
+    # the padded width of every expert at once: one host synchronisation per layer, not per expert
+    present = [e for e, c in enumerate(columns) if c is not None]
+    widths: dict[int, int] = {}
+    if present:
+        largest = torch.stack([torch.bincount(columns[e][0], minlength=layout.k).max() for e in present])
+        widths = dict(zip(present, largest.tolist()))
     out: list = []
-    for parts in pieces:
-        if not parts:
+    for e, column in enumerate(columns):
+        if column is None:
             out.append(None)
             continue
-        sequence, xs, d_h, a_all, d_out = (torch.cat(column) if len(parts) > 1 else column[0] for column in zip(*parts))
-        grouped = rows_by_sequence(sequence, layout.k, xs, d_h, a_all, d_out)
+        sequence, xs, d_h, a_all, d_out = column
+        grouped = rows_by_sequence(sequence, layout.k, xs, d_h, a_all, d_out, width=widths[e])
         out.append(tuple(t if t.dtype == dtype else t.to(dtype) for t in grouped))
     return out
 
 
-def _weight(inputs: torch.Tensor, out_grads: torch.Tensor, gram: str, transposed: bool):
-    """One expert's weight slice: ``s_i = D_i^T A_i`` stored (out, in), or ``A_i^T D_i`` transposed."""
-    if not transposed:
-        return linear_weight_grads(inputs, out_grads, gram)
-    seq = linear_weight_grads(out_grads, inputs, gram)
-    seq.out_side = "A"
+def _weight(inputs: torch.Tensor, out_grads: torch.Tensor, gram: str, transposed: bool, workspace):
+    """One expert's weight slice: ``s_i = D_i^T A_i`` stored (out, in), or ``A_i^T D_i`` transposed.
+
+    Ghost form when the cost rule picks it; otherwise the slice's k sequence gradients are built in
+    the shared workspace only while its Gram is computed, and combinations come from the factors
+    (:class:`gradproj.linalg.linear_grads.BlockedLinearGrads` with one block): memory for one
+    expert's slice at a time, never all experts' at once."""
+    left, right = (inputs, out_grads) if transposed else (out_grads, inputs)  # s_i = left_i^T right_i
+    k, tokens = right.shape[0], right.shape[0] * right.shape[1]
+    seq: GhostLinearGrads | BlockedLinearGrads
+    if choose_linear_form(k, tokens, right.shape[-1], left.shape[-1], gram) == "ghost":
+        seq = GhostLinearGrads(right, left)
+    else:
+        seq = BlockedLinearGrads(right, left, workspace, block_rows=left.shape[-1])
+    if transposed:
+        seq.out_side = "A"
     return seq
 
 

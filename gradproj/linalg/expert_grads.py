@@ -124,13 +124,15 @@ class ExpertStackGrads:
         return ExpertTokenFactors([(e, block.token_factors()) for e, block in self._present()], self._by_expert)
 
 
-def rows_by_sequence(sequence: torch.Tensor, k: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
+def rows_by_sequence(sequence: torch.Tensor, k: int, *tensors: torch.Tensor, width: int | None = None) -> list[torch.Tensor]:
     """Each of ``tensors`` (n, ...) -- rows belonging to sequences ``sequence`` (n,), non-decreasing
-    or not -- as a zero-padded (k, C, ...) tensor, C the largest number of rows of one sequence;
-    rows of a sequence keep their order."""
+    or not -- as a zero-padded (k, C, ...) tensor, C the largest number of rows of one sequence
+    (``width``, if the caller knows it: no host synchronisation here); rows of a sequence keep their
+    order."""
     n = sequence.numel()
     counts = torch.bincount(sequence, minlength=k)
-    width = int(counts.max()) if n else 0
+    if width is None:
+        width = int(counts.max()) if n else 0
     order = torch.sort(sequence, stable=True).indices
     ordered = sequence[order]
     starts = torch.cumsum(counts, 0) - counts
