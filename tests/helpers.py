@@ -426,9 +426,10 @@ def tiny_moe(arch: str, seed: int = 0, experts: int = 4, top_k: int = 2):
 
 @contextlib.contextmanager
 def float64_routers():
-    """HF routers round through float32 (``softmax(..., dtype=torch.float)``, ``logits.float()``);
-    while open, both keep a float64 input's dtype, so an MoE model's brute force is float64 throughout."""
-    softmax, to_float = torch.nn.functional.softmax, torch.Tensor.float
+    """HF routers round through float32 (``softmax(..., dtype=torch.float)``, ``logits.float()``,
+    ``weight.type(torch.float32)``, ``logits.softmax(dim, dtype=torch.float32)``); while open, these keep a float64 input's dtype, so an MoE
+    model's brute force is float64 throughout."""
+    softmax, to_float, to_type, method = torch.nn.functional.softmax, torch.Tensor.float, torch.Tensor.type, torch.Tensor.softmax
 
     def exact_softmax(x, dim=None, _stacklevel=3, dtype=None):
         return softmax(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype)
@@ -436,25 +437,77 @@ def float64_routers():
     def exact_float(self, *args, **kwargs):
         return self if self.dtype == torch.float64 else to_float(self, *args, **kwargs)
 
-    torch.nn.functional.softmax, torch.Tensor.float = exact_softmax, exact_float
+    def exact_type(self, *args, **kwargs):
+        if self.dtype == torch.float64 and args and args[0] is torch.float32:
+            return self
+        return to_type(self, *args, **kwargs)
+
+    def exact_method(self, dim, dtype=None):
+        return method(self, dim, dtype=None if self.dtype == torch.float64 else dtype)
+
+    torch.nn.functional.softmax, torch.Tensor.float, torch.Tensor.type = exact_softmax, exact_float, exact_type
+    torch.Tensor.softmax = exact_method
     try:
         yield
     finally:
-        torch.nn.functional.softmax, torch.Tensor.float = softmax, to_float
+        torch.nn.functional.softmax, torch.Tensor.float, torch.Tensor.type = softmax, to_float, to_type
+        torch.Tensor.softmax = method
 
+
+#: further MoE families of transformers: (config/model class prefix, config overrides)
+MORE_MOE = {
+    "deepseek_v3": ("DeepseekV3", dict(num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=0,
+                                        n_group=1, topk_group=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8,
+                                        qk_nope_head_dim=8, v_head_dim=8)),
+    "deepseek_v2": ("DeepseekV2", dict(num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=0,
+                                        n_group=1, topk_group=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=8,
+                                        qk_nope_head_dim=8, v_head_dim=8)),
+    "glm4_moe": ("Glm4Moe", dict(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1)),
+    "dots1": ("Dots1", dict(n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=0, n_group=1, topk_group=1)),
+    "ernie4_5_moe": ("Ernie4_5_Moe", dict(num_experts=4, moe_layer_start_index=0, moe_num_shared_experts=1)),
+    "hunyuan_moe": ("HunYuanMoEV1", dict(num_experts=4)),
+    "granitemoe": ("GraniteMoe", dict(num_local_experts=4)),
+    "granitemoe_shared": ("GraniteMoeShared", dict(num_local_experts=4, shared_intermediate_size=16)),
+    "minimax": ("MiniMax", dict(num_local_experts=4)),
+    "flex_olmo": ("FlexOlmo", dict(num_experts=4)),
+}
 
 #: the model families of the coverage matrix (tests/test_coverage_matrix.py, docs/coverage.md)
 FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mistral", "mixtral", "gemma2", "gemma3", "phi3",
-            "olmo2", "olmoe", "gpt_neox", "gpt2", "smollm3", "gpt_oss")
+            "olmo2", "olmoe", "gpt_neox", "gpt2", "smollm3", "gpt_oss", *MORE_MOE)
+
+
+def more_moe_model(family: str, seed: int = 0):
+    """A tiny random float64 model of one of :data:`MORE_MOE` (eager attention and experts)."""
+    import transformers
+
+    prefix, overrides = MORE_MOE[family]
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=48, moe_intermediate_size=16, num_experts_per_tok=2, head_dim=8, pad_token_id=0,
+              bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, max_position_embeddings=128)
+    kw.update(overrides)
+    cfg = getattr(transformers, prefix + "Config")(**kw)
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
+    model = getattr(transformers, prefix + "ForCausalLM")(cfg).double()
+    for name, p in model.named_parameters():
+        if "gate" in name or "router" in name or "bias" in name:
+            with torch.no_grad():
+                p.add_(0.05 * torch.randn_like(p))
+    return model
 
 
 def family_model(family: str, seed: int = 0):
     """A tiny random float64 model of ``family`` with every parameter trainable -- embeddings, norms,
-    routers, experts -- except gpt-oss's attention sinks (not covered: see docs/coverage.md)."""
+    routers, experts -- except gpt-oss's attention sinks (not covered: see docs/coverage.md) and the
+    routing statistics (``e_score_correction_bias``) the models themselves keep frozen."""
     import transformers
 
     if family in MOE_ARCHS:
         model = tiny_moe(family, seed=seed)
+    elif family in MORE_MOE:
+        model = more_moe_model(family, seed=seed)
     elif family == "gpt2":
         torch.manual_seed(seed)
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
@@ -479,7 +532,8 @@ def family_model(family: str, seed: int = 0):
     else:
         model = tiny_full(family, seed=seed)
     for name, p in model.named_parameters():
-        p.requires_grad_(not name.endswith("sinks"))
+        # trained: everything but gpt-oss's sinks and the routing statistics models keep frozen
+        p.requires_grad_(not name.endswith("sinks") and "e_score_correction" not in name)
         if "norm" in name or "ln" in name:  # non-trivial norm weights (Gemma's start at 0, others at 1)
             with torch.no_grad():
                 p.add_(0.05 * torch.randn_like(p))

@@ -200,22 +200,23 @@ def test_gathered_rows_are_refused_before_anything_changes():
     assert not opt.state
 
 
-def test_router_with_a_cast_weight_is_not_covered():
-    """A router that computes with ``weight.float()`` (DeepSeek-V3's) uses its weight outside F.linear:
-    not recognised, so wrap() refuses it by name."""
+def test_router_using_its_weight_outside_linear_is_not_covered():
+    """A router that scales its weight before the linear step (anything but F.linear after at most a
+    dtype cast) is not recognised: wrap() refuses it by name. A float32 cast alone is covered
+    (DeepSeek's routers: tests/test_coverage_matrix.py)."""
 
-    class CastRouter(nn.Module):
+    class ScaledRouter(nn.Module):
         def __init__(self):
             super().__init__()
             self.weight = nn.Parameter(torch.randn(4, 8, dtype=torch.float64))
 
         def forward(self, x):
-            return torch.nn.functional.linear(x.float(), self.weight.float())
+            return torch.nn.functional.linear(x.float(), (2.0 * self.weight).float())
 
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.router = CastRouter()
+            self.router = ScaledRouter()
 
         def forward(self, x):
             return self.router(x)

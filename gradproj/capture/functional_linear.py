@@ -11,7 +11,9 @@ exact whatever the routing does.
 
 Recognised by what it does (a structural handler): at ``wrap()`` the module's class forward runs on
 a probe input with stand-in parameters, and the module is accepted only if every operation that
-touches a parameter is one ``F.linear(x, weight, bias)`` call.
+touches a parameter is one ``F.linear(x, weight, bias)`` call -- the weight possibly cast to another
+dtype first (DeepSeek-V3's, GLM-4.5's, Ernie 4.5's routers compute in float32): the cast's backward
+casts the gradient back, so capturing the linear step on the cast weight is exact.
 """
 
 from __future__ import annotations
@@ -43,6 +45,21 @@ def _tensors(value):
             yield from _tensors(item)
 
 
+#: dtype casts a router may apply to its weight before ``F.linear`` (DeepSeek-V3's
+#: ``weight.type(torch.float32)``, Ernie 4.5's ``weight.float()``): the cast weight is linear in the
+#: weight, so its ``F.linear`` is captured like the weight's own (the cast's backward casts back)
+_CASTS = frozenset({torch.Tensor.to, torch.Tensor.type, torch.Tensor.float, torch.Tensor.double,
+                    torch.Tensor.bfloat16, torch.Tensor.half})
+
+
+def _is_cast(func, args, kwargs) -> bool:
+    """A pure dtype cast: ``t.to(dtype)``, ``t.type(dtype)``, ``t.float()``, ... (no device, no other tensor)."""
+    if func not in _CASTS or kwargs.get("device") is not None:
+        return False
+    rest = list(args[1:]) + [v for k, v in kwargs.items() if k not in ("dtype", "non_blocking", "copy")]
+    return all(isinstance(a, torch.dtype) for a in rest) and len(rest) <= 1
+
+
 def _linear_args(args, kwargs):
     x = args[0] if args else kwargs.get("input")
     weight = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -56,6 +73,7 @@ class _RecordUses(TorchFunctionMode):
     def __init__(self, weight, bias) -> None:
         super().__init__()
         self.weight, self.bias = weight, bias
+        self.weights = [weight]  # the weight and its dtype casts
         self.linear_calls = 0
         self.other = False
 
@@ -63,17 +81,20 @@ class _RecordUses(TorchFunctionMode):
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") == "__get__":  # reading an attribute (shape, grad_fn, ...)
             return func(*args, **kwargs)
-        touched = [t for t in _tensors((args, kwargs)) if t is self.weight or (self.bias is not None and t is self.bias)]
+        touched = [t for t in _tensors((args, kwargs)) if any(t is w for w in self.weights) or (self.bias is not None and t is self.bias)]
+        out = func(*args, **kwargs)
         if touched:
             if func is F.linear:
                 _, weight, bias = _linear_args(args, kwargs)
-                if weight is self.weight and bias is self.bias:
+                if any(weight is w for w in self.weights) and bias is self.bias:
                     self.linear_calls += 1
                 else:
                     self.other = True
+            elif _is_cast(func, args, kwargs) and any(args[0] is w for w in self.weights):
+                self.weights.append(out)
             else:
                 self.other = True
-        return func(*args, **kwargs)
+        return out
 
 
 def uses_only_linear(module: nn.Module) -> bool:
@@ -84,7 +105,7 @@ def uses_only_linear(module: nn.Module) -> bool:
         return False
     if bias is not None and bias.shape != weight.shape[:1]:
         return False
-    if any(True for _ in module.children()):
+    if any(p.requires_grad for child in module.children() for p in child.parameters()):
         return False
     generator = torch.Generator().manual_seed(0)
     w = torch.randn(weight.shape, generator=generator, dtype=torch.float64)
@@ -104,14 +125,18 @@ class _CaptureLinear(TorchFunctionMode):
     def __init__(self, layer, weight, bias) -> None:
         super().__init__()
         self.layer, self.weight, self.bias = layer, weight, bias
+        self.weights = [weight]  # the weight and its dtype casts (captured through the cast)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight, bias = _linear_args(args, kwargs)
-            if weight is self.weight and bias is self.bias:
+            if any(weight is w for w in self.weights) and bias is self.bias:
                 return captured_linear(self.layer, x, weight, bias)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if args and _is_cast(func, args, kwargs) and any(args[0] is w for w in self.weights):
+            self.weights.append(out)
+        return out
 
 
 class FunctionalLinearHandler(LinearHandler):

@@ -3,7 +3,7 @@
 A handler that recognises modules by what they compute (a norm class it was never told about, a
 Linear or Embedding subclass with its own forward) runs the module's *class* forward on a stand-in:
 an object of the same class holding the module's plain attributes and buffers but probe
-parameters, its parameter-free submodules (activations) and no hooks. The module itself -- its parameters, hooks (FSDP's,
+parameters, its submodules without trainable parameters (activations, frozen statistics) and no hooks. The module itself -- its parameters, hooks (FSDP's,
 accelerate's) and autograd state -- is never touched.
 """
 
@@ -34,7 +34,7 @@ def class_forward_on(module: nn.Module, params: dict[str, torch.Tensor | None], 
     for name, buffer in module.named_buffers(recurse=False):
         stand.register_buffer(name, buffer)
     for name, child in module.named_children():
-        if next(child.parameters(), None) is None:  # parameter-free (an activation): shared as is
+        if not any(p.requires_grad for p in child.parameters()):  # an activation, frozen statistics: shared
             stand.add_module(name, child)
     for name, value in params.items():
         if value is not None and not isinstance(value, nn.Parameter):
