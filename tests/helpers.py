@@ -386,7 +386,7 @@ MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "gpt_oss")
 def tiny_moe(arch: str, seed: int = 0, experts: int = 4, top_k: int = 2):
     """A tiny random float64 MoE model of transformers' ``arch`` (fused 3-D experts, eager expert
     loop: torch's grouped_mm has no float64), every parameter trainable except the input embedding
-    and gpt-oss's attention sinks; routers, biases and norms perturbed so that none is trivial."""
+    routers, biases, norms and gpt-oss's attention sinks perturbed so that none is trivial."""
     import transformers
 
     torch.manual_seed(seed)
@@ -417,8 +417,8 @@ def tiny_moe(arch: str, seed: int = 0, experts: int = 4, top_k: int = 2):
     cfg._experts_implementation = "eager"
     model = cls(cfg).double()
     for name, p in model.named_parameters():
-        p.requires_grad_("embed_tokens" not in name and not name.endswith("sinks"))
-        if "norm" in name or "bias" in name or "router" in name or name.endswith("gate.weight"):
+        p.requires_grad_("embed_tokens" not in name)
+        if "norm" in name or "bias" in name or "router" in name or name.endswith(("gate.weight", "sinks")):
             with torch.no_grad():
                 p.add_(0.1 * torch.randn_like(p))
     return model
@@ -500,8 +500,8 @@ def more_moe_model(family: str, seed: int = 0):
 
 def family_model(family: str, seed: int = 0):
     """A tiny random float64 model of ``family`` with every parameter trainable -- embeddings, norms,
-    routers, experts -- except gpt-oss's attention sinks (not covered: see docs/coverage.md) and the
-    routing statistics (``e_score_correction_bias``) the models themselves keep frozen."""
+    routers, experts, gpt-oss's attention sinks -- except the routing statistics
+    (``e_score_correction_bias``) the models themselves keep frozen."""
     import transformers
 
     if family in MOE_ARCHS:
@@ -532,8 +532,8 @@ def family_model(family: str, seed: int = 0):
     else:
         model = tiny_full(family, seed=seed)
     for name, p in model.named_parameters():
-        # trained: everything but gpt-oss's sinks and the routing statistics models keep frozen
-        p.requires_grad_(not name.endswith("sinks") and "e_score_correction" not in name)
+        # trained: everything but the routing statistics models keep frozen
+        p.requires_grad_("e_score_correction" not in name)
         if "norm" in name or "ln" in name:  # non-trivial norm weights (Gemma's start at 0, others at 1)
             with torch.no_grad():
                 p.add_(0.05 * torch.randn_like(p))

@@ -43,9 +43,8 @@ def test_matrix_single_pass_rules(family, params, strategy):
         opt.detach()
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-10, (worst, errors[worst])
-    if params == "full":  # nothing left out: every parameter but gpt-oss's sinks and routing statistics
-        assert all(p.requires_grad for n, p in model.named_parameters()
-                   if not n.endswith("sinks") and "e_score_correction" not in n)
+    if params == "full":  # nothing left out: every parameter but the routing statistics
+        assert all(p.requires_grad for n, p in model.named_parameters() if "e_score_correction" not in n)
 
 
 @pytest.mark.parametrize("params", ["full", "lora"])
@@ -74,17 +73,28 @@ def test_matrix_intra_proma(family, params):
         assert max(changed[n] for n in experts) > 1e-3
 
 
-def test_gpt_oss_attention_sinks_are_named_with_the_fix():
-    """The one parameter of the matrix's families not covered: gpt-oss's attention sinks (a logit
-    column inside the attention kernel). wrap() names it and how to train the rest."""
-    model = family_model("gpt_oss")
-    for name, p in model.named_parameters():
-        if name.endswith("sinks"):
-            p.requires_grad_(True)
-    with pytest.raises(CoverageError, match=r"self_attn\.sinks.*exclude"):
-        gradproj.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, "proma")
-    opt = gradproj.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, "proma", exclude=["*.sinks"])
-    assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith("sinks"))
+def test_attention_sinks_used_otherwise_are_refused_in_the_forward():
+    """A per-head vector that an attention module uses other than as transformers' eager attention
+    joins its sinks (here: scaling the output) is refused in the forward, before any gradient exists."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = SimpleNamespace(num_attention_heads=2)
+            self.proj = nn.Linear(4, 4).double()
+            self.sinks = nn.Parameter(torch.ones(2, dtype=torch.float64))
+
+        def forward(self, x):
+            return self.proj(x) * self.sinks.sum()
+
+    model = nn.Sequential(Attention())
+    opt = gradproj.wrap(torch.optim.SGD(model.parameters(), lr=0.1), model, "proma")
+    with pytest.raises(CoverageError, match=r"sinks.*eager"):
+        model(torch.randn(2, 3, 4, dtype=torch.float64))
+    assert all(p.grad is None for p in model.parameters())
     opt.detach()
 
 

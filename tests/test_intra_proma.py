@@ -44,12 +44,12 @@ def token_data(model, ids, attn, mask, logp_fn=None, arguments=None):
     hooks = []
     for name, module in model.named_modules():
         if any(p.requires_grad for p in module.parameters(recurse=False)) or _is_param_wrapper(module):
-            def hook(mod, args, out, name=name):
-                inputs[name] = args[0]
+            def hook(mod, args, kwargs, out, name=name):
+                inputs[name] = args[0] if args else next(iter(kwargs.values()))
                 outputs[name] = out[0] if isinstance(out, tuple) else out
                 if arguments is not None:
                     arguments[name] = args
-            hooks.append(module.register_forward_hook(hook))
+            hooks.append(module.register_forward_hook(hook, with_kwargs=True))
     logp = token_logprobs(model, ids, attn) if logp_fn is None else logp_fn(model)
     for h in hooks:
         h.remove()

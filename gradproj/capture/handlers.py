@@ -66,7 +66,8 @@ class LayerHandler:
     covers_descendants: ClassVar[bool] = False
 
     def covered_parameters(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        """``[(dotted path from module, parameter)]`` this handler covers (``covers_descendants``)."""
+        """``[(attribute or dotted path from module, parameter)]`` this handler covers on ``module``
+        (default: the present ones among ``parameter_names``)."""
         return [(name, p) for name in self.parameter_names if isinstance(p := getattr(module, name, None), nn.Parameter)]
 
     def accepts(self, module: nn.Module) -> bool:

@@ -135,7 +135,7 @@ def build_plan(
         if not own:
             continue
         handler = registry.handler_for(module)
-        handled = set(handler.parameter_names) if handler is not None else set()
+        handled = {attr for attr, _ in handler.covered_parameters(module)} if handler is not None else set()
         params = []
         for attr, param in own:
             qname = f"{mod_name}.{attr}" if mod_name else attr

@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = {
     "functional_linear": "gradproj.capture.functional_linear",
     "experts": "gradproj.capture.experts_handler",
     "param_lora": "gradproj.capture.param_lora",
+    "attention_sinks": "gradproj.capture.attention_sinks",
 }
 
 _lock = threading.Lock()
