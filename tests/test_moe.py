@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import gradproj
+import gradproj.capture.experts_handler
 from gradproj.capture.token_rows import flattened_token_shape
 from gradproj.errors import CoverageError, InputError
 from gradproj.integrations.torch.logprobs import token_logprobs
@@ -361,3 +362,59 @@ def test_dropped_tokens_and_routing_weights_exact():
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-10, (worst, errors[worst])
     assert errors["model.layers.0.mlp.gate.weight"] <= 1e-10
+
+
+def test_grouped_matmul_path_matches_the_per_expert_loop(monkeypatch):
+    """float32 with aligned sizes runs the experts' projections as torch's grouped matmul (forward,
+    the tokens' and the gate's gradients); it agrees with the per-expert loop (float64's path), and
+    the whole step stays exact to float32 round-off against the brute force."""
+    import gradproj.capture.expert_op as expert_op
+
+    model = tiny_moe("qwen3_moe", seed=13).float()
+    calls = []
+    grouped = torch.nn.functional.grouped_mm
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return grouped(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", counting)
+    experts = model.model.layers[0].mlp.experts
+    form = gradproj.capture.experts_handler.recognise_experts(experts)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 32, generator=g)
+    index = torch.stack([torch.randperm(4, generator=g)[:2] for _ in range(10)])
+    weights = torch.rand(10, 2, generator=g)
+    args = (x, index, weights, experts.gate_up_proj.detach(), experts.down_proj.detach())
+    fast, _ = expert_op.experts_forward(form, *args)
+    assert calls
+    monkeypatch.setattr(expert_op, "_grouped_ok", lambda rows, mat_b: False)
+    slow, _ = expert_op.experts_forward(form, *args)
+    assert torch.allclose(fast, slow, rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    errors = run_microbatches(model, _wrap(model, "proma"), make_microbatches(2, 4, seed=14), ref=dict(strategy="proma"))
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-4, (worst, errors[worst])
+
+
+def test_expert_stack_gram_with_matches_the_dense_augmented_gram():
+    g = torch.Generator().manual_seed(3)
+    k, experts, d_in, d_out = 3, 4, 5, 6
+    blocks, dense = [], torch.zeros(k, experts, d_out, d_in, dtype=torch.float64)
+    for e in range(experts):
+        if e == 2:  # no token reached this expert
+            blocks.append(None)
+            continue
+        n = 7
+        seq = torch.sort(torch.randint(0, k, (n,), generator=g)).values
+        x = torch.randn(n, d_in, generator=g, dtype=torch.float64)
+        dy = torch.randn(n, d_out, generator=g, dtype=torch.float64)
+        for t in range(n):
+            dense[seq[t], e] += torch.outer(dy[t], x[t])
+        a, d = rows_by_sequence(seq, k, x, dy)
+        blocks.append(linear_weight_grads(a, d, ("ghost", "materialize", "auto")[e % 3]))
+    stack = ExpertStackGrads(blocks, k, (experts, d_out, d_in), torch.float64, torch.device("cpu"))
+    other = torch.randn(experts, d_out, d_in, generator=g, dtype=torch.float64)
+    rows = torch.cat([dense.reshape(k, -1), other.reshape(1, -1)])
+    assert torch.allclose(stack.gram_with(other), rows @ rows.T, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(stack.gram(), rows[:k] @ rows[:k].T, rtol=1e-12, atol=1e-12)

@@ -4,8 +4,10 @@
 ``gate_up_e``/``down_e`` are expert ``e``'s slices of the fused 3-D parameters (stored (E, out, in),
 or (E, in, out) when transposed, with optional per-expert biases) and ``gate`` is the module's own
 gating (``module._apply_gate``: SwiGLU, gpt-oss's clamped variant, ...). Token-expert pairs are
-sorted by expert once per call; each expert runs two matmuls on its own tokens (no dense
-materialisation over all experts). Expert ids outside ``[0, E)`` (transformers' sentinel for
+sorted by expert once per call; the experts' projections run as one grouped matmul each
+(``torch.nn.functional.grouped_mm``, float32/bf16 with 16-byte aligned rows) or, otherwise
+(float64, odd sizes), a loop of one matmul per expert on its own tokens -- never a dense
+materialisation over all experts. The gating function is row-wise and runs on all rows at once. Expert ids outside ``[0, E)`` (transformers' sentinel for
 dropped tokens) are skipped, as the module does.
 
 The backward returns the gradients of the tokens and of the routing weights (so the router's own
@@ -36,21 +38,42 @@ class ExpertsForm:
     gate: Callable[[torch.Tensor], torch.Tensor] = field(compare=False)
 
 
-def _linear(x, weight, bias, transposed: bool):
-    out = x @ weight if transposed else F.linear(x, weight)
-    return out if bias is None else out + bias
+#: dtypes torch's grouped matmul takes (CPU and CUDA); float64 runs the per-expert loop
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _grouped_ok(rows: torch.Tensor, mat_b: torch.Tensor) -> bool:
+    if not hasattr(F, "grouped_mm") or rows.dtype not in _GROUPED_DTYPES or mat_b.dtype != rows.dtype:
+        return False
+    size = rows.element_size()
+    return all(n * size % 16 == 0 for n in (rows.shape[-1], mat_b.shape[-2], mat_b.shape[-1])) and rows.shape[0] > 0
+
+
+def expert_matmul(rows: torch.Tensor, mat_b: torch.Tensor, counts: list[int], offsets: torch.Tensor) -> torch.Tensor:
+    """``rows[slice_e] @ mat_b[e]`` for the rows of each expert (sorted by expert, ``counts`` per
+    expert): one grouped matmul where torch has one for the dtype and alignment, else a loop."""
+    if _grouped_ok(rows, mat_b):
+        try:
+            return F.grouped_mm(rows, mat_b, offs=offsets)
+        except RuntimeError:  # a layout this build's kernel does not take: the loop below
+            pass
+    out = rows.new_empty(rows.shape[0], mat_b.shape[-1])
+    for e, part in _slices(counts):
+        torch.mm(rows[part], mat_b[e], out=out[part])
+    return out
 
 
 def _route(top_k_index: torch.Tensor, num_experts: int):
-    """``(pairs, tokens, counts)``: the valid token-expert pairs sorted by expert (stable), their
-    token rows, and the number of pairs per expert (a host list: the per-expert loop needs it)."""
+    """``(pairs, tokens, experts, counts)``: the valid token-expert pairs sorted by expert (stable),
+    their token rows and experts, and the number of pairs per expert (a host list: the per-expert
+    sequence gradients need it; one synchronisation per call)."""
     flat = top_k_index.reshape(-1)
     pairs = torch.nonzero((flat >= 0) & (flat < num_experts)).squeeze(1)
     experts = flat.index_select(0, pairs)
     order = torch.sort(experts, stable=True).indices
-    pairs = pairs.index_select(0, order)
-    counts = torch.bincount(experts, minlength=num_experts).tolist()  # one host sync per call
-    return pairs, pairs // top_k_index.shape[-1], counts
+    pairs, experts = pairs.index_select(0, order), experts.index_select(0, order)
+    counts = torch.bincount(experts, minlength=num_experts).tolist()
+    return pairs, pairs // top_k_index.shape[-1], experts, counts
 
 
 def _slices(counts):
@@ -61,21 +84,26 @@ def _slices(counts):
         start += n
 
 
+def _in_out(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The expert weights as (E, in, out): ``rows @ W_e`` applies expert e."""
+    return weight if transposed else weight.transpose(-2, -1)
+
+
 def experts_forward(form: ExpertsForm, x, top_k_index, top_k_weights, gate_up, down, gate_up_bias=None, down_bias=None):
-    """The module's output, plus ``(pairs, tokens, counts, gate_up outputs, down outputs, weights)``."""
-    pairs, tokens, counts = _route(top_k_index, gate_up.shape[0])
+    """The module's output, plus ``(pairs, tokens, experts, counts, gate_up outputs, down outputs, weights)``."""
+    pairs, tokens, experts, counts = _route(top_k_index, gate_up.shape[0])
+    offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
     xs = x.index_select(0, tokens)
     weights = top_k_weights.reshape(-1).index_select(0, pairs)
-    h_all = xs.new_empty(xs.shape[0], gate_up.shape[2] if form.transposed else gate_up.shape[1])
-    o_all = xs.new_empty(xs.shape[0], down.shape[2] if form.transposed else down.shape[1])
-    for e, rows in _slices(counts):
-        h = _linear(xs[rows], gate_up[e], None if gate_up_bias is None else gate_up_bias[e], form.transposed)
-        o = _linear(form.gate(h), down[e], None if down_bias is None else down_bias[e], form.transposed)
-        h_all[rows] = h
-        o_all[rows] = o
+    h_all = expert_matmul(xs, _in_out(gate_up, form.transposed), counts, offsets)
+    if gate_up_bias is not None:
+        h_all = h_all + gate_up_bias.index_select(0, experts)
+    o_all = expert_matmul(form.gate(h_all), _in_out(down, form.transposed), counts, offsets)
+    if down_bias is not None:
+        o_all = o_all + down_bias.index_select(0, experts)
     out = torch.zeros_like(x)
     out.index_add_(0, tokens, (o_all * weights.unsqueeze(-1).to(o_all.dtype)).to(out.dtype))
-    return out, (pairs, tokens, counts, h_all, o_all, weights)
+    return out, (pairs, tokens, experts, counts, h_all, o_all, weights)
 
 
 class ExpertsOp(CapturedOp):
@@ -104,7 +132,7 @@ class ExpertsOp(CapturedOp):
         else:
             gate_up_c, down_c = gate_up, down
             out, route = experts_forward(self.form, x, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias)
-        pairs, tokens, counts, h_all, o_all, weights = route
+        pairs, tokens, _, counts, h_all, o_all, weights = route
         meta: dict[str, Any] = {"counts": counts, "token_shape": token_shape, "rows": x.shape[0], "k_top": top_k_weights.shape}
         return out, (x, pairs, tokens, h_all, o_all, weights, gate_up_c, down_c), meta
 
@@ -113,25 +141,19 @@ class ExpertsOp(CapturedOp):
         if "backward" in meta:
             return meta["backward"]
         x, pairs, tokens, h_all, o_all, weights, gate_up, down = saved
+        counts = meta["counts"]
+        offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
         g = grad_out.to(o_all.dtype).index_select(0, tokens)
         d_weights = (g * o_all).sum(-1)
         d_out = g * weights.unsqueeze(-1).to(g.dtype)  # the down projection's output gradients
         xs = x.to(h_all.dtype).index_select(0, tokens)
-        d_h, a_all = torch.empty_like(h_all), None
-        d_xs = torch.empty_like(xs)
-        for e, rows in _slices(meta["counts"]):
-            with torch.enable_grad():
-                h = h_all[rows].detach().requires_grad_(True)
-                a = self.form.gate(h)
-                d_a = d_out[rows] @ (down[e].T if self.form.transposed else down[e])
-                (d_h[rows],) = torch.autograd.grad(a, h, d_a)
-            if a_all is None:
-                a_all = a.new_empty(h_all.shape[0], a.shape[1])
-            a_all[rows] = a.detach()
-            d_xs[rows] = d_h[rows] @ (gate_up[e].T if self.form.transposed else gate_up[e])
-        if a_all is None:
-            a_all = h_all.new_empty(0, 0)
-        meta["backward"] = result = (xs, d_h, a_all, d_out, d_xs, d_weights)
+        d_a = expert_matmul(d_out, _in_out(down, self.form.transposed).transpose(-2, -1), counts, offsets)
+        with torch.enable_grad():  # the gate's derivative, on every row at once (it is row-wise)
+            h = h_all.detach().requires_grad_(True)
+            a = self.form.gate(h)
+            (d_h,) = torch.autograd.grad(a, h, d_a) if h.shape[0] else (torch.zeros_like(h),)
+        d_xs = expert_matmul(d_h, _in_out(gate_up, self.form.transposed).transpose(-2, -1), counts, offsets)
+        meta["backward"] = result = (xs, d_h, a.detach(), d_out, d_xs, d_weights)
         return result
 
     def input_grads(self, meta, saved, grad_out, needs):

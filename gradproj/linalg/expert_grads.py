@@ -94,8 +94,23 @@ class ExpertStackGrads:
         return out
 
     def gram_with(self, other: torch.Tensor) -> torch.Tensor:
-        """Gram of ``[s_1, ..., s_k, other]``."""
-        return augmented_gram(self, other)
+        """Gram of ``[s_1, ..., s_k, other]``: the sum of the blocks' own augmented Grams (one pass
+        over each block's sequence gradients with ``other``'s block, as each form does it best), plus
+        ``||other[e]||^2`` of the blocks no token reached."""
+        if self._gram is not None:
+            return augmented_gram(self, other)
+        k = self.k
+        out = torch.zeros(k + 1, k + 1, dtype=torch.float64, device=self.device)
+        parts = self._by_expert(other)
+        reached = set()
+        for e, block in self._present():
+            out += block.gram_with(parts[e])
+            reached.add(e)
+        for e in range(len(self.blocks)):
+            if e not in reached:
+                out[k, k] += torch.linalg.vector_norm(parts[e], dtype=torch.float64) ** 2
+        self._gram = out[:k, :k].clone()
+        return out
 
     def combine(self, gamma: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``sum_i gamma_i s_i``, expert by expert (zero blocks for experts without tokens)."""
