@@ -540,17 +540,21 @@ def family_model(family: str, seed: int = 0):
     return model
 
 
-def family_lora(family: str, seed: int = 0):
-    """``family_model`` frozen, with peft LoRA ``target_modules="all-linear"`` (random B: every
+def peft_lora(base, seed: int = 0, **config):
+    """``base`` frozen, with peft LoRA (``LoraConfig(r=2, lora_alpha=4, **config)``, random B so every
     adapter has a gradient), adapters in float64."""
     from peft import LoraConfig, get_peft_model
 
-    base = family_model(family, seed=seed)
     for p in base.parameters():
         p.requires_grad_(False)
-    torch.manual_seed(seed + 1)
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules="all-linear"))
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **config))
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.data = p.data.double()
     return model
+
+
+def family_lora(family: str, seed: int = 0):
+    """``family_model`` with peft LoRA ``target_modules="all-linear"``."""
+    return peft_lora(family_model(family, seed=seed), seed=seed + 1, target_modules="all-linear")

@@ -19,6 +19,7 @@ from helpers import (
     float64_routers,
     grpo_loss,
     make_microbatches,
+    peft_lora,
     run_microbatches,
     tiny_moe,
     trainable,
@@ -88,16 +89,7 @@ def test_moe_intra_proma_exact(arch):
 def test_moe_lora_all_linear_exact(arch):
     """peft target_modules='all-linear' on an MoE model: the shared expert's and its gate's adapters
     see flattened tokens (their rows traced back to the (B, T, d) activation through peft's branch)."""
-    from peft import LoraConfig, get_peft_model
-
-    base = tiny_moe(arch, seed=5)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules="all-linear"))
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.double()
+    model = peft_lora(tiny_moe(arch, seed=5), seed=0, target_modules="all-linear")
     with exact_norms(model), float64_routers():
         opt = _wrap(model, "proma")
         errors = run_microbatches(model, opt, make_microbatches(3, 4, seed=6), ref=dict(strategy="proma"))
@@ -233,17 +225,7 @@ def test_peft_lora_on_expert_parameters_exact(arch, targets):
     """peft target_parameters: LoRA on the fused expert tensors (one wrapper, or two nested), the
     adapters' sequence gradients read off the experts' token factors; Qwen's (E, out, in) storage
     and gpt-oss's transposed (E, in, out) one."""
-    from peft import LoraConfig, get_peft_model
-
-    base = tiny_moe(arch, seed=9)
-    for p in base.parameters():
-        p.requires_grad_(False)
-    torch.manual_seed(1)
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["o_proj"],
-                                            target_parameters=targets))
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.double()
+    model = peft_lora(tiny_moe(arch, seed=9), seed=1, target_modules=["o_proj"], target_parameters=targets)
     with exact_norms(model), float64_routers():
         opt = _wrap(model, "proma")
         errors = run_microbatches(model, opt, make_microbatches(3, 4, seed=10), ref=dict(strategy="proma"))

@@ -34,7 +34,7 @@ from gradproj.linalg.linear_grads import BlockedLinearGrads, GhostLinearGrads, c
 from gradproj.linalg.sequence_grads import TokenSumGrads
 from gradproj.plugins.hookspecs import hookimpl
 
-__all__ = ["EXPERT_PARAMS", "FusedExpertsHandler", "expert_factors", "recognise_experts"]
+__all__ = ["EXPERT_PARAMS", "FusedExpertsHandler", "expert_factors", "install_experts_capture", "recognise_experts"]
 
 #: the parameters of a fused experts module (the biases are optional)
 EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
@@ -127,19 +127,7 @@ class FusedExpertsHandler(LayerHandler):
         """Run the experts through the captured op while capture is on."""
         form = self.form(module)
         assert form is not None  # (accepted)
-        op = ExpertsOp(form)
-        original = type(module).forward
-        signature = inspect.signature(original)
-
-        def forward(*args, **kwargs):
-            params = [getattr(module, name, None) for name in EXPERT_PARAMS]
-            if not captures(layer, *params):
-                return original(module, *args, **kwargs)
-            bound = signature.bind(module, *args, **kwargs)
-            x, index, weights = list(bound.arguments.values())[1:4]
-            return CapturedCall.apply(op, layer, x, index, weights, flattened_token_shape(x), *params)
-
-        return install_forward(module, forward)
+        return install_experts_capture(module, layer, form)
 
     def sequence_gradients(self, layer, uses, layout, gram: str, workspace=None, slots=None) -> dict:
         """Per expert, the sequence gradients of its slices over the tokens routed to it."""
@@ -163,6 +151,24 @@ class FusedExpertsHandler(LayerHandler):
             if param is not None and param.requires_grad:
                 out[name] = ExpertStackGrads(blocks[name], layout.k, param.shape, dtype, param.device)
         return out
+
+
+def install_experts_capture(module: nn.Module, layer, form: ExpertsForm) -> Callable[[], None]:
+    """Install on the fused experts ``module`` a forward that runs :class:`ExpertsOp` for ``layer``
+    while capture is on; the parameters are read at each call (peft's LoRA parametrizes them)."""
+    op = ExpertsOp(form)
+    original = type(module).forward
+    signature = inspect.signature(original)
+
+    def forward(*args, **kwargs):
+        params = [getattr(module, name, None) for name in EXPERT_PARAMS]
+        if not captures(layer, *params):
+            return original(module, *args, **kwargs)
+        bound = signature.bind(module, *args, **kwargs)
+        x, index, weights = list(bound.arguments.values())[1:4]
+        return CapturedCall.apply(op, layer, x, index, weights, flattened_token_shape(x), *params)
+
+    return install_forward(module, forward)
 
 
 def expert_factors(layer, uses, layout, num_experts: int, dtype: torch.dtype) -> list:

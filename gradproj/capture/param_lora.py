@@ -27,21 +27,17 @@ expert's block of ``lora_A``/``lora_B`` with that expert's tokens.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from gradproj.capture.captured_call import CapturedCall, captures
-from gradproj.capture.expert_op import ExpertsOp
-from gradproj.capture.experts_handler import EXPERT_PARAMS, expert_factors, recognise_experts
-from gradproj.capture.forwards import install_forward, runs_class_forward
+from gradproj.capture.experts_handler import expert_factors, install_experts_capture, recognise_experts
+from gradproj.capture.forwards import runs_class_forward
 from gradproj.capture.functional_linear import install_linear_capture, uses_only_linear
 from gradproj.capture.handlers import LayerHandler, compute_dtype
 from gradproj.capture.probe import ProbedForms
-from gradproj.capture.token_rows import flattened_token_shape
 from gradproj.linalg.expert_grads import ExpertStackGrads
 from gradproj.linalg.linear_grads import linear_weight_grads
 from gradproj.plugins.hookspecs import hookimpl
@@ -149,19 +145,7 @@ class ParamLoraHandler(LayerHandler):
             return install_linear_capture(base, layer)
         form = recognise_experts(base)
         assert form is not None
-        op = ExpertsOp(form)
-        original = type(base).forward
-        signature = inspect.signature(original)
-
-        def forward(*args, **kwargs):
-            params = [getattr(base, name, None) for name in EXPERT_PARAMS]  # W0 + s * B A while peft's forward runs
-            if not captures(layer, *params):
-                return original(base, *args, **kwargs)
-            bound = signature.bind(base, *args, **kwargs)
-            x, index, weights = list(bound.arguments.values())[1:4]
-            return CapturedCall.apply(op, layer, x, index, weights, flattened_token_shape(x), *params)
-
-        return install_forward(base, forward)
+        return install_experts_capture(base, layer, form)  # on W0 + s * B A while peft's forward runs
 
     def sequence_gradients(self, layer, uses, layout, gram: str, workspace=None, slots=None) -> dict:
         """``dA_e``/``dB_e`` per expert and sequence from the wrapped module's token factors."""
