@@ -98,3 +98,13 @@ def test_breakdown_check_costs_and_the_checks_off_stage():
     assert costs["layers"] > 0 and costs["per_microbatch"] > 0
     for (owner, name), _ in breakdown._checks_off().items():
         assert name in owner.__dict__, (owner, name)
+
+
+@pytest.mark.parametrize("setup", ["full", "lora"])
+def test_moe_benchmark_builds_and_steps(setup):
+    """``--arch qwen3_moe``: every parameter (or peft all-linear, experts and routers included)
+    covered, one captured step runs."""
+    args = step_overhead.parse(["--quick", "--arch", "qwen3_moe"])
+    model, opt, step = step_overhead.variants(args, setup, only="proma")["proma"]
+    assert any("experts" in n for n, p in model.named_parameters() if p.requires_grad)
+    step(model, opt, step_overhead.make_data(args))
