@@ -136,21 +136,22 @@ class FusedExpertsHandler(LayerHandler):
         assert form is not None  # (accepted)
         num_experts = module.gate_up_proj.shape[0]
         dtype = compute_dtype(module.gate_up_proj.dtype)
-        blocks: dict[str, list] = {name: [None] * num_experts for name in EXPERT_PARAMS}
+        trained = {name for name in EXPERT_PARAMS if getattr(module, name, None) is not None and getattr(module, name).requires_grad}
+        blocks: dict[str, list] = {name: [None] * num_experts for name in trained}
         for e, factors in enumerate(expert_factors(layer, uses, layout, num_experts, dtype)):
             if factors is None:
                 continue
-            x_, h_, a_, o_ = factors
-            blocks["gate_up_proj"][e] = _weight(x_, h_, gram, form.transposed, workspace)
-            blocks["down_proj"][e] = _weight(a_, o_, gram, form.transposed, workspace)
-            blocks["gate_up_proj_bias"][e] = TokenSumGrads(h_)
-            blocks["down_proj_bias"][e] = TokenSumGrads(o_)
-        out = {}
-        for name in EXPERT_PARAMS:
-            param = getattr(module, name, None)
-            if param is not None and param.requires_grad:
-                out[name] = ExpertStackGrads(blocks[name], layout.k, param.shape, dtype, param.device)
-        return out
+            x_, h_, a_, o_ = factors  # only the trained tensors' sequence gradients are built
+            if "gate_up_proj" in trained:
+                blocks["gate_up_proj"][e] = _weight(x_, h_, gram, form.transposed, workspace)
+            if "down_proj" in trained:
+                blocks["down_proj"][e] = _weight(a_, o_, gram, form.transposed, workspace)
+            if "gate_up_proj_bias" in trained:
+                blocks["gate_up_proj_bias"][e] = TokenSumGrads(h_)
+            if "down_proj_bias" in trained:
+                blocks["down_proj_bias"][e] = TokenSumGrads(o_)
+        return {name: ExpertStackGrads(blocks[name], layout.k, getattr(module, name).shape, dtype,
+                                       getattr(module, name).device) for name in trained}
 
 
 def install_experts_capture(module: nn.Module, layer, form: ExpertsForm) -> Callable[[], None]:

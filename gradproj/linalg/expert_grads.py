@@ -44,13 +44,14 @@ class ExpertStackGrads:
     sequence gradients ``blocks[e]`` (``None``: no token reached expert e, its block gets no gradient).
 
     Args:
-        blocks: per expert, a :class:`gradproj.linalg.sequence_grads.SequenceGradients` of the
+        blocks (list): per expert, a :class:`gradproj.linalg.sequence_grads.SequenceGradients` of the
             block's shape, or ``None``.
-        k: the number of sequences.
-        shape: the parameter's shape.
-        dtype, device: of the combined tensor.
-        block_shape: the shape of one block (default ``shape[1:]``).
-        expert_axis: where the expert index sits when the parameter is viewed as blocks:
+        k (int): the number of sequences.
+        shape (tuple[int, ...]): the parameter's shape.
+        dtype (torch.dtype): of the combined tensor.
+        device (torch.device): of the combined tensor.
+        block_shape (tuple[int, ...] | None): the shape of one block (default ``shape[1:]``).
+        expert_axis (str): where the expert index sits when the parameter is viewed as blocks:
             ``"leading"`` -- ``(E, *block_shape)``, the fused expert tensors and peft's ``lora_A``
             of them, ``(E * r, in)``; ``"trailing"`` -- ``(*block_shape, E)``, peft's ``lora_B``
             of them, ``(out, r * E)`` with expert e in the columns ``j * E + e``.
