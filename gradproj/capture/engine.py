@@ -22,6 +22,7 @@ the step's end) in :mod:`gradproj.capture.step`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from time import perf_counter
 
@@ -275,11 +276,11 @@ class CaptureEngine(StepControl):
         start = perf_counter()
         self.updates.finish(mb)
         self.counters.capture_seconds += perf_counter() - start
-        if not mb.dropped and mb.unverified and not _all_finite(mb.unverified):
+        # one read from the device for the whole microbatch: staged updates no rule vouched for,
+        # .grad that took such updates directly (nonfinite="propagate": poisoned below), and the
+        # rules' own finiteness flags
+        if not mb.dropped and not _all_finite(mb.unverified + self.sink.unchecked(mb), mb.finite_flags):
             mb.drop()
-        unchecked = self.sink.unchecked(mb)
-        if not mb.dropped and unchecked and not _all_finite(unchecked):
-            mb.drop()  # only with direct writes, i.e. nonfinite="propagate": poisoned below
         if mb.dropped:
             self._on_nonfinite()
         else:
@@ -287,6 +288,7 @@ class CaptureEngine(StepControl):
         mb.staged.clear()
         mb.uses.clear()
         mb.unverified.clear()
+        mb.finite_flags.clear()
         mb.written.clear()
 
     def _on_nonfinite(self, restore: bool = False) -> None:
@@ -334,7 +336,15 @@ class CaptureEngine(StepControl):
         self._all_dropped = True
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """One reduction over all the tensors (no NaN/inf may reach ``.grad``)."""
-    norms = torch._foreach_norm(tensors)
-    return bool(torch.isfinite(torch.stack(norms)).all())
+def _all_finite(tensors: list[torch.Tensor], flags: Sequence[torch.Tensor] = ()) -> bool:
+    """Whether every tensor is finite and every flag true: one reduction, one read from the device
+    (no NaN/inf may reach ``.grad``)."""
+    checks = [flag.to(torch.bool) for flag in flags]
+    if tensors:
+        checks.append(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+    if not checks:
+        return True
+    devices = {check.device for check in checks}
+    if len(devices) > 1:  # (a model spread over devices: one read per device)
+        return all(bool(torch.stack([c for c in checks if c.device == d]).all()) for d in devices)
+    return bool(torch.stack(checks).all())

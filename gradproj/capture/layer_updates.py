@@ -107,8 +107,7 @@ class LayerUpdates:
         for transform in self.layer_transforms:
             batch.coefficients = transform.transform_layer(batch)
         if self.diagnostics is not None:
-            coeffs = batch.host_coefficients()
-            self.diagnostics.observe(qname, seq.gram().cpu().numpy(), coeffs.reshape(-1, batch.k)[0], mb.group_ids)
+            self.diagnostics.observe(qname, seq.gram(), batch.coefficients.reshape(-1, batch.k)[0], mb.group_ids)
         update = self._run(batch)
         self.metrics.strategy_seconds += perf_counter() - start
         (tensor,) = update.tensors
@@ -118,7 +117,7 @@ class LayerUpdates:
             if mb.deferred_bytes >= DEFERRED_WRITES_MAX_BYTES:
                 self.finish_deferred(mb)
             return
-        sink.commit(mb, param, tensor, update.finite or update.deferred)
+        sink.commit(mb, param, tensor, True if update.deferred else update.finite)
 
     def _run(self, batch: LayerBatch) -> Update:
         """The rule's update of ``batch``, checked against the contract."""
@@ -145,7 +144,9 @@ class LayerUpdates:
         finished = self.rule.finish_microbatch()
         self.metrics.strategy_seconds += perf_counter() - start
         writes, mb.deferred_writes, mb.deferred_bytes = mb.deferred_writes, [], 0
-        if not finished:
+        if isinstance(finished, torch.Tensor):  # the rule's flag on the device: read at the close
+            mb.finite_flags.append(finished.reshape(()))
+        elif not finished:
             mb.drop()
             return
         for param, update in writes:
@@ -189,9 +190,8 @@ class LayerUpdates:
 
 
 def _observe_batch(diagnostics: GradientDiagnostics, batch: LayerBatch, mb) -> None:
-    """Hand each member's Gram and coefficients to the diagnostics."""
-    seqs = batch.sequence_grads
-    grams = torch.bmm(seqs, seqs.transpose(1, 2)).double().cpu().numpy()
-    coeffs = batch.coefficients.cpu().numpy()
+    """Hand each member's Gram and coefficients to the diagnostics (kept on the device)."""
+    grams = batch.grams()
+    coeffs = batch.coefficients
     for index, name in enumerate(batch.names):
-        diagnostics.observe(name, grams[index], coeffs if coeffs.ndim == 1 else coeffs[index], mb.group_ids)
+        diagnostics.observe(name, grams[index], coeffs if coeffs.dim() == 1 else coeffs[index], mb.group_ids)

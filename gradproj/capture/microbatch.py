@@ -87,28 +87,30 @@ def sequence_coefficients(w: torch.Tensor, mask: torch.Tensor, where: str) -> to
             masked-out token (that gradient could not be represented).
     """
     w64 = w.detach().to(torch.float64)
-    if not bool(torch.isfinite(w64).all()):
-        return None
     counts = mask.sum(dim=1)
     coeffs = (w64 * mask).sum(dim=1) / counts.clamp(min=1)
     # relative to each row's own largest weight: a row whose weights are all small (advantage 0 with a
     # per-token penalty) is judged on its own scale, not the microbatch's
     scale = (w64.abs() * mask).amax(dim=1) if w64.shape[1] else coeffs * 0
     tol_rows = _tolerance(w.dtype) * scale
-    tol = _tolerance(w.dtype) * float(w64.abs().max())
+    tol = _tolerance(w.dtype) * (w64.abs().amax() if w64.numel() else w64.new_zeros(()))
     deviation = ((w64 - coeffs[:, None]).abs() * mask).amax(dim=1) if w64.shape[1] else coeffs * 0
-    bad = torch.nonzero(deviation > tol_rows).flatten()
-    if bad.numel():
-        row = int(bad[0])
+    leaked = (w64.abs() * (~mask)).amax(dim=1) if w64.shape[1] else coeffs * 0
+    # every check in one read from the device: the only host synchronisation of the backward
+    finite, varying, leaking = torch.stack(
+        [torch.isfinite(w64).all(), (deviation > tol_rows).sum(), (leaked > tol).sum()]
+    ).tolist()
+    if not finite:
+        return None
+    if varying:
+        row = int(torch.nonzero(deviation > tol_rows).flatten()[0])
         raise CoefficientError(
             f"{where}: the loss's per-token weights dL/dlogp are not constant along row {row} "
             f"(max deviation {float(deviation[row]):.3g} from the row mean {float(coeffs[row]):.3g} over "
-            f"{int(counts[row])} valid tokens; {bad.numel()} row(s) affected). {_FIX_CONSTANT}"
+            f"{int(counts[row])} valid tokens; {int(varying)} row(s) affected). {_FIX_CONSTANT}"
         )
-    leaked = (w64.abs() * (~mask)).amax(dim=1) if w64.shape[1] else coeffs * 0
-    bad = torch.nonzero(leaked > tol).flatten()
-    if bad.numel():
-        row = int(bad[0])
+    if leaking:
+        row = int(torch.nonzero(leaked > tol).flatten()[0])
         raise CoefficientError(
             f"{where}: the loss has a non-zero gradient ({float(leaked[row]):.3g}) on masked-out tokens "
             f"of row {row}; gradproj only sees the tokens the mask marks. Multiply the per-token loss "
@@ -167,6 +169,7 @@ class Microbatch:
         self.filled: dict = {}  # ParamGroup -> row indices written in this microbatch
         self.pieces: dict[int, tuple] = {}  # tied parameter -> (param, name, pieces so far)
         self.unverified: list[torch.Tensor] = []  # staged updates still to check for NaN/inf
+        self.finite_flags: list[torch.Tensor] = []  # 0-dim bool tensors rules vouched with, read at the close
         self.written: list[torch.Tensor] = []  # parameters whose .grad took an unchecked update
         self.deferred_writes: list = []  # direct writes: (param, update) waiting for finish_microbatch()
         self.deferred_bytes = 0
@@ -191,18 +194,26 @@ class Microbatch:
                 "uses the mask as it was when the block opened. Build the final mask before opening the block"
             )
 
-    def stage(self, param: torch.Tensor, update: torch.Tensor, finite: bool = False) -> None:
+    def stage(self, param: torch.Tensor, update: torch.Tensor, finite: bool | torch.Tensor = False) -> None:
         """Remember ``update`` for ``param`` (adding up several uses, e.g. tied weights).
 
-        ``finite=False`` updates are checked for NaN/inf before anything is applied.
+        ``finite=False`` updates are checked for NaN/inf before anything is applied; a tensor
+        ``finite`` (the rule's own flag, on the device) is read when the microbatch closes.
         """
         key = id(param)
-        if not finite:
-            self.unverified.append(update)
+        self.vouch(update, finite)
         if key in self.staged:
             self.staged[key][1].add_(update)
         else:
             self.staged[key] = (param, update)
+
+    def vouch(self, update: torch.Tensor, finite: bool | torch.Tensor) -> None:
+        """Note how ``update``'s finiteness is known: checked at the close (``False``), a device
+        flag read at the close (a tensor), or established by the rule (``True``)."""
+        if isinstance(finite, torch.Tensor):
+            self.finite_flags.append(finite.reshape(()))
+        elif not finite:
+            self.unverified.append(update)
 
     def drop(self) -> None:
         """Discard everything staged: this microbatch will not change any gradient."""
@@ -213,4 +224,5 @@ class Microbatch:
         self.filled.clear()
         self.pieces.clear()
         self.unverified.clear()
+        self.finite_flags.clear()
         self.written.clear()

@@ -58,8 +58,9 @@ class GradientSink:
         out = None if id(param) in mb.staged else self._buffers.get(id(param))
         return None if out is None or out.shape != param.shape else out
 
-    def commit(self, mb, param: torch.Tensor, update: torch.Tensor, finite: bool) -> None:
-        """Hand over ``param``'s update; ``finite=False`` ones are checked for NaN/inf first."""
+    def commit(self, mb, param: torch.Tensor, update: torch.Tensor, finite: bool | torch.Tensor) -> None:
+        """Hand over ``param``'s update; ``finite=False`` ones are checked for NaN/inf first, a
+        tensor ``finite`` (the rule's flag on the device) is read when the microbatch closes."""
         mb.stage(param, update, finite)
 
     def unchecked(self, mb) -> list[torch.Tensor]:
@@ -127,7 +128,9 @@ class DirectSink(GradientSink):
             param.grad = update if update.dtype == param.dtype else update.to(param.dtype)
         else:
             param.grad.add_(update)
-        if not finite:
+        if isinstance(finite, torch.Tensor):
+            mb.vouch(update, finite)
+        elif not finite:
             mb.written.append(param)
 
     def unchecked(self, mb):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 __all__ = ["GradientDiagnostics", "group_cosines", "ORTHOGONAL_BELOW"]
 
@@ -56,16 +57,29 @@ class GradientDiagnostics:
         """Start a new step."""
         self._cos: dict[str, list[np.ndarray]] = {}
         self._norms: dict[str, list[np.ndarray]] = {}
+        self._pending: list[tuple] = []  # (name, gram, coefficients, group_ids) still on the device
 
-    def observe(self, name: str, gram: np.ndarray, coefficients: np.ndarray, group_ids) -> None:
-        """One parameter tensor in one microbatch: (k, k) Gram and (k,) coefficients (float64)."""
-        if not np.isfinite(gram).all():
-            return
-        self._cos.setdefault(name, []).append(group_cosines(gram, coefficients, group_ids))
-        self._norms.setdefault(name, []).append(np.sqrt(np.maximum(np.diag(gram), 0.0)))
+    def observe(self, name: str, gram, coefficients, group_ids) -> None:
+        """One parameter tensor in one microbatch: (k, k) Gram and (k,) coefficients (float64).
+
+        Tensors are kept where they are and read when :meth:`metrics` is called (observing runs
+        inside the backward: no host synchronisation there)."""
+        self._pending.append((name, gram, coefficients, group_ids))
+
+    def _read_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for name, gram, coefficients, group_ids in pending:
+            gram = gram.detach().cpu().numpy() if isinstance(gram, torch.Tensor) else np.asarray(gram)
+            if isinstance(coefficients, torch.Tensor):
+                coefficients = coefficients.detach().cpu().numpy()
+            if not np.isfinite(gram).all():
+                continue
+            self._cos.setdefault(name, []).append(group_cosines(gram, np.asarray(coefficients), group_ids))
+            self._norms.setdefault(name, []).append(np.sqrt(np.maximum(np.diag(gram), 0.0)))
 
     def metrics(self, step_groups=None) -> dict[str, float]:
         """``diagnostics/...`` keys: averaged over layers, and ``diagnostics/layer/<name>/...``."""
+        self._read_pending()
         out: dict[str, float] = {}
         layer_means, layer_fractions, layer_norms = [], [], []
         for name, chunks in self._cos.items():

@@ -80,13 +80,14 @@ class Strategy(StrategyBase):
         for per-member coefficients ``gamma`` (the usual way), plus what the rule vouches for."""
         raise NotImplementedError
 
-    def finish_microbatch(self) -> bool:
+    def finish_microbatch(self) -> bool | torch.Tensor:
         """Finish, in place, every update returned with ``Update(deferred=True)`` so far.
 
         Called once the microbatch's backward is over, before its updates are checked and applied
         -- and, for rules with ``capabilities.may_defer`` under direct writes, also during the
         backward whenever the held updates reach the engine's budget. Returns False if a finished
-        update came out non-finite (the engine then drops the microbatch)."""
+        update came out non-finite (the engine then drops the microbatch), or that answer as a
+        0-dim bool tensor on the device (read when the microbatch closes)."""
         return True
 
 

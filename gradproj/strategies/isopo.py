@@ -15,10 +15,10 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 
+from gradproj.linalg.device_sums import DeviceSums
 from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import CoefficientTransform, StrategyOptions, StrategySpec
 from gradproj.work import Capabilities, LayerBatch
@@ -36,18 +36,22 @@ class IsopoOptions(StrategyOptions):
     reg: float = Field(default=1.0, gt=0.0)
 
 
-def isopo_coefficients(gram: np.ndarray, coefficients: np.ndarray, variant: str, reg: float) -> np.ndarray:
-    """New coefficients from (L, k, k) Grams and (L, k) coefficients (float64, batched)."""
+def isopo_coefficients(gram: torch.Tensor, coefficients: torch.Tensor, variant: str, reg: float) -> torch.Tensor:
+    """New coefficients from (L, k, k) Grams and (L, k) coefficients (float64, batched, on their device).
+
+    ``ntk`` without an eigendecomposition: ``rho = reg * trace(K) / k`` (the mean eigenvalue) and
+    ``rho (K + rho I)^-1 c`` by one batched solve; ``K = 0`` leaves ``c`` as it is.
+    """
+    diag = gram.diagonal(dim1=1, dim2=2)
     if variant == "normalize":
-        norms = np.sqrt(np.maximum(np.diagonal(gram, axis1=1, axis2=2), 0.0))
-        safe = np.where(norms > 0.0, norms, 1.0)
-        return np.where(norms > 0.0, coefficients / safe, 0.0)
-    eigvals, eigvecs = np.linalg.eigh(gram)
-    eigvals = np.maximum(eigvals, 0.0)
-    rho = reg * eigvals.mean(axis=1, keepdims=True)
-    factor = np.where(rho > 0.0, rho / np.where(rho > 0.0, eigvals + rho, 1.0), 1.0)
-    projected = np.einsum("lji,lj->li", eigvecs, coefficients)
-    return np.einsum("lij,lj->li", eigvecs, factor * projected)
+        norms = diag.clamp(min=0.0).sqrt()
+        return torch.where(norms > 0.0, coefficients / torch.where(norms > 0.0, norms, 1.0), 0.0)
+    rho = reg * diag.mean(dim=1)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    live = rho > 0.0
+    system = torch.where(live[:, None, None], gram + rho[:, None, None] * eye, eye)
+    solved = torch.linalg.solve_ex(system, coefficients.unsqueeze(-1), check_errors=False)[0].squeeze(-1)
+    return torch.where(live[:, None], rho[:, None] * solved, coefficients)
 
 
 class Isopo(CoefficientTransform):
@@ -63,31 +67,32 @@ class Isopo(CoefficientTransform):
 
     def reset_metrics(self) -> None:
         """Forget the step's coefficient-norm ratios."""
-        self._ratio_sum = 0.0
-        self._count = 0
+        self._sums = DeviceSums(2)  # sum of ||c'|| / ||c||, count -- on the device until read
 
-    def _apply(self, gram: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
-        finite = np.isfinite(gram).all(axis=(1, 2))
-        safe = np.where(finite[:, None, None], gram, np.eye(gram.shape[1]))
+    def _apply(self, gram: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        finite = torch.isfinite(gram).all(dim=2).all(dim=1)
+        eye = torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
+        safe = torch.where(finite[:, None, None], gram, eye)
         out = isopo_coefficients(safe, coefficients, self.options.variant, self.options.reg)
-        out[~finite] = np.nan  # the engine drops the microbatch
-        before = np.linalg.norm(coefficients, axis=1)
+        out = torch.where(finite[:, None], out, torch.nan)  # the engine drops the microbatch
+        before = torch.linalg.vector_norm(coefficients, dim=1)
         ok = finite & (before > 0)
-        self._ratio_sum += float((np.linalg.norm(out[ok], axis=1) / before[ok]).sum())
-        self._count += int(ok.sum())
+        ratio = torch.linalg.vector_norm(out, dim=1) / torch.where(ok, before, 1.0)
+        self._sums.add(torch.where(ok, ratio, 0.0).sum(), ok.sum(dtype=torch.float64))
         return out
 
     def transform_layer(self, batch: LayerBatch) -> torch.Tensor:
         """ISOPO coefficients of the batch's tensors (one batched Gram)."""
-        gram = batch.grams().cpu().numpy()
-        coeffs = np.broadcast_to(batch.host_coefficients(), gram.shape[:2])
-        return torch.from_numpy(self._apply(gram, np.ascontiguousarray(coeffs))).to(batch.coefficients.device)
+        gram = batch.grams()
+        coeffs = batch.coefficients.to(gram.device).expand(gram.shape[0], gram.shape[1])
+        return self._apply(gram, coeffs).to(batch.coefficients.device)
 
     def step_metrics(self) -> dict[str, float]:
         """``isopo/coefficient_ratio``: mean ||c'|| / ||c|| over layers and microbatches."""
-        if not self._count:
+        ratio_sum, count = self._sums.values()
+        if not count:
             return {}
-        ratio = self._ratio_sum / self._count
+        ratio = ratio_sum / count
         return {"isopo/coefficient_ratio": ratio if math.isfinite(ratio) else 0.0}
 
 

@@ -13,12 +13,13 @@ so the whole update is one ``combine`` (one matmul) on top of a k x k solve.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 
+from gradproj.linalg.device_sums import DeviceSums
 from gradproj.linalg.projection import gram_schmidt_coefficients, solve_coefficients
 from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import Strategy, StrategyOptions, StrategySpec
@@ -59,73 +60,79 @@ class Proma(Strategy):
 
     def reset_metrics(self) -> None:
         """Zero the per-step sums behind ``projected_fraction`` and ``bound_hits``."""
-        self._proj_sq = 0.0
-        self._running_sq = 0.0
+        self._sums = DeviceSums(3)  # sum ||proj||^2, sum ||G||^2, bound hits -- on the Grams' device
         self._projections = 0
-        self._bound_hits = 0
 
-    def coefficients_removed(self, full: np.ndarray, coefficients: np.ndarray, has_grad: np.ndarray) -> np.ndarray:
+    def coefficients_removed(self, full: torch.Tensor, coefficients: torch.Tensor, present: Sequence[bool]) -> torch.Tensor:
         """``alpha`` (L, k) with ``proj = sum_i alpha_i s_i``, after the relative bound, before shrinkage.
 
         Args:
-            full: (L, k+1, k+1) Grams of ``[s_1..s_k, G]`` (float64).
-            coefficients: (k,) or (L, k) per-sequence coefficients ``c``.
-            has_grad: (L,) bool, False where G was ``None`` (nothing to project, not counted).
+            full: (L, k+1, k+1) float64 Grams of ``[s_1..s_k, G]``.
+            coefficients: (k,) or (L, k) float64 per-sequence coefficients ``c`` (same device).
+            present: per tensor, whether G is there (False where it was ``None``: nothing to
+                project, not counted); known on the host.
 
-        Every Python/NumPy call here runs inside the backward, once per large layer: the common
-        case (all finite) takes no masking detours.
+        Runs inside the backward, once per large layer, entirely on the Grams' device: layers with
+        non-finite Grams get NaN coefficients (the engine then drops the microbatch) by
+        ``torch.where``, not by a branch on the host.
         """
         k = full.shape[1] - 1
-        finite = None if np.isfinite(full).all() else np.isfinite(full).all(axis=(1, 2))
-        if finite is not None:  # those layers get NaN updates: the engine drops the microbatch
-            full = np.where(finite[:, None, None], full, np.eye(k + 1))
+        has_grad = None if all(present) else torch.tensor(list(present), device=full.device)
+        finite = torch.isfinite(full).all(dim=2).all(dim=1)
+        full = torch.where(finite[:, None, None], full, torch.eye(k + 1, dtype=full.dtype, device=full.device))
         gram, inner, running_sq = full[:, :k, :k], full[:, :k, k], full[:, k, k]
         opts = self.options
         if opts.projector == "solve":
             alpha = solve_coefficients(gram, inner, opts.damping)
         else:
             alpha = gram_schmidt_coefficients(gram, inner, opts.sweeps)
-        proj_sq = np.maximum(np.einsum("li,lij,lj->l", alpha, gram, alpha), 0.0)
+        proj_sq = torch.einsum("li,lij,lj->l", alpha, gram, alpha).clamp(min=0.0)
+        counted = finite if has_grad is None else finite & has_grad
+        hits = None
         if opts.relative_bound is not None:
-            c = np.broadcast_to(coefficients, alpha.shape)
-            g_sq = np.maximum(np.einsum("li,lij,lj->l", c, gram, c), 0.0)
-            limit = opts.relative_bound * np.sqrt(g_sq)
-            norm = np.sqrt(proj_sq)
+            c = coefficients.expand_as(alpha)
+            g_sq = torch.einsum("li,lij,lj->l", c, gram, c).clamp(min=0.0)
+            limit = opts.relative_bound * g_sq.sqrt()
+            norm = proj_sq.sqrt()
             hit = (norm > limit) & (proj_sq > 0.0)
-            if hit.any():
-                scale = np.where(hit, limit / np.where(hit, norm, 1.0), 1.0)
-                alpha = alpha * scale[:, None]
-                proj_sq = proj_sq * scale * scale
-                self._bound_hits += int((hit & has_grad).sum())
-        counted = has_grad
-        if finite is not None:
-            alpha[~finite] = np.nan
-            counted = has_grad & finite
-        self._proj_sq += float(proj_sq[counted].sum())
-        self._running_sq += float(running_sq[counted].sum())
-        self._projections += int(has_grad.sum())
+            scale = torch.where(hit, limit / torch.where(hit, norm, 1.0), 1.0)
+            alpha = alpha * scale[:, None]
+            proj_sq = proj_sq * scale * scale
+            hits = hit if has_grad is None else hit & has_grad
+        alpha = torch.where(finite[:, None], alpha, torch.nan)
+        zero = proj_sq.new_zeros(())
+        self._sums.add(
+            torch.where(counted, proj_sq, 0.0).sum(),
+            torch.where(counted, running_sq, 0.0).sum(),
+            zero if hits is None else hits.sum(dtype=torch.float64),
+        )
+        self._projections += sum(present)
         return alpha
 
     def accumulate(self, batch: LayerBatch) -> Update:
         """``sum_i (c_i - shrinkage alpha_i) s_i`` per tensor; just ``g_m`` where ``G`` is still zero.
 
-        A finite Gram of ``[S; G]`` gives finite coefficients, hence a finite update (the engine
-        skips its own check)."""
-        has_grad = np.array([g is not None for g in batch.grads])
-        if self.options.shrinkage == 0.0 or not has_grad.any():
+        A finite Gram of ``[S; G]`` and finite coefficients give a finite update: the rule hands the
+        engine that flag (a device tensor, read once when the microbatch closes) instead of having
+        it check the update itself."""
+        present = [g is not None for g in batch.grads]
+        if self.options.shrinkage == 0.0 or not any(present):
             return Update(batch.combine(batch.coefficients))
-        full = batch.gram_with_grads().cpu().numpy()
-        host = batch.host_coefficients()
-        alpha = self.coefficients_removed(full, host, has_grad)
-        finite = bool(np.isfinite(alpha).all()) and bool(has_grad.all())
-        return Update(batch.combine(torch.from_numpy(host - self.options.shrinkage * alpha)), finite=finite)
+        full = batch.gram_with_grads()
+        coefficients = batch.coefficients.to(full.device)
+        alpha = self.coefficients_removed(full, coefficients, present)
+        gamma = coefficients - self.options.shrinkage * alpha
+        finite = torch.isfinite(gamma).all() if all(present) else False
+        return Update(batch.combine(gamma), finite=finite)
 
     def step_metrics(self) -> dict[str, float]:
-        """``proma/projected_fraction`` = sqrt(sum ||proj||^2 / sum ||G||^2) over layers and microbatches."""
-        fraction = math.sqrt(self._proj_sq / self._running_sq) if self._running_sq > 0 else 0.0
+        """``proma/projected_fraction`` = sqrt(sum ||proj||^2 / sum ||G||^2) over layers and microbatches
+        (the step's sums are read from the device here, once)."""
+        proj_sq, running_sq, hits = self._sums.values()
+        fraction = math.sqrt(proj_sq / running_sq) if running_sq > 0 else 0.0
         out = {"proma/projected_fraction": fraction, "proma/projections": float(self._projections)}
         if self.options.relative_bound is not None:
-            out["proma/bound_hit_fraction"] = self._bound_hits / self._projections if self._projections else 0.0
+            out["proma/bound_hit_fraction"] = hits / self._projections if self._projections else 0.0
         return out
 
 

@@ -49,7 +49,7 @@ class VarianceScaling(CoefficientTransform):
 
     def reset_metrics(self) -> None:
         """Forget the step's scale statistics."""
-        self._scales: list[float] = []
+        self._scales: list[torch.Tensor] = []
 
     def validate_microbatch(self, context) -> None:
         """The step's groups (and, for ``scope="group"``, this microbatch's group ids) are required."""
@@ -68,15 +68,15 @@ class VarianceScaling(CoefficientTransform):
 
     def transform_microbatch(self, coefficients: torch.Tensor, context) -> torch.Tensor:
         """``c / (sigma + eps) ** power``."""
-        scales = self.row_scales(context).to(coefficients.device)
-        self._scales.extend(scales.tolist())
-        return coefficients * scales
+        scales = self.row_scales(context)  # built on the host from the step's rewards
+        self._scales.append(scales)  # (read at step_metrics(): nothing here waits for the device)
+        return coefficients * scales.to(coefficients.device, non_blocking=True)
 
     def step_metrics(self) -> dict[str, float]:
         """Mean, min and max of the applied scale factors over the step's sequences."""
         if not self._scales:
             return {}
-        values = torch.tensor(self._scales, dtype=torch.float64)
+        values = torch.cat(self._scales)
         return {
             "variance_scaling/scale_mean": float(values.mean()),
             "variance_scaling/scale_min": float(values.min()),

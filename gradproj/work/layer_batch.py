@@ -34,14 +34,17 @@ class Update:
     Attributes:
         tensors: one update per member, shaped like its parameter (``batch.combine`` returns them).
         finite: the rule established that every update is finite (e.g. from a finite Gram of the
-            sequence gradients); the engine then skips its own non-finite check.
+            sequence gradients); the engine then skips its own non-finite check. A 0-dim bool
+            tensor is the rule's flag computed on the device: the engine reads it, with every other
+            check of the microbatch, once when the microbatch closes (no host synchronisation in
+            the backward).
         deferred: the updates are not finished yet: the rule finishes them in place in
             :meth:`gradproj.Strategy.finish_microbatch` (allowed only where ``batch.deferrable``),
             which then vouches for their finiteness.
     """
 
     tensors: list[torch.Tensor]
-    finite: bool = False
+    finite: bool | torch.Tensor = False
     deferred: bool = False
 
 
