@@ -30,11 +30,8 @@ import argparse
 import torch
 
 from benchmarks import step_overhead
-from gradproj.strategies.intra_proma import IntraProma
+from gradproj.linalg import factored
 from gradproj.work import Update
-
-#: the real ``IntraProma._project``, called by the subspaces-only stage while the class's method is swapped
-_INTRA_PROJECT = IntraProma._project
 
 __all__ = ["main", "STAGES"]
 
@@ -52,17 +49,6 @@ def _materialize(self, batch):
 
 def _no_projection(g, p, q, basis_r, basis_c, projector):
     return g, 0.0, (basis_r.shape[1], basis_c.shape[1])
-
-
-def _subspaces_only(self, entries):
-    from gradproj.linalg import factored
-
-    saved = factored._project_matrix
-    factored._project_matrix = _no_projection
-    try:
-        return _INTRA_PROJECT(self, entries)
-    finally:
-        factored._project_matrix = saved
 
 
 def _count_backward_call(self, mb, roots):
@@ -108,7 +94,7 @@ STAGES = {
     "proma/no-checks": ("proma", _checks_off),
     "proma": ("proma", {}),
     "intra_proma/capture": ("intra_proma", {"accumulate": _capture_only}),
-    "intra_proma/subspaces": ("intra_proma", {"_project": _subspaces_only}),
+    "intra_proma/subspaces": ("intra_proma", {(factored, "_project_matrix"): _no_projection}),
     "intra_proma": ("intra_proma", {}),
 }
 

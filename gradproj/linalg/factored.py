@@ -13,7 +13,13 @@ the dominant row subspace is spanned by the rows of the ``r`` most frequent ids 
 that carry a gradient (ties: lower id first -- the one-hot Gram is diagonal, so this *is* its top-r
 eigenspace, with a deterministic choice inside tied eigenvalues). A tied parameter (embedding and
 lm_head) concatenates the tokens of all its uses, one-hot rows materialised. Only skinny products with ``g`` and the factors are formed, and no d x d
-eigendecomposition (subspaces from :func:`gradproj.linalg.subspace.top_subspace`).
+eigendecomposition (subspaces from :mod:`gradproj.linalg.subspace`).
+
+Two phases, so that the backward never waits for the host (:class:`FactoredProjection`): ``add``
+runs per parameter as its layer finishes -- the passes over the factors that reduce them to small
+pending subspaces, the embedding's top ids -- and ``finish`` resolves every pending subspace at once
+(one batched eigendecomposition per shape class) and projects the gradients. A basis has as many
+columns as the rank allows, those beyond the chosen rank zero, so no shape depends on a value.
 """
 
 from __future__ import annotations
@@ -24,69 +30,84 @@ import torch
 
 from gradproj.linalg.expert_grads import ExpertTokenFactors
 from gradproj.linalg.sequence_grads import IndexTokenFactors, dense_token_factors
-from gradproj.linalg.subspace import top_subspace, top_subspaces
+from gradproj.linalg.subspace import PendingSubspace, resolve_subspaces, sketch_subspace
 
-__all__ = ["project_factored", "project_factored_batch", "top_ids", "SubspaceCache"]
+__all__ = ["FactoredProjection", "project_factored", "project_factored_batch", "top_ids", "SubspaceCache"]
+
+#: Whether equal kept-row masks held in different tensors may share a subspace on the CPU, where
+#: comparing them reads nothing back from a device. On a GPU only the same mask tensor is shared
+#: (comparing values would synchronise); the results are the same either way.
+COMPARE_KEEPS_ON_CPU = True
 
 
-def top_ids(ids: torch.Tensor, keep: torch.Tensor, rank: int, energy: float | None) -> torch.Tensor:
-    """The ``rank`` most frequent ids among the kept tokens (ties: lower id first), or fewer with ``energy``."""
-    kept = ids[keep.reshape(-1)]
-    if kept.numel() == 0:
-        return kept
-    distinct, counts = torch.unique(kept, return_counts=True)  # ids ascending
+def top_ids(ids: torch.Tensor, keep: torch.Tensor, rank: int, energy: float | None, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``rank`` most frequent ids among the kept tokens (ties: lower id first), or fewer with
+    ``energy``: ``(ids (r,), valid (r,) bool)`` with ``r = min(rank, num_rows)``; ids past the
+    chosen number (or never seen) are marked invalid rather than cut, so no shape depends on the data."""
+    weights = keep.reshape(-1).to(torch.float64)
+    counts = torch.zeros(num_rows, dtype=torch.float64, device=ids.device).index_add_(0, ids.reshape(-1), weights)
     order = torch.sort(-counts, stable=True).indices  # count descending, ties keep ascending ids
-    r = min(rank, distinct.numel())
+    r = min(rank, num_rows)
+    selected = order[:r]
+    chosen = counts[selected]
+    valid = chosen > 0
     if energy is not None:
-        cumulative = torch.cumsum(counts[order].double(), 0) / kept.numel()
-        r = min(r, int((cumulative < energy - 1e-15).sum()) + 1)
-    return distinct[order[:r]]
-
-
-def _project_embedding(g, factors: IndexTokenFactors, projector: str, options: dict):
-    keep = (factors.cols != 0).any(dim=1, keepdim=True)
-    selected = top_ids(factors.ids, keep, options["rank"], options["energy"])
-    basis_c, _ = top_subspace(factors.cols, keep=keep, **options)
-    ranks = (selected.numel(), basis_c.shape[1])
-    if projector == "complement":  # U_R = one-hot columns of the selected ids
-        core = g.index_select(0, selected) @ basis_c
-        g.index_add_(0, selected, -(core @ basis_c.T))
-        return g, float(core.double().square().sum()), ranks
-    before = torch.linalg.vector_norm(g, dtype=torch.float64)
-    g.index_fill_(0, selected, 0.0)  # (I - P_R) g
-    g.sub_((g @ basis_c) @ basis_c.T)  # ... (I - P_C)
-    after = torch.linalg.vector_norm(g, dtype=torch.float64)
-    return g, max(float(before**2 - after**2), 0.0), ranks
+        total = weights.sum()
+        cumulative = torch.cumsum(chosen, 0) / torch.where(total > 0, total, 1.0)
+        before = torch.cat([cumulative.new_zeros(1), cumulative[:-1]])
+        first = torch.zeros_like(valid)
+        first[0] = True
+        valid = valid & (first | (before < energy - 1e-15))
+    return selected, valid
 
 
 def _same_keep(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two kept-row masks are the same (the same object, or equal)."""
-    return a is b or torch.equal(a, b)
+    """Whether two kept-row masks are the same: the same tensor, or (on the CPU) equal."""
+    if a is b:
+        return True
+    return COMPARE_KEEPS_ON_CPU and a.device.type == "cpu" and b.device.type == "cpu" and torch.equal(a, b)
+
+
+def _key(x: torch.Tensor):
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
 
 
 class SubspaceCache:
-    """Subspaces computed in this microbatch that a later parameter may reuse.
+    """Subspaces (pending or resolved) computed in this microbatch that a later parameter may reuse.
 
     Layers fed the same tensor (q/k/v projections, gate/up, LoRA ``lora_A`` of those) share their
     input subspace, and a bias shares its weight's output-gradient subspace, when they also keep
     the same positions. Such parameters run back to back in the backward, so only the ``size`` most
     recently used input-side entries and the last output-side one are kept: an entry holds a
     reference to its tensor, which the allocator could otherwise reuse (holding every layer's
-    factors makes the backward allocate fresh memory).
+    factors makes the backward allocate fresh memory). The kept-row mask derived from a tensor's
+    non-zero rows is remembered with the output-side entry, so the same mask tensor is handed to
+    every parameter that derives it from that tensor (sharing without comparing values).
     """
 
     def __init__(self, size: int = 4) -> None:
         self.size = size
         self._entries: list = []
         self._last_output: tuple | None = None
+        self._last_keep: tuple | None = None  # (key, tensor, derived keep)
 
     @staticmethod
     def _key(x: torch.Tensor):
-        return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+        return _key(x)
+
+    def keep_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The non-zero rows (N, 1) of ``x``, the same tensor for the same ``x`` in a row."""
+        key = _key(x)
+        last = self._last_keep
+        if last is not None and last[0] == key:
+            return last[2]
+        keep = (x != 0).any(dim=1, keepdim=True)
+        self._last_keep = (key, x, keep)
+        return keep
 
     def get(self, x: torch.Tensor, keep: torch.Tensor):
-        """The cached basis of ``x`` with the same kept positions, or ``None``."""
-        key = self._key(x)
+        """The cached subspace of ``x`` with the same kept positions, or ``None``."""
+        key = _key(x)
         last = self._last_output
         if last is not None and last[0] == key and _same_keep(last[1], keep):
             return last[2]
@@ -96,10 +117,10 @@ class SubspaceCache:
                 return entry[2]
         return None
 
-    def put(self, x: torch.Tensor, keep: torch.Tensor, basis: torch.Tensor, output: bool = False) -> None:
-        """Remember the basis of ``x`` for these kept positions: as the last output-side entry
+    def put(self, x: torch.Tensor, keep: torch.Tensor, basis, output: bool = False) -> None:
+        """Remember the subspace of ``x`` for these kept positions: as the last output-side entry
         (replacing the previous one), or among the input-side ones (forgetting the oldest)."""
-        entry = (self._key(x), keep, basis, x)
+        entry = (_key(x), keep, basis, x)
         if output:
             self._last_output = entry
             return
@@ -111,52 +132,183 @@ class SubspaceCache:
         """Forget everything (end of the microbatch)."""
         self._entries.clear()
         self._last_output = None
+        self._last_keep = None
 
 
-class _Known:
-    """Values (subspaces, or pending request numbers) per (factor, kept rows) within one batch;
-    lookups fall back to ``cache`` (subspaces from earlier in the microbatch)."""
+class FactoredProjection:
+    """Projects microbatch gradients ``g`` in place, in two phases (see the module doc).
 
-    def __init__(self, cache: SubspaceCache | None = None) -> None:
+    Args:
+        rank, energy, projector, solver, oversample, niter: intra_proma's options.
+        cache: subspaces shared with earlier parameters of the microbatch (or ``None``).
+    """
+
+    def __init__(self, *, rank: int, energy: float | None, projector: str, solver: str, oversample: int,
+                 niter: int, cache: SubspaceCache | None = None) -> None:
+        self.options: dict[str, Any] = {"rank": rank, "energy": energy, "solver": solver, "oversample": oversample, "niter": niter}
+        self.projector = projector
         self.cache = cache
-        self.entries: dict = {}
+        self._entries: list = []  # (g, [parts], [(view, contiguous copy)])
+        self._pending: list[PendingSubspace] = []
+        self._bytes = 0
 
-    def get(self, x: torch.Tensor, keep: torch.Tensor):
-        for known_keep, value in self.entries.get(SubspaceCache._key(x), ()):
-            if _same_keep(known_keep, keep):
-                return value
-        return None if self.cache is None else self.cache.get(x, keep)
+    def __len__(self) -> int:
+        return len(self._entries)
 
-    def add(self, x: torch.Tensor, keep: torch.Tensor, value) -> None:
-        self.entries.setdefault(SubspaceCache._key(x), []).append((keep, value))
+    def nbytes(self) -> int:
+        """Memory held by the pending subspaces (the gradients themselves are the caller's)."""
+        return self._bytes
 
+    # -- phase 1 ------------------------------------------------------------------------------
+    def _sketch(self, x: torch.Tensor, keep: torch.Tensor | None, output: bool = False) -> PendingSubspace:
+        cache = self.cache
+        if keep is None:
+            keep = cache.keep_of(x) if cache is not None else (x != 0).any(dim=1, keepdim=True)
+        found = cache.get(x, keep) if cache is not None else None
+        if found is not None:
+            return found
+        pending = sketch_subspace(x, keep=keep, **self.options)
+        if not pending.resolved:
+            self._pending.append(pending)
+            self._bytes += pending.nbytes()
+        if cache is not None:
+            cache.put(x, keep, pending, output=output)
+        return pending
 
-def _kept_sides(requests: list, known: _Known, options: dict) -> list:
-    """Bases of ``[(x, keep), ...]``: known ones looked up, the others computed in one batch."""
-    bases: list = [None] * len(requests)
-    todo: list = []
-    for index, (x, keep) in enumerate(requests):
-        bases[index] = known.get(x, keep)
-        if bases[index] is None:
-            todo.append(index)
-    pending: list = []  # (x, keep, [request indices]) -- equal requests computed once
-    numbers = _Known()  # (x, keep) -> its position in `pending`
-    for index in todo:
-        x, keep = requests[index]
-        number = numbers.get(x, keep)
-        if number is None:
-            numbers.add(x, keep, len(pending))
-            pending.append((x, keep, [index]))
+    def add(self, g: torch.Tensor, factors) -> None:
+        """Phase 1 for one parameter: ``factors`` are :class:`TokenFactors`, :class:`IndexTokenFactors`,
+        a list of them (a tied parameter's uses) or :class:`ExpertTokenFactors`; ``g`` is projected in
+        place by :meth:`finish`. The factors are not referenced afterwards."""
+        parts: list = []
+        copies: list = []
+        if isinstance(factors, ExpertTokenFactors):
+            blocks = factors.by_expert(g)
+            for e, f in factors.blocks:
+                view = blocks[e]
+                if not view.is_contiguous():  # (peft's lora_B: columns j*E + e) projected in a copy
+                    copy = view.contiguous()
+                    copies.append((view, copy))
+                    view = copy
+                parts.append(self._part(view, f))
         else:
-            pending[number][2].append(index)
-    results = top_subspaces([(x, keep) for x, keep, _ in pending], **options)
-    for (x, keep, indices), (basis, _) in zip(pending, results):
-        known.add(x, keep, basis)
-        if known.cache is not None:
-            known.cache.put(x, keep, basis)
-        for index in indices:
-            bases[index] = basis
-    return bases
+            parts.append(self._part(g, factors))
+        self._entries.append((g, parts, copies))
+
+    def _part(self, g: torch.Tensor, factors) -> tuple:
+        if isinstance(factors, IndexTokenFactors):
+            keep = self.cache.keep_of(factors.cols) if self.cache is not None else (factors.cols != 0).any(dim=1, keepdim=True)
+            selected, valid = top_ids(factors.ids, keep, self.options["rank"], self.options["energy"], g.shape[0])
+            return ("embedding", g, selected, valid, self._sketch(factors.cols, keep))
+        if isinstance(factors, list):
+            rows, cols, keep = dense_token_factors(factors)
+            pending_r = sketch_subspace(rows, keep=keep, **self.options)
+            pending_c = sketch_subspace(cols, keep=keep, **self.options)
+            for pending in (pending_r, pending_c):
+                if not pending.resolved:
+                    self._pending.append(pending)
+                    self._bytes += pending.nbytes()
+            return ("matrix", g.view(rows.shape[1], cols.shape[1]), pending_r, pending_c)
+        k, t = factors.rows.shape[:2]
+        rows = factors.rows.reshape(k * t, -1)
+        cols = None if factors.cols is None else factors.cols.reshape(k * t, -1)
+        if factors.out_grads is factors.rows:
+            pending_r = self._sketch(rows, None, output=True)
+            pending_c = None if cols is None else self._sketch(cols, pending_r.keep)
+        elif factors.out_grads is factors.cols:
+            assert cols is not None
+            pending_c = self._sketch(cols, None, output=True)
+            pending_r = self._sketch(rows, pending_c.keep)
+        else:  # e.g. a bias, whose rows are the output gradients its weight already looked at
+            out = factors.out_grads.reshape(k * t, -1)
+            keep = self.cache.keep_of(out) if self.cache is not None else (out != 0).any(dim=1, keepdim=True)
+            pending_r = self._sketch(rows, keep)
+            pending_c = None if cols is None else self._sketch(cols, keep)
+        if pending_c is None:
+            return ("vector", g.view(-1), pending_r)
+        return ("matrix", g.view(rows.shape[1], cols.shape[1]), pending_r, pending_c)
+
+    # -- phase 2 ------------------------------------------------------------------------------
+    def finish(self) -> list:
+        """Resolve every pending subspace and project every added ``g`` in place.
+
+        Returns, per added parameter in order, ``(g, removed_sq, total_sq, ranks)``: the squared norm
+        removed and ``||g||^2`` before (float64 device scalars), and the rank of each side (device
+        scalars; a fused expert parameter lists its slices' ones)."""
+        entries, self._entries = self._entries, []
+        pending, self._pending, self._bytes = self._pending, [], 0
+        if not entries:
+            return []
+        resolve_subspaces(pending, self.options["energy"])
+        norms = torch._foreach_norm([g for g, _, _ in entries])
+        out = []
+        for (g, parts, copies), norm in zip(entries, norms):
+            removed: torch.Tensor | float = 0.0
+            ranks: list = []
+            for part in parts:
+                _, part_removed, part_ranks = _PROJECT[part[0]](*part[1:], self.projector)
+                removed = removed + part_removed
+                ranks.extend(part_ranks)
+            for view, copy in copies:
+                view.copy_(copy)
+            total = norm.double() ** 2
+            out.append((g, torch.as_tensor(removed, dtype=torch.float64, device=total.device), total, ranks))
+        return out
+
+
+def _project_vector(flat: torch.Tensor, pending: PendingSubspace, projector: str):
+    basis = pending.basis
+    inner = basis.T @ flat
+    flat.sub_(basis @ inner)
+    return flat, inner.double().square().sum(), (pending.rank,)
+
+
+def _project_embedding(g: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor, pending_c: PendingSubspace, projector: str):
+    basis_c = pending_c.basis
+    ranks = (valid.sum(), pending_c.rank)
+    if projector == "complement":  # U_R = one-hot columns of the selected ids
+        core = (g.index_select(0, selected) @ basis_c) * valid[:, None]
+        g.index_add_(0, selected, -(core @ basis_c.T))
+        return g, core.double().square().sum(), ranks
+    before = torch.linalg.vector_norm(g, dtype=torch.float64)
+    g.index_copy_(0, selected, g.index_select(0, selected) * (~valid)[:, None])  # (I - P_R) g
+    g.sub_((g @ basis_c) @ basis_c.T)  # ... (I - P_C)
+    after = torch.linalg.vector_norm(g, dtype=torch.float64)
+    return g, (before**2 - after**2).clamp(min=0.0), ranks
+
+
+def _project_pair(g2: torch.Tensor, pending_r: PendingSubspace, pending_c: PendingSubspace, projector: str):
+    g, removed, _ = _project_matrix(g2, g2.shape[0], g2.shape[1], pending_r.basis, pending_c.basis, projector)
+    return g, removed, (pending_r.rank, pending_c.rank)
+
+
+_PROJECT = {"vector": _project_vector, "embedding": _project_embedding, "matrix": _project_pair}
+
+
+def _project_matrix(g, p: int, q: int, basis_r, basis_c, projector: str):
+    """``g`` (viewed p x q) projected in place; ``(g, removed_sq, widths)``."""
+    g2 = g.view(p, q)
+    widths = (basis_r.shape[1], basis_c.shape[1])
+    if projector == "complement":
+        core = (basis_r.T @ g2) @ basis_c  # U_R^T g U_C  (r1 x r2)
+        g2.addmm_(basis_r, core @ basis_c.T, alpha=-1.0)  # one pass over g
+        return g, core.double().square().sum(), widths
+    before = torch.linalg.vector_norm(g2, dtype=torch.float64)
+    g2.addmm_(basis_r, basis_r.T @ g2, alpha=-1.0)  # (I - P_R) g
+    g2.addmm_(g2 @ basis_c, basis_c.T, alpha=-1.0)  # ... (I - P_C)
+    after = torch.linalg.vector_norm(g2, dtype=torch.float64)
+    # g' is orthogonal to g - g' (both projectors are orthogonal), so ||g - g'||^2 = ||g||^2 - ||g'||^2
+    return g, (before**2 - after**2).clamp(min=0.0), widths
+
+
+def project_factored_batch(entries: list, *, rank: int, energy: float | None, projector: str,
+                           solver: str, oversample: int, niter: int, cache: SubspaceCache | None = None) -> list:
+    """Project several ``(g, factors)`` in place at once (both phases of :class:`FactoredProjection`);
+    a list of ``(g', removed_sq, ranks)`` with device-scalar ``removed_sq`` and ranks."""
+    projection = FactoredProjection(rank=rank, energy=energy, projector=projector, solver=solver,
+                                    oversample=oversample, niter=niter, cache=cache)
+    for g, factors in entries:
+        projection.add(g, factors)
+    return [(g, removed, tuple(ranks)) for g, removed, _, ranks in projection.finish()]
 
 
 def project_factored(g: torch.Tensor, factors, *, rank: int, energy: float | None,
@@ -164,133 +316,11 @@ def project_factored(g: torch.Tensor, factors, *, rank: int, energy: float | Non
                      cache: SubspaceCache | None = None):
     """Project ``g = sum_i c_i s_i`` in place; returns ``(g', removed_sq, ranks)``.
 
-    ``factors``: :class:`TokenFactors`, :class:`IndexTokenFactors`, or a list of them (the uses of
-    a tied parameter). ``cache``: share subspaces between parameters whose factor is the same tensor. ``removed_sq`` is ``||g - g'||^2`` (float), ``ranks`` the subspace dimension of
-    each side. Token positions whose output-gradient row is zero (padding) are left out of both subspaces.
+    ``factors``: :class:`TokenFactors`, :class:`IndexTokenFactors`, a list of them (the uses of a
+    tied parameter) or :class:`ExpertTokenFactors`. ``cache``: share subspaces between parameters
+    whose factor is the same tensor. ``removed_sq`` is ``||g - g'||^2`` and ``ranks`` the subspace
+    dimension of each side (device scalars). Token positions whose output-gradient row is zero
+    (padding) are left out of both subspaces.
     """
-    return project_factored_batch(
-        [(g, factors)], rank=rank, energy=energy, projector=projector, solver=solver,
-        oversample=oversample, niter=niter, cache=cache,
-    )[0]
-
-
-def project_factored_batch(entries: list, *, rank: int, energy: float | None, projector: str,
-                           solver: str, oversample: int, niter: int, cache: SubspaceCache | None = None) -> list:
-    """:func:`project_factored` of several ``(g, factors)`` at once; a list of ``(g', removed_sq, ranks)``.
-
-    The output-gradient subspaces of all entries are computed in one batch, then those of their
-    other factors (inputs, kept positions from the first batch) in a second one
-    (:func:`gradproj.linalg.subspace.top_subspaces`): the small per-factor algebra runs batched.
-    A factor shared by several entries (q/k/v inputs, a weight's output gradients seen by its bias)
-    is computed once. The result equals projecting the entries one at a time. A fused expert
-    parameter (:class:`gradproj.linalg.expert_grads.ExpertTokenFactors`) is projected slice by
-    slice, each expert's slice with its own tokens (its ranks are listed per slice).
-    """
-    options: dict[str, Any] = {"rank": rank, "energy": energy, "projector": projector, "solver": solver,
-                               "oversample": oversample, "niter": niter, "cache": cache}
-    if not any(isinstance(factors, ExpertTokenFactors) for _, factors in entries):
-        return _project_entries(entries, **options)
-    flat, owners, strided = [], [], []
-    for index, (g, factors) in enumerate(entries):
-        if not isinstance(factors, ExpertTokenFactors):
-            flat.append((g, factors))
-            owners.append(index)
-            continue
-        blocks = factors.by_expert(g)
-        for e, f in factors.blocks:
-            view = blocks[e]
-            if not view.is_contiguous():  # (peft's lora_B: columns j*E + e) projected in a copy
-                strided.append((view, len(flat)))
-                view = view.contiguous()
-            flat.append((view, f))
-            owners.append(index)
-    merged: list = [[g, 0.0, ()] for g, _ in entries]
-    results = _project_entries(flat, **options)
-    for view, position in strided:
-        view.copy_(results[position][0])
-    for owner, (_, removed_sq, ranks) in zip(owners, results):
-        merged[owner][1] += removed_sq
-        merged[owner][2] += tuple(ranks)
-    return [tuple(entry) for entry in merged]
-
-
-def _project_entries(entries: list, *, rank: int, energy: float | None, projector: str,
-                     solver: str, oversample: int, niter: int, cache: SubspaceCache | None = None) -> list:
-    """:func:`project_factored_batch` of entries without expert blocks."""
-    options: dict[str, Any] = {"rank": rank, "energy": energy, "solver": solver, "oversample": oversample, "niter": niter}
-    results: list = [None] * len(entries)
-    plans = []  # (entry index, g, rows, cols, output side "r"/"c" or keep)
-    for index, (g, factors) in enumerate(entries):
-        if isinstance(factors, IndexTokenFactors):
-            results[index] = _project_embedding(g, factors, projector, options)
-        elif isinstance(factors, list):
-            rows, cols, keep = dense_token_factors(factors)
-            (basis_r, _), (basis_c, _) = top_subspaces([(rows, keep), (cols, keep)], **options)
-            results[index] = _project_matrix(g, rows.shape[1], cols.shape[1], basis_r, basis_c, projector)
-        else:
-            plans.append((index, g, *_token_sides(factors)))
-    if not plans:
-        return results
-    known = _Known(cache)
-    # 1. output-gradient factors (their non-zero rows are the kept positions), each computed once
-    outputs: dict = {}
-    for _, _, rows, cols, side in plans:
-        if isinstance(side, str):
-            x = rows if side == "r" else cols
-            outputs.setdefault(SubspaceCache._key(x), x)
-    computed = dict(zip(outputs, top_subspaces([(x, None) for x in outputs.values()], **options)))
-    for key, x in outputs.items():
-        basis, keep = computed[key]
-        known.add(x, keep, basis)
-        if cache is not None:
-            cache.put(x, keep, basis, output=True)
-    # 2. the other factors, at the kept positions of their entry
-    requests, slots = [], []
-    for number, (_, _, rows, cols, side) in enumerate(plans):
-        out_side = side if isinstance(side, str) else None
-        keep = side if out_side is None else computed[SubspaceCache._key(rows if out_side == "r" else cols)][1]
-        for which, x in (("r", rows), ("c", cols)):
-            if x is not None and which != out_side:
-                requests.append((x, keep))
-                slots.append((number, which))
-    found = dict(zip(slots, _kept_sides(requests, known, options)))
-    for number, (index, g, rows, cols, side) in enumerate(plans):
-        out_side = side if isinstance(side, str) else None
-        basis_r = computed[SubspaceCache._key(rows)][0] if out_side == "r" else found[(number, "r")]
-        if cols is None:
-            flat = g.view(-1)
-            inner = basis_r.T @ flat
-            flat.sub_(basis_r @ inner)
-            results[index] = (g, float(inner.double().square().sum()), (basis_r.shape[1],))
-            continue
-        basis_c = computed[SubspaceCache._key(cols)][0] if out_side == "c" else found[(number, "c")]
-        results[index] = _project_matrix(g, rows.shape[1], cols.shape[1], basis_r, basis_c, projector)
-    return results
-
-
-def _token_sides(factors):
-    """``(rows, cols, side)`` of token factors: the (k*t, .) row and column factors, and which of
-    them holds the output gradients (``"r"``/``"c"``) -- or, when neither does (e.g. a bias, whose
-    rows are the output gradients its weight already looked at), the kept token positions."""
-    k, t = factors.rows.shape[:2]
-    rows = factors.rows.reshape(k * t, -1)
-    cols = None if factors.cols is None else factors.cols.reshape(k * t, -1)
-    if factors.out_grads is factors.rows:
-        return rows, cols, "r"
-    if factors.out_grads is factors.cols:
-        return rows, cols, "c"
-    return rows, cols, (factors.out_grads.reshape(k * t, -1) != 0).any(dim=1, keepdim=True)
-
-
-def _project_matrix(g, p: int, q: int, basis_r, basis_c, projector: str):
-    g2 = g.view(p, q)
-    if projector == "complement":
-        core = (basis_r.T @ g2) @ basis_c  # U_R^T g U_C  (r1 x r2)
-        g2.addmm_(basis_r, core @ basis_c.T, alpha=-1.0)  # one pass over g
-        return g, float(core.double().square().sum()), (basis_r.shape[1], basis_c.shape[1])
-    before = torch.linalg.vector_norm(g2, dtype=torch.float64)
-    g2.addmm_(basis_r, basis_r.T @ g2, alpha=-1.0)  # (I - P_R) g
-    g2.addmm_(g2 @ basis_c, basis_c.T, alpha=-1.0)  # ... (I - P_C)
-    after = torch.linalg.vector_norm(g2, dtype=torch.float64)
-    # g' is orthogonal to g - g' (both projectors are orthogonal), so ||g - g'||^2 = ||g||^2 - ||g'||^2
-    return g, max(float(before**2 - after**2), 0.0), (basis_r.shape[1], basis_c.shape[1])
+    return project_factored_batch([(g, factors)], rank=rank, energy=energy, projector=projector, solver=solver,
+                                  oversample=oversample, niter=niter, cache=cache)[0]

@@ -1,31 +1,61 @@
-"""Dominant subspaces of token-level factors, without a d x d eigendecomposition.
+"""Dominant subspaces of token-level factors, without a d x d eigendecomposition, in two phases.
 
-``top_subspace(X, ...)`` returns an orthonormal basis ``U`` (d x r) of the span of the top-r right
-singular vectors of ``X`` (N tokens x d features), i.e. the top-r left singular vectors of ``X^T``:
+The basis ``U`` (d x r) of the top-r right singular vectors of ``X`` (N tokens x d features) --
+the top-r left singular vectors of ``X^T`` -- is found in two steps, so that a backward pass never
+waits for the host:
 
-* ``exact``: from the eigendecomposition of the smaller Gram, ``X X^T`` (N x N) or ``X^T X``
-  (d x d), in float64; ``U = X^T V / sigma`` on the N x N route.
+1. :func:`sketch_subspace` (per layer, inside the backward): the passes over ``X`` that reduce it to
+   a small :class:`PendingSubspace` -- a Gram to eigendecompose and the rows that span the basis.
+   Only matrix products and masks: no value is read on the host.
+2. :func:`resolve_subspaces` (once for everything pending, e.g. when the microbatch closes): one
+   batched eigendecomposition per shape class, then the bases. torch reads the error codes of an
+   eigendecomposition on the host, so this is where intra_proma's one synchronisation happens.
+
+Routes:
+
+* ``exact``: the eigendecomposition of the smaller Gram, ``X X^T`` (N x N, kept as the span) or
+  ``X^T X`` (d x d), in float64; ``U = X^T V / sigma`` on the N x N route.
 * ``randomized``: a randomised range finder (Halko et al. 2011) with ``niter`` power iterations and
-  ``oversample`` extra columns; the sketch is orthonormalised through its q x q Gram in float64
-  (no tall QR, which is slow on CPU). The test matrix is fixed per shape (no global RNG is touched,
-  and the result does not depend on the history of the run).
+  ``oversample`` extra columns. Between passes the sketch is whitened through a regularised
+  Cholesky factor of its q x q Gram (any well-conditioned basis of its span will do there); the
+  last sketch ``z = y^T x`` is kept, and at resolve its span is orthonormalised through the
+  eigendecomposition of ``y^T y`` (null directions dropped), so the basis ``z^T mix`` is
+  orthonormal to float64 rounding by construction. The test matrix is fixed per shape (no global
+  RNG is touched, and the result does not depend on the history of the run).
 * ``auto``: exact while the smaller Gram side is at most :data:`EXACT_MAX`, randomized above.
 
 The rank is ``rank`` (capped by the numerical rank of X), or with ``energy`` the smallest r whose
-top singular values hold that fraction of ``||X||_F^2`` (at most ``rank``).
+top singular values hold that fraction of ``||X||_F^2`` (at most ``rank``). Since the rank depends
+on the data, a basis always has ``min(rank, ...)`` columns, those beyond the chosen rank zero (a
+zero column projects nothing): the shapes never depend on values. ``PendingSubspace.rank`` holds
+the chosen rank as a device tensor. Rows outside ``keep`` count as zero; without ``keep``, the
+non-zero rows of X are kept. A factor with NaN/inf entries gets an all-NaN basis, so whatever is
+projected with it is non-finite too and the engine drops the microbatch.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-__all__ = ["top_subspace", "top_subspaces", "EXACT_MAX", "RANK_RTOL"]
+__all__ = [
+    "PendingSubspace",
+    "sketch_subspace",
+    "resolve_subspaces",
+    "top_subspace",
+    "top_subspaces",
+    "EXACT_MAX",
+    "RANK_RTOL",
+]
 
 #: ``solver="auto"`` uses the exact route while min(N, d) is at most this.
 EXACT_MAX = 64
 #: Singular values below ``RANK_RTOL * sigma_max`` count as zero (numerical rank).
 RANK_RTOL = 1e-6
+#: The whitening between power iterations adds this fraction of the sketch Gram's mean eigenvalue
+#: to its diagonal (so its Cholesky factor always exists, also for a rank-deficient sketch).
+WHITEN_RIDGE = 1e-10
+#: Eigenvalues of the last sketch's Gram below this fraction of the largest are null directions.
+NULL_RTOL = 1e-12
 
 _TEST_MATRICES: dict = {}
 
@@ -42,160 +72,189 @@ def _test_matrix(d: int, q: int, dtype: torch.dtype, device: torch.device) -> to
     return omega
 
 
-def _choose_rank(values: np.ndarray, total: float, rank: int, energy: float | None) -> int:
-    """Rank from descending squared singular values ``values`` (float64)."""
-    if values.size == 0 or values[0] <= 0.0:
-        return 0
-    keep = int((values > (RANK_RTOL**2) * values[0]).sum())
-    r = min(rank, keep)
-    if energy is not None and total > 0.0:
-        cumulative = np.cumsum(values) / total
-        r = min(r, int(np.searchsorted(cumulative, energy - 1e-15)) + 1)
-    return r
+class PendingSubspace:
+    """One factor's subspace between :func:`sketch_subspace` and :func:`resolve_subspaces`.
+
+    Attributes:
+        keep: (N, 1) bool, the rows that count.
+        basis: (d, width) basis once resolved (``None`` before): orthonormal columns up to the
+            chosen rank, zero columns after it.
+        rank: the chosen rank (0-dim int64 device tensor) once resolved.
+    """
+
+    __slots__ = ("route", "keep", "dtype", "width", "gram", "span", "total", "basis", "rank")
+
+    def __init__(self, route: str, keep: torch.Tensor, dtype: torch.dtype, width: int, gram=None, span=None, total=None) -> None:
+        self.route = route  # "rows" / "cols" (exact), "sketch" (randomized), "empty"
+        self.keep = keep
+        self.dtype = dtype
+        self.width = width  # columns of the basis
+        self.gram = gram  # float64 Gram to eigendecompose
+        self.span = span  # rows spanning the basis: float64 kept rows of x ("rows"), the last sketch z ("sketch")
+        self.total = total  # ||x_kept||_F^2 (float64, randomized route with energy)
+        self.basis: torch.Tensor | None = None
+        self.rank: torch.Tensor | None = None
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the basis is there."""
+        return self.basis is not None
+
+    def nbytes(self) -> int:
+        """Memory held until resolved."""
+        return sum(t.numel() * t.element_size() for t in (self.gram, self.span) if t is not None)
+
+    def group(self) -> tuple:
+        """Pending subspaces with equal groups are resolved with one batched eigendecomposition."""
+        span_shape = None if self.span is None or self.route == "sketch" else tuple(self.span.shape)
+        return (self.route, tuple(self.gram.shape), span_shape, self.width, self.gram.device)
 
 
-def _nan_basis(x: torch.Tensor) -> torch.Tensor:
-    """The "basis" of a factor with NaN/inf entries: one NaN column, so whatever is projected with
-    it is non-finite too and the engine drops the microbatch (LAPACK would raise instead)."""
-    return torch.full((x.shape[1], 1), float("nan"), dtype=x.dtype, device=x.device)
+def _derived_keep(x: torch.Tensor) -> torch.Tensor:
+    """The non-zero rows of ``x`` (N, 1)."""
+    return (x != 0).any(dim=1, keepdim=True)
 
 
-def _stack(tensors: list) -> torch.Tensor:
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+def _whitener(y: torch.Tensor) -> torch.Tensor:
+    """``T`` (q x q, y's dtype) with ``y T`` well conditioned and spanning ``y``'s columns: the inverse
+    transposed Cholesky factor of ``y^T y + ridge I`` (no error check, no host read)."""
+    y64 = y.double()
+    gram = y64.T @ y64
+    q = gram.shape[0]
+    scale = gram.diagonal().sum() / q
+    ridge = torch.where(scale > 0, WHITEN_RIDGE * scale, 1.0)
+    eye = torch.eye(q, dtype=gram.dtype, device=gram.device)
+    chol = torch.linalg.cholesky_ex(gram + ridge * eye, check_errors=False)[0]
+    return torch.linalg.solve_triangular(chol, eye, upper=False).T.to(y.dtype)
 
 
-def _exact_batch(xs: list, keeps: list, rank: int, energy: float | None) -> list:
-    """Exact route for factors of one shape, dtype and device: their float64 Grams (the smaller
-    side) stacked and eigendecomposed in one call."""
-    n, d = xs[0].shape
-    x64 = _stack(xs).double()
-    derived = [s for s, keep in enumerate(keeps) if keep is None]
-    if derived:  # the non-zero rows
-        flags = (x64[derived] != 0).any(dim=2, keepdim=True)
-        for j, s in enumerate(derived):
-            keeps[s] = flags[j]
-    if len(derived) < len(xs):  # rows outside `keep` count as zero
-        x64 = x64 * _stack(keeps)
-    gram = (x64 @ x64.transpose(1, 2)) if n <= d else (x64.transpose(1, 2) @ x64)
-    finite = np.isfinite(gram.cpu().numpy()).all(axis=(1, 2))
-    out = [(_nan_basis(x), keep) for x, keep in zip(xs, keeps)]
-    live = np.flatnonzero(finite).tolist()
-    if not live:
-        return out
-    # torch's eigh: NumPy's OpenBLAS would start its own thread pool, which then spins against
-    # torch's threads for the rest of the backward (a 20x slowdown measured on 2 cores)
-    values, vectors = torch.linalg.eigh(gram[live] if len(live) < len(xs) else gram)
-    host = np.maximum(values.cpu().numpy()[:, ::-1], 0.0)
-    for j, s in enumerate(live):
-        r = _choose_rank(host[j], float(host[j].sum()), rank, energy)
-        top = vectors[j].flip(1)[:, :r]
+def sketch_subspace(
+    x: torch.Tensor,
+    rank: int,
+    energy: float | None = None,
+    solver: str = "auto",
+    oversample: int = 4,
+    niter: int = 1,
+    keep: torch.Tensor | None = None,
+) -> PendingSubspace:
+    """Phase 1: reduce ``x`` (N, d) to what :func:`resolve_subspaces` needs (see the module doc).
+
+    ``keep`` (N, 1) bool: the rows that count (others are treated as zero); ``None``: the non-zero
+    rows. Reads no value on the host."""
+    n, d = x.shape
+    if keep is None:
+        keep = _derived_keep(x)
+    if n == 0 or d == 0 or rank <= 0:
+        pending = PendingSubspace("empty", keep, x.dtype, 0)
+        pending.basis = x.new_zeros(d, 0)
+        pending.rank = torch.zeros((), dtype=torch.int64, device=x.device)
+        return pending
+    if solver == "exact" or (solver == "auto" and min(n, d) <= EXACT_MAX):
+        x64 = x.double() * keep
         if n <= d:
-            top = x64[s].T @ (top / torch.from_numpy(np.sqrt(host[j, :r])).to(top.device))
-        out[s] = (top.to(xs[s].dtype), keeps[s])
-    return out
-
-
-#: Cholesky whitening only while the sketch's Gram has min/max pivot ratio above this (its
-#: condition number below ~1e8): the sketch stays orthonormal to ~1e-8 in float64.
-_CHOLESKY_MIN_PIVOT = 1e-4
-
-
-def _cholesky_whitener(gram: np.ndarray) -> np.ndarray | None:
-    """``T = L^-T`` from the Cholesky factor of a well-conditioned q x q Gram, else ``None``."""
-    try:
-        chol = np.linalg.cholesky(gram)
-    except np.linalg.LinAlgError:
-        return None
-    pivots = np.diagonal(chol)
-    return np.linalg.inv(chol).T if pivots.min() > _CHOLESKY_MIN_PIVOT * pivots.max() else None
-
-
-def _eigen_whitener(gram: np.ndarray) -> np.ndarray:
-    """``T = V diag(mu^-1/2)`` over the Gram's non-null directions; the other columns are zero."""
-    mu, v = np.linalg.eigh(gram)
-    mu, v = np.maximum(mu[::-1], 0.0), v[:, ::-1]
-    kept = mu > 1e-12 * mu[0] if mu.size and mu[0] > 0 else np.zeros(mu.shape, dtype=bool)
-    out = np.zeros_like(gram)
-    out[:, : int(kept.sum())] = v[:, kept] / np.sqrt(mu[kept])
-    return out
-
-
-def _whiteners(ys: torch.Tensor, live: np.ndarray) -> np.ndarray:
-    """T (S, q, q) with ``ys[s] @ T[s]`` orthonormal, from the q x q Grams (float64).
-
-    Cholesky (``T = L^-T``) where the Gram is well conditioned -- the usual case, one batched
-    factorisation -- else ``T = V diag(mu^-1/2)`` from its eigendecomposition, which drops a
-    rank-deficient sketch's null directions (fewer kept tokens than columns, or a low-rank factor);
-    the dropped columns of T are zero. Sides whose Gram is not finite are marked dead in ``live``.
-    """
-    if ys.shape[0] == 1:  # one factor: 2-D calls (NumPy's stacked routines cost more per call)
-        grams = (ys[0].T @ ys[0]).double().cpu().numpy()[None]
-    else:
-        grams = torch.bmm(ys.transpose(1, 2), ys).double().cpu().numpy()
-    live &= np.isfinite(grams).all(axis=(1, 2))
-    if len(grams) > 1 and live.all():
-        try:
-            chol = np.linalg.cholesky(grams)
-        except np.linalg.LinAlgError:
-            chol = None
-        if chol is not None:
-            pivots = np.diagonal(chol, axis1=1, axis2=2)
-            if (pivots.min(axis=1) > _CHOLESKY_MIN_PIVOT * pivots.max(axis=1)).all():
-                return np.linalg.inv(chol).transpose(0, 2, 1)
-    out = np.zeros_like(grams)
-    for s in np.flatnonzero(live):  # one by one: a single factor, or some Gram needs the fallback
-        t = _cholesky_whitener(grams[s])
-        out[s] = _eigen_whitener(grams[s]) if t is None else t
-    return out
-
-
-def _randomized_batch(xs: list, keeps: list, rank, energy, oversample, niter) -> list:
-    """Range finder for factors with the same token count, sketch width, dtype and device.
-
-    Per factor: ``2 + 2 * niter`` skinny matmuls over ``x`` (the passes); the q x q algebra of all
-    factors (whitenings, eigendecompositions) runs batched, without a tall QR. The last sketch
-    ``z = y^T x`` (q x d) is taken to float64 before the small products, so the basis ``z^T mix``
-    is orthonormal to float64 rounding by construction (``mix^T z z^T mix = I``).
-    """
-    n, q = xs[0].shape[0], min(rank + oversample, *(x.shape[1] for x in xs), xs[0].shape[0])
-    dtype, device = xs[0].dtype, xs[0].device
-    ys = torch.empty(len(xs), n, q, dtype=dtype, device=device)  # sketches of the token space
-    for s, x in enumerate(xs):
-        torch.mm(x, _test_matrix(x.shape[1], q, dtype, device), out=ys[s])
-    derived = [s for s, keep in enumerate(keeps) if keep is None]
-    if derived:  # a row is zero iff its sketch is (almost surely); zero rows of x stay zero in every y
-        flags = (ys != 0).any(dim=2, keepdim=True)
-        for s in derived:
-            keeps[s] = flags[s]
-    mask = _stack(keeps) if len(derived) < len(xs) else None  # rows outside `keep` count as zero
-    if mask is not None:
-        ys.mul_(mask)
-    live = np.ones(len(xs), dtype=bool)
+            return PendingSubspace("rows", keep, x.dtype, min(rank, n), gram=x64 @ x64.T, span=x64)
+        return PendingSubspace("cols", keep, x.dtype, min(rank, d), gram=x64.T @ x64)
+    q = min(rank + oversample, n, d)
+    y = (x @ _test_matrix(d, q, x.dtype, x.device)) * keep
     for _ in range(niter):
-        tw = torch.from_numpy(_whiteners(ys, live)).to(device=device, dtype=dtype)
-        for s, x in enumerate(xs):
-            torch.mm(x, (ys[s].T @ x).T @ tw[s], out=ys[s])
-        if mask is not None:
-            ys.mul_(mask)
-    t = _whiteners(ys, live)
-    zs = [(ys[s].T @ x).double() for s, x in enumerate(xs)]  # rows of x at dropped positions meet zero rows of y
-    zz = _stack([z @ z.T for z in zs]).cpu().numpy()
-    live &= np.isfinite(zz).all(axis=(1, 2))
-    if not live.all():
-        zz[~live] = 0.0
-    small = t.transpose(0, 2, 1) @ zz @ t  # B B^T for B = Q^T x, Q = y T orthonormal
-    values, vectors = np.linalg.eigh(small)
-    values, vectors = np.maximum(values[:, ::-1], 0.0), vectors[:, :, ::-1]
-    out = []
-    for s, x in enumerate(xs):
-        if not live[s]:
-            out.append((_nan_basis(x), keeps[s]))
-            continue
-        total = float(torch.linalg.vector_norm(x * keeps[s], dtype=torch.float64) ** 2) if energy is not None else 0.0
-        r = _choose_rank(values[s], total, rank, energy)
-        mix = t[s] @ (vectors[s, :, :r] / np.sqrt(values[s, :r]))  # (q, r): mix^T zz mix = I
-        out.append(((zs[s].T @ torch.from_numpy(mix).to(zs[s].device)).to(dtype), keeps[s]))
-    return out
+        y = (x @ ((y.T @ x).T @ _whitener(y))) * keep
+    z = y.T @ x  # (q, d): rows of x at dropped positions meet zero rows of y
+    total = torch.linalg.vector_norm(x * keep, dtype=torch.float64) ** 2 if energy is not None else None
+    # the Gram of the sketch's actual values, in float64: a low-precision product's rounding would
+    # pose as directions of its own (null directions of a low-rank factor's sketch kept, then amplified)
+    y64 = y.double()
+    return PendingSubspace("sketch", keep, x.dtype, min(rank, q), gram=y64.T @ y64, span=z, total=total)
+
+
+def _descending_eigh(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (clamped at 0) and eigenvectors of symmetric (S, m, m) matrices, largest first."""
+    values, vectors = torch.linalg.eigh(grams)
+    return values.flip(-1).clamp(min=0.0), vectors.flip(-1)
+
+
+def _kept_columns(values: torch.Tensor, total: torch.Tensor, width: int, energy: float | None) -> torch.Tensor:
+    """(S, width) bool: which of the leading eigenpairs the rank rule keeps (a prefix of each row).
+
+    ``values``: (S, m) descending squared singular values; ``total``: (S,) the factors' squared
+    norms (the energy rule's denominator)."""
+    top = values[:, :width]
+    alive = values[:, :1] > 0.0
+    keep = alive & (top > (RANK_RTOL**2) * values[:, :1])
+    if energy is not None:
+        cumulative = torch.cumsum(values, dim=1)[:, :width] / torch.where(total > 0, total, 1.0)[:, None]
+        before = torch.cat([torch.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], dim=1)  # cumulative_{j-1}
+        first = torch.zeros_like(keep)
+        first[:, 0] = True
+        keep = keep & (first | (before < energy - 1e-15) | (total <= 0)[:, None])
+    return keep
+
+
+def resolve_subspaces(pending: list[PendingSubspace], energy: float | None = None) -> None:
+    """Phase 2: the bases of every unresolved entry of ``pending``, in place -- one batched
+    eigendecomposition per shape class (two for the randomized route)."""
+    groups: dict = {}
+    for item in pending:
+        if not item.resolved:
+            groups.setdefault(item.group(), []).append(item)
+    for items in groups.values():
+        if items[0].route == "sketch":
+            _resolve_sketches(items, energy)
+        else:
+            _resolve_exact(items, energy)
+
+
+def _finite_grams(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(finite flags (S,), grams with the non-finite ones replaced by the identity)."""
+    finite = torch.isfinite(grams).all(dim=2).all(dim=1)
+    eye = torch.eye(grams.shape[-1], dtype=grams.dtype, device=grams.device)
+    return finite, torch.where(finite[:, None, None], grams, eye)
+
+
+def _finish(item: PendingSubspace, basis: torch.Tensor, kept: torch.Tensor, finite: torch.Tensor) -> None:
+    item.basis = (basis + torch.where(finite, 0.0, torch.nan)).to(item.dtype)
+    item.rank = kept.sum()
+
+
+def _resolve_exact(items: list[PendingSubspace], energy: float | None) -> None:
+    finite, grams = _finite_grams(torch.stack([item.gram for item in items]))
+    values, vectors = _descending_eigh(grams)
+    width = items[0].width
+    kept = _kept_columns(values, values.sum(dim=1), width, energy)
+    top = vectors[:, :, :width]
+    if items[0].route == "rows":  # U = x^T V / sigma over the kept pairs
+        scale = torch.where(kept, values[:, :width], 1.0).rsqrt() * kept
+        bases = torch.stack([item.span for item in items]).transpose(1, 2) @ (top * scale[:, None, :])
+    else:
+        bases = top * kept[:, None, :]
+    for index, item in enumerate(items):
+        _finish(item, bases[index], kept[index], finite[index])
+        item.gram = item.span = None
+
+
+def _resolve_sketches(items: list[PendingSubspace], energy: float | None) -> None:
+    finite, grams = _finite_grams(torch.stack([item.gram for item in items]))
+    # T = V diag(mu^-1/2) over the non-null directions of y^T y: y T is orthonormal
+    mu, v = _descending_eigh(grams)
+    live = (mu > NULL_RTOL * mu[:, :1]) & (mu[:, :1] > 0.0)
+    whiten = v * (torch.where(live, mu, 1.0).rsqrt() * live)[:, None, :]
+    spans = [item.span.double() for item in items]
+    zz = torch.stack([z @ z.T for z in spans])
+    finite = finite & torch.isfinite(zz).all(dim=2).all(dim=1)
+    zz = torch.where(finite[:, None, None], zz, 0.0)
+    whiten = torch.where(finite[:, None, None], whiten, 0.0)
+    small = whiten.transpose(1, 2) @ zz @ whiten  # B B^T for B = Q^T x, Q = y T orthonormal
+    values, vectors = _descending_eigh(small)
+    width = items[0].width
+    if energy is not None:
+        total = torch.stack([item.total for item in items])
+    else:
+        total = values.sum(dim=1)
+    kept = _kept_columns(values, total, width, energy)
+    scale = torch.where(kept, values[:, :width], 1.0).rsqrt() * kept
+    mix = whiten @ (vectors[:, :, :width] * scale[:, None, :])  # (S, q, width): mix^T zz mix = I on kept columns
+    for index, (item, z) in enumerate(zip(items, spans)):
+        _finish(item, z.T @ mix[index], kept[index], finite[index])
+        item.gram = item.span = item.total = None
 
 
 def top_subspaces(
@@ -209,31 +268,22 @@ def top_subspaces(
     """:func:`top_subspace` of several factors at once: ``items`` = ``[(x, keep or None), ...]``.
 
     Returns ``[(basis, keep), ...]`` in the same order, equal to calling :func:`top_subspace` on
-    each item (up to rounding): factors with the same shape class are computed together, so their
-    small q x q algebra runs batched -- inside a backward pass every small operation is costly.
+    each item (up to rounding); the small algebra of factors with the same shape class runs
+    batched. Like :func:`top_subspace`, it reads the chosen ranks on the host (a convenience for
+    callers outside the backward; the capture uses :func:`sketch_subspace` and
+    :func:`resolve_subspaces`).
     """
-    if not items:
-        return []
-    out: list = [None] * len(items)
-    groups: dict = {}
-    for index, (x, keep) in enumerate(items):
-        n, d = x.shape
-        if n == 0 or d == 0 or rank <= 0:
-            out[index] = (x.new_zeros(d, 0), torch.ones(n, 1, dtype=torch.bool, device=x.device) if keep is None else keep)
-            continue
-        exact = solver == "exact" or (solver == "auto" and min(n, d) <= EXACT_MAX)
-        key = ("exact", n, d) if exact else ("randomized", n, min(rank + oversample, n, d))
-        groups.setdefault(key + (x.dtype, x.device), []).append(index)
-    for key, indices in groups.items():
-        xs = [items[i][0] for i in indices]
-        keeps = [items[i][1] for i in indices]
-        if key[0] == "exact":
-            results = _exact_batch(xs, keeps, rank, energy)
-        else:
-            results = _randomized_batch(xs, keeps, rank, energy, oversample, niter)
-        for i, result in zip(indices, results):
-            out[i] = result
-    return out
+    pending = [sketch_subspace(x, rank, energy, solver, oversample, niter, keep=keep) for x, keep in items]
+    resolve_subspaces(pending, energy)
+    return [(_trimmed(item), item.keep) for item in pending]
+
+
+def _trimmed(item: PendingSubspace) -> torch.Tensor:
+    """The basis without its zero columns (an all-NaN basis keeps one column)."""
+    assert item.basis is not None and item.rank is not None
+    if item.basis.shape[1] and bool(torch.isnan(item.basis).all()):
+        return item.basis[:, :1]
+    return item.basis[:, : int(item.rank)]
 
 
 def top_subspace(
@@ -249,5 +299,6 @@ def top_subspace(
 
     ``keep`` (N, 1) bool: the rows that count (others are treated as zero). Returns
     ``(basis, keep)``; without ``keep`` given, the returned one marks the non-zero rows of ``x``.
+    The chosen rank ``r`` is read on the host (use :func:`sketch_subspace` in a backward pass).
     """
     return top_subspaces([(x, keep)], rank, energy, solver, oversample, niter)[0]

@@ -11,10 +11,15 @@ it commutes with data-parallel all-reduce::
 ``U_A`` / ``U_D``: top-``rank`` subspaces of the layer inputs / unweighted output gradients of the
 tokens that carry a gradient (see :mod:`gradproj.linalg.subspace` and :mod:`gradproj.linalg.factored`).
 
-Where the engine allows it (``step.deferrable``), the projection of a layer waits until
-:data:`DEFER_MAX_BYTES` of token factors are pending or the engine asks for the updates: the
-subspaces of all pending layers are then computed together, their small per-factor algebra
-batched (inside a backward pass every small operation is costly). The result is the same.
+Each layer's token factors are reduced to small pending subspaces as the layer finishes (matrix
+products only: nothing is read on the host). Where the engine allows it (``batch.deferrable``),
+the projection itself waits until :data:`DEFER_MAX_BYTES` of pending subspaces are held or the
+engine asks for the updates (when the microbatch closes): the subspaces of all pending layers are
+then resolved together -- one batched eigendecomposition per shape class, the only point where the
+host waits for the device (torch reads an eigendecomposition's error codes there) -- and the
+gradients projected. The result is the same as projecting each layer at once. Layers the engine
+applies at once (a tied parameter, FSDP2-sharded ones) are projected right away: one
+synchronisation each.
 """
 
 from __future__ import annotations
@@ -26,20 +31,15 @@ import torch
 from pydantic import Field
 
 from gradproj.errors import ProtocolError
-from gradproj.linalg.factored import SubspaceCache, project_factored_batch
-from gradproj.linalg.sequence_grads import TokenFactors
+from gradproj.linalg.device_sums import DeviceSums
+from gradproj.linalg.factored import FactoredProjection, SubspaceCache
 from gradproj.plugins.hookspecs import hookimpl
 from gradproj.strategies.base import Strategy, StrategyOptions, StrategySpec
 from gradproj.work import Capabilities, LayerBatch, Update
 
-#: Token factors (bytes) held back for one batched projection; more, and the pending layers are
-#: projected at once. Holding them delays freeing those layers' activations and output gradients
-#: by up to this much memory.
-DEFER_MAX_BYTES = 16 << 20
-
-
-def _factor_bytes(factors: TokenFactors) -> int:
-    return sum(t.numel() * t.element_size() for t in (factors.rows, factors.cols) if t is not None)
+#: Pending subspaces (bytes: sketches and small Grams) held back for one batched resolve; more, and
+#: the pending layers are projected at once (one host synchronisation per resolve).
+DEFER_MAX_BYTES = 256 << 20
 
 
 class IntraPromaOptions(StrategyOptions):
@@ -76,10 +76,14 @@ class IntraProma(Strategy):
     def __init__(self, options: IntraPromaOptions) -> None:
         super().__init__(options)
         self._cache = SubspaceCache()
-        self._pending: list = []  # (g, factors) whose projection is deferred
-        self._pending_bytes = 0
-        self._finite = True
+        self._projection = self._new_projection()
+        self._finite: list[torch.Tensor] = []  # per resolve: whether every projected update is finite
         self.reset_metrics()
+
+    def _new_projection(self) -> FactoredProjection:
+        opts: IntraPromaOptions = self.options
+        return FactoredProjection(rank=opts.rank, energy=opts.energy, projector=opts.projector, solver=opts.solver,
+                                  oversample=opts.oversample, niter=opts.niter, cache=self._cache)
 
     def start_microbatch(self) -> None:
         """Input subspaces are shared within a microbatch only."""
@@ -91,15 +95,12 @@ class IntraProma(Strategy):
 
     def _release(self) -> None:
         self._cache.clear()
-        self._pending.clear()
-        self._pending_bytes = 0
-        self._finite = True
+        self._projection = self._new_projection()
+        self._finite = []
 
     def reset_metrics(self) -> None:
         """Zero the per-step sums behind ``projected_fraction`` and ``mean_rank``."""
-        self._removed_sq = 0.0
-        self._total_sq = 0.0
-        self._rank_sum = 0
+        self._sums = DeviceSums(3)  # removed ||.||^2, total ||.||^2, ranks -- on the device until read
         self._sides = 0
 
     def accumulate(self, batch: LayerBatch) -> Update:
@@ -113,54 +114,46 @@ class IntraProma(Strategy):
             )
         (factors,) = batch.token_factors()
         (g,) = batch.combine(batch.coefficients)
-        if batch.deferrable and isinstance(factors, TokenFactors):
-            self._pending.append((g, factors))
-            self._pending_bytes += _factor_bytes(factors)
-            if self._pending_bytes >= DEFER_MAX_BYTES:
+        self._projection.add(g, factors)  # the factors are reduced now; nothing refers to them after
+        if batch.deferrable:
+            if self._projection.nbytes() >= DEFER_MAX_BYTES:
                 self._flush()
             return Update([g], deferred=True)
         # g finite (its norm is) and the removed block finite (so are the bases) => g' finite: both
-        # projectors are orthogonal, ||g'|| <= ||g||; the engine can skip its own check
-        return Update([g], finite=self._project([(g, factors)]))
+        # projectors are orthogonal, ||g'|| <= ||g||; the flag goes to the engine, read at the close
+        return Update([g], finite=self._flush())
 
-    def finish_microbatch(self) -> bool:
-        """Project the layers still pending; False if some projected update is not finite."""
+    def finish_microbatch(self) -> bool | torch.Tensor:
+        """Project the layers still pending; whether every projected update is finite (a device flag)."""
         self._flush()
-        return self._finite
+        finite, self._finite = self._finite, []
+        if not finite:
+            return True
+        return finite[0] if len(finite) == 1 else torch.stack(finite).all()
 
-    def _flush(self) -> None:
-        entries, self._pending, self._pending_bytes = self._pending, [], 0
-        if entries and not self._project(entries):
-            self._finite = False
-
-    def _project(self, entries: list) -> bool:
-        """Project ``[(g, factors)]`` in place; whether every result is finite."""
-        opts: IntraPromaOptions = self.options
-        # metrics: the compute dtype is enough
-        if len(entries) == 1:
-            norms: list[float] = [float(torch.linalg.vector_norm(entries[0][0]))]
-        else:
-            norms = torch.stack(torch._foreach_norm([g for g, _ in entries])).double().cpu().tolist()
-        results = project_factored_batch(
-            entries, rank=opts.rank, energy=opts.energy, projector=opts.projector,
-            solver=opts.solver, oversample=opts.oversample, niter=opts.niter, cache=self._cache,
-        )
-        finite = True
-        for norm, (g, removed_sq, ranks) in zip(norms, results):
-            total_sq = float(norm) ** 2
-            if math.isfinite(total_sq) and math.isfinite(removed_sq):
-                self._total_sq += total_sq
-                self._removed_sq += removed_sq
-            elif not bool(torch.isfinite(g).all()):
-                finite = False
-            self._rank_sum += sum(ranks)
+    def _flush(self) -> torch.Tensor | bool:
+        """Project every pending layer in place; their finiteness as a device flag (also remembered
+        for :meth:`finish_microbatch`)."""
+        results = self._projection.finish()
+        if not results:
+            return True
+        flags = []
+        for _, removed_sq, total_sq, ranks in results:
+            ok = torch.isfinite(removed_sq) & torch.isfinite(total_sq)
+            flags.append(ok)
+            rank_sum = torch.stack([torch.as_tensor(r, device=total_sq.device) for r in ranks]).sum() if ranks else 0.0
+            self._sums.add(torch.where(ok, removed_sq, 0.0), torch.where(ok, total_sq, 0.0), rank_sum)
             self._sides += len(ranks)
-        return finite
+        flag = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        self._finite.append(flag)
+        return flag
 
     def step_metrics(self) -> dict[str, float]:
-        """``intra_proma/projected_fraction`` = sqrt(sum ||g - g'||^2 / sum ||g||^2); mean rank used."""
-        fraction = math.sqrt(self._removed_sq / self._total_sq) if self._total_sq > 0 else 0.0
-        rank = self._rank_sum / self._sides if self._sides else 0.0
+        """``intra_proma/projected_fraction`` = sqrt(sum ||g - g'||^2 / sum ||g||^2); mean rank used
+        (the step's sums are read from the device here, once)."""
+        removed_sq, total_sq, rank_sum = self._sums.values()
+        fraction = math.sqrt(removed_sq / total_sq) if total_sq > 0 else 0.0
+        rank = rank_sum / self._sides if self._sides else 0.0
         return {"intra_proma/projected_fraction": fraction, "intra_proma/mean_rank": rank}
 
 
