@@ -3,6 +3,7 @@
     python -m benchmarks.step_overhead                       # the shape, both setups
     python -m benchmarks.step_overhead --quick               # tiny shape (what CI runs)
     python -m benchmarks.step_overhead --arch qwen3_moe --setups full lora --memory   # an MoE model
+    python -m benchmarks.step_overhead --device cuda         # on a GPU, realistic shapes (benchmarks.device_overhead)
 
 Setups (Qwen2-shaped random model, float32, AdamW):
 * ``lora``   -- peft LoRA r=16 on every projection, base frozen;
@@ -314,7 +315,32 @@ def parse(argv=None):
     p.add_argument("--markdown", help="write a Markdown table of the results to this file")
     p.add_argument("--plot", help="write a PNG bar chart of the ratios to this file")
     p.add_argument("--memory-child", nargs=2, metavar=("SETUP", "VARIANT"), help=argparse.SUPPRESS)
+    g = p.add_argument_group("accelerator mode (benchmarks.device_overhead)", "taken with --device cuda or --presets")
+    g.add_argument("--device", default="cpu", help="cuda: time on the GPU at realistic shapes (the presets)")
+    g.add_argument("--presets", nargs="+", choices=["qwen2.5-1.5b", "qwen3-8b", "tiny"],
+                   help="model shapes of the accelerator mode (default with --device cuda: qwen2.5-1.5b qwen3-8b)")
+    g.add_argument("--intra-rank", type=int, default=8, help="intra_proma's rank in the accelerator mode")
     args = p.parse_args(argv)
+    if args.device != "cpu" or args.presets:
+        explicit = set(argv or [])
+        args.presets = args.presets or ["qwen2.5-1.5b", "qwen3-8b"]
+        if "--strategies" not in explicit:
+            args.strategies = ["none", "proma", "intra_proma"]
+        if "--rank" not in explicit:
+            args.rank = 32
+        if "--k" not in explicit:
+            args.k = 8
+        if "--tokens" not in explicit:
+            args.tokens = 1024
+        if "--microbatches" not in explicit:
+            args.microbatches = 2
+        if "--repeats" not in explicit:
+            args.repeats = 5
+        if "--layers" not in explicit:
+            args.layers = None  # the preset's
+        if args.quick:
+            args.k, args.tokens, args.microbatches, args.repeats, args.rank, args.intra_rank = 2, 16, 2, 1, 4, 2
+        return args
     if args.quick:
         args.hidden, args.intermediate, args.layers, args.vocab = 64, 128, 2, 256
         args.k, args.tokens, args.microbatches, args.repeats, args.rank = 4, 16, 2, 2, 4
@@ -390,6 +416,10 @@ def main(argv=None):
         memory_child(args)
         return None
     torch.set_num_threads(args.threads)
+    if args.presets:  # the accelerator mode: realistic shapes, CUDA events, bf16 autocast
+        from benchmarks import device_overhead
+
+        return device_overhead.main(args)
     print(f"shape: hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, vocab {args.vocab}, "
           f"{args.microbatches} microbatches x {args.k} sequences x {args.tokens} tokens; torch {torch.__version__}, "
           f"{args.threads} threads; median of {args.repeats}")

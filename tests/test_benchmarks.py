@@ -108,3 +108,20 @@ def test_moe_benchmark_builds_and_steps(setup):
     model, opt, step = step_overhead.variants(args, setup, only="proma")["proma"]
     assert any("experts" in n for n, p in model.named_parameters() if p.requires_grad)
     step(model, opt, step_overhead.make_data(args))
+
+
+def test_accelerator_mode_runs_on_the_cpu_at_a_tiny_size(tmp_path):
+    """``--device cuda``'s code path (shared model wrapped per step, interleaved rounds, bf16 autocast,
+    host-sync counts) at a tiny preset on the CPU; its timings are not asserted."""
+    out = tmp_path / "device.md"
+    results = step_overhead.main(["--device", "cpu", "--presets", "tiny", "--quick", "--threads", "1",
+                                  "--setups", "lora", "linear", "--markdown", str(out)])
+    for setup in ("lora", "linear"):
+        rows = results["runs"][("tiny", setup)]
+        assert list(rows) == ["plain", "none", "proma", "intra_proma", "per_sequence"]
+        assert rows["plain"]["ratio"] == 1.0
+        # gradproj adds a bounded number of host reads per step (2 microbatches): none for "none"
+        assert rows["none"]["host_syncs"] == rows["plain"]["host_syncs"]
+        assert 0 < rows["proma"]["host_syncs"] - rows["plain"]["host_syncs"] <= 8
+    text = out.read_text()
+    assert "| tiny | lora | proma |" in text and "host syncs added" in text

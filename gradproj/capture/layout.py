@@ -140,7 +140,8 @@ class PackedLayout:
     def ids(self, ids: torch.Tensor, layer) -> torch.Tensor:
         """(k, max_len) ids, padded with the first id of the batch (those positions carry no gradient)."""
         flat = self._flat(ids, layer, "ids", False)
-        out = flat.new_full((self.k * self.max_len,), int(flat[0]) if self.total else 0)
+        size = self.k * self.max_len  # (the first id as a device tensor: nothing read on the host)
+        out = flat[:1].expand(size).clone() if self.total else flat.new_zeros(size)
         return out.index_copy_(0, self._dest, flat).view(self.k, self.max_len)
 
 

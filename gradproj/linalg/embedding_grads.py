@@ -25,6 +25,10 @@ class EmbeddingGrads:
         flat = grads.reshape(-1, d)
         if padding_idx is not None:
             flat = flat * (flat_ids != padding_idx).unsqueeze(-1).to(flat.dtype)
+        # The one host synchronisation of an embedding table per microbatch (counted in
+        # tests/test_host_sync.py): the number of distinct ids is M's shape. A static shape would pad
+        # M to one slot per token -- k times the tokens x d, several times the memory of the
+        # distinct ids at RL batch sizes -- for one wait per table, not per layer.
         self.ids, inverse = torch.unique(flat_ids, return_inverse=True)
         seq = torch.arange(k, device=ids.device).repeat_interleave(ids.reshape(k, -1).shape[1])
         slots = seq * self.ids.numel() + inverse

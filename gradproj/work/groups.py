@@ -9,6 +9,7 @@ groups its rows belong to.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -59,10 +60,14 @@ class StepGroups:
             raise InputError(f"{where}: rewards contain NaN or inf; fix the reward function before training on them")
         self.group_ids = ids
         self.rewards = r
+        # host numbers (the rewards were copied to the host above): statistics read inside the
+        # backward never wait for a device
+        self._values = r.tolist()
         members: dict = {}
         for index, gid in enumerate(ids):
             members.setdefault(gid, []).append(index)
         self.members = {gid: torch.tensor(rows) for gid, rows in members.items()}
+        self._rows = members
 
     def __len__(self) -> int:
         return len(self.group_ids)
@@ -76,15 +81,11 @@ class StepGroups:
 
         A group with one member has std 0.
         """
-        out = {}
-        for gid, rows in self.members.items():
-            values = self.rewards[rows]
-            out[gid] = float(values.std(unbiased=unbiased)) if values.numel() > 1 else 0.0
-        return out
+        return {gid: _std([self._values[i] for i in rows], unbiased) for gid, rows in self._rows.items()}
 
     def batch_std(self, unbiased: bool = True) -> float:
         """The std of all the step's rewards."""
-        return float(self.rewards.std(unbiased=unbiased)) if len(self) > 1 else 0.0
+        return _std(self._values, unbiased)
 
     def check_known(self, ids: list, where: str) -> None:
         """Refuse microbatch group ids that were not given to ``opt.set_groups``."""
@@ -95,6 +96,13 @@ class StepGroups:
                 "opt.set_groups(); pass the same labels to both (set_groups once per step, before the "
                 "first microbatch)"
             )
+
+
+def _std(values: list[float], unbiased: bool) -> float:
+    """Standard deviation of host numbers (0 for fewer than two)."""
+    if len(values) < 2:
+        return 0.0
+    return statistics.stdev(values) if unbiased else statistics.pstdev(values)
 
 
 def require_groups(context, who: str, need_ids: bool = True) -> StepGroups:
