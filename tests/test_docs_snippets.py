@@ -18,6 +18,7 @@ PAGES = {
     "isopo": "docs/strategies/isopo.md",
     "diagnostics": "docs/guides/stacking.md",
     "plugin": "docs/guides/write-a-strategy.md",
+    "host_syncs": "docs/guides/write-a-strategy.md",
 }
 
 

@@ -7,10 +7,13 @@ gradients) or from two sets of log-probs.
 * :class:`LoraKLBound` -- the rank-dependent bound mu(r) of seed ``lora-implicit-kl`` (Theorem 1)
   per LoRA layer. Enabled by ``wrap(..., lora_bound=True)``.
 * :func:`policy_kl` -- the KL between the policy before and after an update.
+* :func:`count_host_syncs` -- what in a block of code would make the host wait for a GPU
+  (counted on any device, the CPU included).
 """
 
 from gradproj.diagnostics.gradients import GradientDiagnostics, group_cosines
+from gradproj.diagnostics.host_sync import HostSyncs, count_host_syncs
 from gradproj.diagnostics.kl import policy_kl
 from gradproj.diagnostics.lora import LoraKLBound, lora_layers
 
-__all__ = ["GradientDiagnostics", "group_cosines", "LoraKLBound", "lora_layers", "policy_kl"]
+__all__ = ["GradientDiagnostics", "group_cosines", "LoraKLBound", "lora_layers", "policy_kl", "count_host_syncs", "HostSyncs"]

@@ -139,8 +139,13 @@ class FactoredProjection:
     """Projects microbatch gradients ``g`` in place, in two phases (see the module doc).
 
     Args:
-        rank, energy, projector, solver, oversample, niter: intra_proma's options.
-        cache: subspaces shared with earlier parameters of the microbatch (or ``None``).
+        rank (int): subspace dimension per side (the cap with ``energy``).
+        energy (float | None): the energy rule's fraction, or ``None``.
+        projector (str): ``"complement"`` or ``"kron"``.
+        solver (str): ``"auto"``, ``"exact"`` or ``"randomized"``.
+        oversample (int): extra sketch columns of the randomized route.
+        niter (int): power iterations of the randomized route.
+        cache (SubspaceCache | None): subspaces shared with earlier parameters of the microbatch.
     """
 
     def __init__(self, *, rank: int, energy: float | None, projector: str, solver: str, oversample: int,
