@@ -63,17 +63,28 @@ def expert_matmul(rows: torch.Tensor, mat_b: torch.Tensor, counts: list[int], of
     return out
 
 
-def _route(top_k_index: torch.Tensor, num_experts: int):
-    """``(pairs, tokens, experts, counts)``: the valid token-expert pairs sorted by expert (stable),
-    their token rows and experts, and the number of pairs per expert (a host list: the per-expert
-    sequence gradients need it; one synchronisation per call)."""
+def _route(top_k_index: torch.Tensor, num_experts: int, token_shape=None):
+    """``(pairs, tokens, experts, counts, widths)``: the valid token-expert pairs sorted by expert
+    (stable), their token rows and experts, and the number of pairs per expert -- a host list: the
+    per-expert matmuls and sequence gradients are shaped by it; the one synchronisation of the call.
+
+    With ``token_shape = (B, T)`` (the rows are a flattened (B, T) batch), the same read also brings
+    each expert's largest number of rows from one of the B sequences (``widths``, else ``None``):
+    the padded width of its per-sequence gradients, which the backward then needs not read."""
     flat = top_k_index.reshape(-1)
     pairs = torch.nonzero((flat >= 0) & (flat < num_experts)).squeeze(1)
     experts = flat.index_select(0, pairs)
     order = torch.sort(experts, stable=True).indices
     pairs, experts = pairs.index_select(0, order), experts.index_select(0, order)
-    counts = torch.bincount(experts, minlength=num_experts).tolist()
-    return pairs, pairs // top_k_index.shape[-1], experts, counts
+    tokens = pairs // top_k_index.shape[-1]
+    counts_t = torch.bincount(experts, minlength=num_experts)
+    if token_shape is None or token_shape[0] * token_shape[1] != top_k_index.shape[0]:
+        return pairs, tokens, experts, counts_t.tolist(), None
+    batch = token_shape[0]
+    per_sequence = torch.bincount(experts * batch + torch.div(tokens, token_shape[1], rounding_mode="floor"),
+                                  minlength=num_experts * batch).view(num_experts, batch).amax(dim=1)
+    read = torch.cat([counts_t, per_sequence]).tolist()
+    return pairs, tokens, experts, read[:num_experts], read[num_experts:]
 
 
 def _slices(counts):
@@ -89,9 +100,11 @@ def _in_out(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     return weight if transposed else weight.transpose(-2, -1)
 
 
-def experts_forward(form: ExpertsForm, x, top_k_index, top_k_weights, gate_up, down, gate_up_bias=None, down_bias=None):
-    """The module's output, plus ``(pairs, tokens, experts, counts, gate_up outputs, down outputs, weights)``."""
-    pairs, tokens, experts, counts = _route(top_k_index, gate_up.shape[0])
+def experts_forward(form: ExpertsForm, x, top_k_index, top_k_weights, gate_up, down, gate_up_bias=None, down_bias=None,
+                    token_shape=None):
+    """The module's output, plus ``(pairs, tokens, experts, counts, gate_up outputs, down outputs, weights,
+    widths)`` (``widths``: see :func:`_route`)."""
+    pairs, tokens, experts, counts, widths = _route(top_k_index, gate_up.shape[0], token_shape)
     offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
     xs = x.index_select(0, tokens)
     weights = top_k_weights.reshape(-1).index_select(0, pairs)
@@ -103,7 +116,7 @@ def experts_forward(form: ExpertsForm, x, top_k_index, top_k_weights, gate_up, d
         o_all = o_all + down_bias.index_select(0, experts)
     out = torch.zeros_like(x)
     out.index_add_(0, tokens, (o_all * weights.unsqueeze(-1).to(o_all.dtype)).to(out.dtype))
-    return out, (pairs, tokens, experts, counts, h_all, o_all, weights)
+    return out, (pairs, tokens, experts, counts, h_all, o_all, weights, widths)
 
 
 class ExpertsOp(CapturedOp):
@@ -127,13 +140,16 @@ class ExpertsOp(CapturedOp):
             gub = None if gate_up_bias is None else gate_up_bias.to(dtype)
             db = None if down_bias is None else down_bias.to(dtype)
             with torch.autocast(device_type, enabled=False):
-                out, route = experts_forward(self.form, x.to(dtype), top_k_index, top_k_weights, gate_up_c, down_c, gub, db)
+                out, route = experts_forward(self.form, x.to(dtype), top_k_index, top_k_weights, gate_up_c, down_c, gub, db,
+                                             token_shape)
             out = out.to(x.dtype)
         else:
             gate_up_c, down_c = gate_up, down
-            out, route = experts_forward(self.form, x, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias)
-        pairs, tokens, _, counts, h_all, o_all, weights = route
-        meta: dict[str, Any] = {"counts": counts, "token_shape": token_shape, "rows": x.shape[0], "k_top": top_k_weights.shape}
+            out, route = experts_forward(self.form, x, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias,
+                                         token_shape)
+        pairs, tokens, _, counts, h_all, o_all, weights, widths = route
+        meta: dict[str, Any] = {"counts": counts, "widths": widths, "token_shape": token_shape, "rows": x.shape[0],
+                                "k_top": top_k_weights.shape}
         return out, (x, pairs, tokens, h_all, o_all, weights, gate_up_c, down_c), meta
 
     def _backward(self, meta, saved, grad_out):
@@ -196,4 +212,4 @@ class ExpertsOp(CapturedOp):
     def use(self, meta, saved, grad_out):
         xs, d_h, a_all, d_out, _, _ = self._backward(meta, saved, grad_out)
         meta.pop("backward", None)
-        return (saved[2], meta["counts"], meta["rows"], meta["token_shape"], xs, d_h, a_all, d_out)
+        return (saved[2], meta["counts"], meta["rows"], meta["token_shape"], xs, d_h, a_all, d_out, meta["widths"])

@@ -27,6 +27,7 @@ from gradproj.capture.captured_call import CapturedCall, captures
 from gradproj.capture.expert_op import ExpertsForm, ExpertsOp, experts_forward
 from gradproj.capture.forwards import install_forward, runs_class_forward
 from gradproj.capture.handlers import LayerHandler, compute_dtype
+from gradproj.capture.layout import PaddedLayout
 from gradproj.capture.probe import ProbedForms, class_forward_on
 from gradproj.capture.token_rows import flattened_token_shape
 from gradproj.linalg.expert_grads import ExpertStackGrads, rows_by_sequence
@@ -177,7 +178,13 @@ def expert_factors(layer, uses, layout, num_experts: int, dtype: torch.dtype) ->
     outputs, down output grads)``, each (k, C, .) in ``dtype`` -- or ``None`` if no token reached it.
     ``uses`` are :class:`gradproj.capture.expert_op.ExpertsOp` uses."""
     pieces: list[list] = [[] for _ in range(num_experts)]
-    for tokens, counts, rows, token_shape, xs, d_h, a_all, d_out in uses:
+    known: list | None = [0] * num_experts  # widths the forwards read with their routing (padded layouts)
+    for tokens, counts, rows, token_shape, xs, d_h, a_all, d_out, forward_widths in uses:
+        padded = isinstance(layout, PaddedLayout) and token_shape is not None and token_shape[0] == layout.k
+        if known is not None and padded and forward_widths is not None:
+            known = [a + b for a, b in zip(known, forward_widths)]  # (several uses: an upper bound, still exact)
+        else:
+            known = None
         sequence = layout.sequence_of_rows(tokens, rows, token_shape, layer)
         start = 0
         for e, n in enumerate(counts):
@@ -186,10 +193,13 @@ def expert_factors(layer, uses, layout, num_experts: int, dtype: torch.dtype) ->
                 pieces[e].append((sequence[part], xs[part], d_h[part], a_all[part], d_out[part]))
             start += n
     columns: list[Any] = [None if not parts else tuple(torch.cat(c) if len(parts) > 1 else c[0] for c in zip(*parts)) for parts in pieces]
-    # the padded width of every expert at once: one host synchronisation per layer, not per expert
+    # the padded width of every expert: read with the routing in the forward (padded layouts), else
+    # here for every expert at once -- one host synchronisation per layer, not per expert
     present = [e for e, c in enumerate(columns) if c is not None]
     widths: dict[int, int] = {}
-    if present:
+    if known is not None:
+        widths = {e: known[e] for e in present}
+    elif present:
         largest = torch.stack([torch.bincount(columns[e][0], minlength=layout.k).max() for e in present])
         widths = dict(zip(present, largest.tolist()))
     out: list = []

@@ -96,19 +96,26 @@ class SubspaceCache:
         return _key(x)
 
     def keep_of(self, x: torch.Tensor) -> torch.Tensor:
-        """The non-zero rows (N, 1) of ``x``, the same tensor for the same ``x`` in a row."""
+        """The non-zero rows (N, 1) of ``x`` -- the very mask the last output-side subspace of ``x``
+        derived, when there is one (no pass over ``x``, and shared by identity)."""
         key = _key(x)
-        last = self._last_keep
-        if last is not None and last[0] == key:
-            return last[2]
+        last = self._last_output
+        if last is not None and last[0] == key and last[4]:
+            return last[1]
+        known = self._last_keep
+        if known is not None and known[0] == key:
+            return known[2]
         keep = (x != 0).any(dim=1, keepdim=True)
         self._last_keep = (key, x, keep)
         return keep
 
-    def get(self, x: torch.Tensor, keep: torch.Tensor):
-        """The cached subspace of ``x`` with the same kept positions, or ``None``."""
+    def get(self, x: torch.Tensor, keep: torch.Tensor | None):
+        """The cached subspace of ``x`` with the same kept positions (``None``: the ones derived from
+        ``x`` itself), or ``None``."""
         key = _key(x)
         last = self._last_output
+        if keep is None:
+            return last[2] if last is not None and last[0] == key and last[4] else None
         if last is not None and last[0] == key and _same_keep(last[1], keep):
             return last[2]
         for index, entry in enumerate(self._entries):
@@ -117,10 +124,11 @@ class SubspaceCache:
                 return entry[2]
         return None
 
-    def put(self, x: torch.Tensor, keep: torch.Tensor, basis, output: bool = False) -> None:
+    def put(self, x: torch.Tensor, keep: torch.Tensor, basis, output: bool = False, derived: bool = False) -> None:
         """Remember the subspace of ``x`` for these kept positions: as the last output-side entry
-        (replacing the previous one), or among the input-side ones (forgetting the oldest)."""
-        entry = (_key(x), keep, basis, x)
+        (replacing the previous one; ``derived``: its mask came from ``x`` itself), or among the
+        input-side ones (forgetting the oldest)."""
+        entry = (_key(x), keep, basis, x, derived)
         if output:
             self._last_output = entry
             return
@@ -166,9 +174,9 @@ class FactoredProjection:
 
     # -- phase 1 ------------------------------------------------------------------------------
     def _sketch(self, x: torch.Tensor, keep: torch.Tensor | None, output: bool = False) -> PendingSubspace:
+        """The (pending) subspace of ``x`` at ``keep`` (``None``: its non-zero rows), from the cache
+        or sketched now."""
         cache = self.cache
-        if keep is None:
-            keep = cache.keep_of(x) if cache is not None else (x != 0).any(dim=1, keepdim=True)
         found = cache.get(x, keep) if cache is not None else None
         if found is not None:
             return found
@@ -177,7 +185,7 @@ class FactoredProjection:
             self._pending.append(pending)
             self._bytes += pending.nbytes()
         if cache is not None:
-            cache.put(x, keep, pending, output=output)
+            cache.put(x, pending.keep, pending, output=output, derived=keep is None)
         return pending
 
     def add(self, g: torch.Tensor, factors) -> None:

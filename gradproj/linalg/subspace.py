@@ -140,22 +140,26 @@ def sketch_subspace(
     """Phase 1: reduce ``x`` (N, d) to what :func:`resolve_subspaces` needs (see the module doc).
 
     ``keep`` (N, 1) bool: the rows that count (others are treated as zero); ``None``: the non-zero
-    rows. Reads no value on the host."""
+    rows (on the randomized route, the rows whose sketch is non-zero -- the same, almost surely).
+    Reads no value on the host."""
     n, d = x.shape
-    if keep is None:
-        keep = _derived_keep(x)
     if n == 0 or d == 0 or rank <= 0:
+        keep = _derived_keep(x) if keep is None else keep
         pending = PendingSubspace("empty", keep, x.dtype, 0)
         pending.basis = x.new_zeros(d, 0)
         pending.rank = torch.zeros((), dtype=torch.int64, device=x.device)
         return pending
     if solver == "exact" or (solver == "auto" and min(n, d) <= EXACT_MAX):
+        keep = _derived_keep(x) if keep is None else keep
         x64 = x.double() * keep
         if n <= d:
             return PendingSubspace("rows", keep, x.dtype, min(rank, n), gram=x64 @ x64.T, span=x64)
         return PendingSubspace("cols", keep, x.dtype, min(rank, d), gram=x64.T @ x64)
     q = min(rank + oversample, n, d)
-    y = (x @ _test_matrix(d, q, x.dtype, x.device)) * keep
+    y = x @ _test_matrix(d, q, x.dtype, x.device)
+    if keep is None:  # a row is zero iff its sketch is (almost surely): no pass over x for the mask
+        keep = _derived_keep(y)
+    y = y * keep
     for _ in range(niter):
         y = (x @ ((y.T @ x).T @ _whitener(y))) * keep
     z = y.T @ x  # (q, d): rows of x at dropped positions meet zero rows of y
