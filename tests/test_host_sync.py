@@ -31,7 +31,7 @@ STRATEGIES = {
     "none": ("none", {}),
     "proma": ("proma", {}),
     "proma_reference": ("proma_reference", {}),
-    "proma_damping": ("proma", {"relative_bound": 0.5, "shrinkage": 0.5}),
+    "proma_bounded": ("proma", {"relative_bound": 0.5, "shrinkage": 0.5}),
     "intra_proma": ("intra_proma", {"rank": 3}),
     "intra_proma_randomized": ("intra_proma", {"rank": 3, "solver": "randomized", "projector": "kron", "energy": 0.9}),
     "isopo_ntk+proma": (["isopo", "proma"], {"variant": "ntk"}),
@@ -137,3 +137,52 @@ def test_the_counter_sees_what_would_synchronise():
         torch.linalg.cholesky_ex(x @ x.T + torch.eye(5), check_errors=False)
         torch.where(x > 0, x, 0.0).sum()
     assert len(syncs) == 0, syncs.summary()
+
+
+def _moe(layers: int):
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=48,
+        pad_token_id=0, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    config._experts_implementation = "eager"
+    model = transformers.Qwen3MoeForCausalLM(config).double()
+    model.model.embed_tokens.weight.requires_grad_(False)
+    return model
+
+
+def _moe_counts(strategy: str, layout: str, layers: int) -> tuple[int, int, str]:
+    name, options = STRATEGIES[strategy]
+    model = _moe(layers)
+    opt = gradproj.wrap(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model, name, **options)
+    for ids, attn, mask, adv in make_microbatches(count=2, k=4, seed=3):
+        if layout == "packed":
+            packed, cu, mask = pack(ids, attn, mask)
+            logp = packed_logprobs(model, packed, cu)
+            block = opt.microbatch(logp, mask, cu_seqlens=cu)
+        else:
+            logp = token_logprobs(model, ids, attn)
+            block = opt.microbatch(logp, mask)
+        loss = grpo_loss(logp, mask, adv, 0.5)
+        block.__enter__()
+        with count_host_syncs() as backward:
+            loss.backward()
+        with count_host_syncs() as close:
+            block.__exit__(None, None, None)
+    opt.step()
+    return len(backward), len(close), f"{backward.summary()}\n--- close\n{close.summary()}"
+
+
+@pytest.mark.parametrize("strategy", ["proma", "intra_proma"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_moe_experts_host_syncs(strategy, layout):
+    """Fused experts read their routing (tokens per expert) in the forward; on a padded layout that
+    read also brings each expert's rows per sequence, so the backward reads nothing more. A packed
+    layout's sequences are only known in the backward: one read per MoE layer there (documented)."""
+    small, large = _moe_counts(strategy, layout, 1), _moe_counts(strategy, layout, 3)
+    extra = {"padded": 0, "packed": 1}[layout]
+    assert small[0] == 1 + extra * 1, small[2]
+    assert large[0] == 1 + extra * 3, large[2]
+    assert small[1] == large[1] <= CLOSE_MAX, large[2]

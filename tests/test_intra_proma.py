@@ -518,7 +518,8 @@ def test_subspaces_shared_between_parameters_with_the_same_factor(monkeypatch):
     # weights') = 12 fewer; fewer when a layer drops other positions (e.g. keys/values no later
     # query attends to carry no gradient)
     assert 6 < separate_calls - shared_calls <= 12
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    # equal up to rounding: resolved together, smaller Grams are zero-padded into one batched call
+    assert all(rel_err(x.reshape(-1), y.reshape(-1)) <= 1e-12 for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("solver", ["exact", "randomized"])

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from gradproj.capture.captured_call import CapturedOp
+from gradproj.linalg.expert_grads import index_counts
 
 __all__ = ["ExpertsForm", "ExpertsOp", "experts_forward"]
 
@@ -77,12 +78,12 @@ def _route(top_k_index: torch.Tensor, num_experts: int, token_shape=None):
     order = torch.sort(experts, stable=True).indices
     pairs, experts = pairs.index_select(0, order), experts.index_select(0, order)
     tokens = pairs // top_k_index.shape[-1]
-    counts_t = torch.bincount(experts, minlength=num_experts)
+    counts_t = index_counts(experts, num_experts)
     if token_shape is None or token_shape[0] * token_shape[1] != top_k_index.shape[0]:
         return pairs, tokens, experts, counts_t.tolist(), None
     batch = token_shape[0]
-    per_sequence = torch.bincount(experts * batch + torch.div(tokens, token_shape[1], rounding_mode="floor"),
-                                  minlength=num_experts * batch).view(num_experts, batch).amax(dim=1)
+    slot = experts * batch + torch.div(tokens, token_shape[1], rounding_mode="floor")
+    per_sequence = index_counts(slot, num_experts * batch).view(num_experts, batch).amax(dim=1)
     read = torch.cat([counts_t, per_sequence]).tolist()
     return pairs, tokens, experts, read[:num_experts], read[num_experts:]
 

@@ -30,7 +30,7 @@ from gradproj.capture.handlers import LayerHandler, compute_dtype
 from gradproj.capture.layout import PaddedLayout
 from gradproj.capture.probe import ProbedForms, class_forward_on
 from gradproj.capture.token_rows import flattened_token_shape
-from gradproj.linalg.expert_grads import ExpertStackGrads, rows_by_sequence
+from gradproj.linalg.expert_grads import ExpertStackGrads, index_counts, rows_by_sequence
 from gradproj.linalg.linear_grads import BlockedLinearGrads, GhostLinearGrads, choose_linear_form
 from gradproj.linalg.sequence_grads import TokenSumGrads
 from gradproj.plugins.hookspecs import hookimpl
@@ -200,7 +200,7 @@ def expert_factors(layer, uses, layout, num_experts: int, dtype: torch.dtype) ->
     if known is not None:
         widths = {e: known[e] for e in present}
     elif present:
-        largest = torch.stack([torch.bincount(columns[e][0], minlength=layout.k).max() for e in present])
+        largest = torch.stack([index_counts(columns[e][0], layout.k).max() for e in present])
         widths = dict(zip(present, largest.tolist()))
     out: list = []
     for e, column in enumerate(columns):

@@ -36,6 +36,8 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -70,7 +72,7 @@ def _data_dependent(func, args, kwargs) -> bool:
 
 def _where() -> str:
     """The first frame inside gradproj (else the first outside torch and this module)."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     fallback = None
     while frame is not None:
         filename = frame.f_code.co_filename
@@ -121,7 +123,7 @@ class _SyncMode(TorchDispatchMode):
 _PATCHED = ("cpu", "numpy", "tolist", "__array__")
 _lock = threading.Lock()
 _active: list[HostSyncs] = []
-_originals: dict[str, object] = {}
+_originals: dict[str, Any] = {}
 
 
 def _patched(name: str):
@@ -130,7 +132,7 @@ def _patched(name: str):
     def method(self, *args, **kwargs):
         for syncs in _active:
             syncs.record(f"Tensor.{name}")
-        return original(self, *args, **kwargs)  # type: ignore[operator]
+        return original(self, *args, **kwargs)
 
     method.__name__ = name
     return method

@@ -24,7 +24,7 @@ import torch
 
 from gradproj.linalg.sequence_grads import augmented_gram
 
-__all__ = ["ExpertStackGrads", "ExpertTokenFactors", "rows_by_sequence"]
+__all__ = ["ExpertStackGrads", "ExpertTokenFactors", "rows_by_sequence", "index_counts"]
 
 
 @dataclass
@@ -140,13 +140,19 @@ class ExpertStackGrads:
         return ExpertTokenFactors([(e, block.token_factors()) for e, block in self._present()], self._by_expert)
 
 
+def index_counts(index: torch.Tensor, size: int) -> torch.Tensor:
+    """``torch.bincount(index, minlength=size)`` for ``index < size``, without the host read of the
+    largest index that ``bincount`` makes on a GPU."""
+    return torch.zeros(size, dtype=torch.int64, device=index.device).index_add_(0, index, torch.ones_like(index))
+
+
 def rows_by_sequence(sequence: torch.Tensor, k: int, *tensors: torch.Tensor, width: int | None = None) -> list[torch.Tensor]:
     """Each of ``tensors`` (n, ...) -- rows belonging to sequences ``sequence`` (n,), non-decreasing
     or not -- as a zero-padded (k, C, ...) tensor, C the largest number of rows of one sequence
     (``width``, if the caller knows it: no host synchronisation here); rows of a sequence keep their
     order."""
     n = sequence.numel()
-    counts = torch.bincount(sequence, minlength=k)
+    counts = index_counts(sequence, k)
     if width is None:
         width = int(counts.max()) if n else 0
     order = torch.sort(sequence, stable=True).indices

@@ -213,17 +213,17 @@ class FactoredProjection:
             selected, valid = top_ids(factors.ids, keep, self.options["rank"], self.options["energy"], g.shape[0])
             return ("embedding", g, selected, valid, self._sketch(factors.cols, keep))
         if isinstance(factors, list):
-            rows, cols, keep = dense_token_factors(factors)
-            pending_r = sketch_subspace(rows, keep=keep, **self.options)
-            pending_c = sketch_subspace(cols, keep=keep, **self.options)
-            for pending in (pending_r, pending_c):
+            dense_rows, dense_cols, dense_keep = dense_token_factors(factors)
+            tied = [sketch_subspace(x, keep=dense_keep, **self.options) for x in (dense_rows, dense_cols)]
+            for pending in tied:
                 if not pending.resolved:
                     self._pending.append(pending)
                     self._bytes += pending.nbytes()
-            return ("matrix", g.view(rows.shape[1], cols.shape[1]), pending_r, pending_c)
+            return ("matrix", g.view(dense_rows.shape[1], dense_cols.shape[1]), *tied)
         k, t = factors.rows.shape[:2]
         rows = factors.rows.reshape(k * t, -1)
         cols = None if factors.cols is None else factors.cols.reshape(k * t, -1)
+        pending_c: PendingSubspace | None
         if factors.out_grads is factors.rows:
             pending_r = self._sketch(rows, None, output=True)
             pending_c = None if cols is None else self._sketch(cols, pending_r.keep)
@@ -236,7 +236,7 @@ class FactoredProjection:
             keep = self.cache.keep_of(out) if self.cache is not None else (out != 0).any(dim=1, keepdim=True)
             pending_r = self._sketch(rows, keep)
             pending_c = None if cols is None else self._sketch(cols, keep)
-        if pending_c is None:
+        if pending_c is None or cols is None:
             return ("vector", g.view(-1), pending_r)
         return ("matrix", g.view(rows.shape[1], cols.shape[1]), pending_r, pending_c)
 
@@ -258,7 +258,8 @@ class FactoredProjection:
             removed: torch.Tensor | float = 0.0
             ranks: list = []
             for part in parts:
-                _, part_removed, part_ranks = _PROJECT[part[0]](*part[1:], self.projector)
+                project: Any = _PROJECT[part[0]]
+                _, part_removed, part_ranks = project(*part[1:], self.projector)
                 removed = removed + part_removed
                 ranks.extend(part_ranks)
             for view, copy in copies:
@@ -268,15 +269,20 @@ class FactoredProjection:
         return out
 
 
+def _basis(pending: PendingSubspace) -> torch.Tensor:
+    assert pending.basis is not None, "subspace not resolved"
+    return pending.basis
+
+
 def _project_vector(flat: torch.Tensor, pending: PendingSubspace, projector: str):
-    basis = pending.basis
+    basis = _basis(pending)
     inner = basis.T @ flat
     flat.sub_(basis @ inner)
     return flat, inner.double().square().sum(), (pending.rank,)
 
 
 def _project_embedding(g: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor, pending_c: PendingSubspace, projector: str):
-    basis_c = pending_c.basis
+    basis_c = _basis(pending_c)
     ranks = (valid.sum(), pending_c.rank)
     if projector == "complement":  # U_R = one-hot columns of the selected ids
         core = (g.index_select(0, selected) @ basis_c) * valid[:, None]
@@ -290,7 +296,7 @@ def _project_embedding(g: torch.Tensor, selected: torch.Tensor, valid: torch.Ten
 
 
 def _project_pair(g2: torch.Tensor, pending_r: PendingSubspace, pending_c: PendingSubspace, projector: str):
-    g, removed, _ = _project_matrix(g2, g2.shape[0], g2.shape[1], pending_r.basis, pending_c.basis, projector)
+    g, removed, _ = _project_matrix(g2, g2.shape[0], g2.shape[1], _basis(pending_r), _basis(pending_c), projector)
     return g, removed, (pending_r.rank, pending_c.rank)
 
 

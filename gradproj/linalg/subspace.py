@@ -105,9 +105,11 @@ class PendingSubspace:
         return sum(t.numel() * t.element_size() for t in (self.gram, self.span) if t is not None)
 
     def group(self) -> tuple:
-        """Pending subspaces with equal groups are resolved with one batched eigendecomposition."""
-        span_shape = None if self.span is None or self.route == "sketch" else tuple(self.span.shape)
-        return (self.route, tuple(self.gram.shape), span_shape, self.width, self.gram.device)
+        """Pending subspaces with equal groups are resolved with one batched eigendecomposition (two
+        for the randomized route): one group per route and device. The smaller Grams (and spans) of
+        a group are padded with zeros to the largest -- zero eigenvalues, never kept -- so factors of
+        any size, e.g. the experts of an MoE layer with their different token counts, share a call."""
+        return (self.route, self.gram.device)
 
 
 def _derived_keep(x: torch.Tensor) -> torch.Tensor:
@@ -207,6 +209,16 @@ def resolve_subspaces(pending: list[PendingSubspace], energy: float | None = Non
             _resolve_exact(items, energy)
 
 
+def _padded(tensors: list[torch.Tensor], rows: int, cols: int) -> torch.Tensor:
+    """The tensors stacked, each zero-padded to (rows, cols)."""
+    if all(t.shape == (rows, cols) for t in tensors):
+        return torch.stack(tensors)
+    out = tensors[0].new_zeros(len(tensors), rows, cols)
+    for index, t in enumerate(tensors):
+        out[index, : t.shape[0], : t.shape[1]] = t
+    return out
+
+
 def _finite_grams(grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(finite flags (S,), grams with the non-finite ones replaced by the identity)."""
     finite = torch.isfinite(grams).all(dim=2).all(dim=1)
@@ -220,35 +232,40 @@ def _finish(item: PendingSubspace, basis: torch.Tensor, kept: torch.Tensor, fini
 
 
 def _resolve_exact(items: list[PendingSubspace], energy: float | None) -> None:
-    finite, grams = _finite_grams(torch.stack([item.gram for item in items]))
+    m = max(item.gram.shape[0] for item in items)
+    finite, grams = _finite_grams(_padded([item.gram for item in items], m, m))
     values, vectors = _descending_eigh(grams)
-    width = items[0].width
+    width = max(item.width for item in items)
     kept = _kept_columns(values, values.sum(dim=1), width, energy)
     top = vectors[:, :, :width]
-    if items[0].route == "rows":  # U = x^T V / sigma over the kept pairs
+    if items[0].route == "rows":  # U = x^T V / sigma over the kept pairs (padded rows of x are zero)
         scale = torch.where(kept, values[:, :width], 1.0).rsqrt() * kept
-        bases = torch.stack([item.span for item in items]).transpose(1, 2) @ (top * scale[:, None, :])
-    else:
+        d = max(item.span.shape[1] for item in items)
+        spans = _padded([item.span for item in items], m, d)
+        bases = spans.transpose(1, 2) @ (top * scale[:, None, :])
+    else:  # the eigenvectors of x^T x themselves (padded coordinates: zero)
         bases = top * kept[:, None, :]
     for index, item in enumerate(items):
-        _finish(item, bases[index], kept[index], finite[index])
+        size = item.span.shape[1] if item.route == "rows" else item.gram.shape[0]
+        _finish(item, bases[index, :size], kept[index], finite[index])
         item.gram = item.span = None
 
 
 def _resolve_sketches(items: list[PendingSubspace], energy: float | None) -> None:
-    finite, grams = _finite_grams(torch.stack([item.gram for item in items]))
+    q = max(item.gram.shape[0] for item in items)
+    finite, grams = _finite_grams(_padded([item.gram for item in items], q, q))
     # T = V diag(mu^-1/2) over the non-null directions of y^T y: y T is orthonormal
     mu, v = _descending_eigh(grams)
     live = (mu > NULL_RTOL * mu[:, :1]) & (mu[:, :1] > 0.0)
     whiten = v * (torch.where(live, mu, 1.0).rsqrt() * live)[:, None, :]
     spans = [item.span.double() for item in items]
-    zz = torch.stack([z @ z.T for z in spans])
+    zz = _padded([z @ z.T for z in spans], q, q)
     finite = finite & torch.isfinite(zz).all(dim=2).all(dim=1)
     zz = torch.where(finite[:, None, None], zz, 0.0)
     whiten = torch.where(finite[:, None, None], whiten, 0.0)
     small = whiten.transpose(1, 2) @ zz @ whiten  # B B^T for B = Q^T x, Q = y T orthonormal
     values, vectors = _descending_eigh(small)
-    width = items[0].width
+    width = max(item.width for item in items)
     if energy is not None:
         total = torch.stack([item.total for item in items])
     else:
@@ -257,7 +274,7 @@ def _resolve_sketches(items: list[PendingSubspace], energy: float | None) -> Non
     scale = torch.where(kept, values[:, :width], 1.0).rsqrt() * kept
     mix = whiten @ (vectors[:, :, :width] * scale[:, None, :])  # (S, q, width): mix^T zz mix = I on kept columns
     for index, (item, z) in enumerate(zip(items, spans)):
-        _finish(item, z.T @ mix[index], kept[index], finite[index])
+        _finish(item, z.T @ mix[index, : z.shape[0]], kept[index], finite[index])
         item.gram = item.span = item.total = None
 
 
