@@ -18,6 +18,8 @@ from torch import nn
 import gradproj
 from gradproj.integrations.torch.grpo import policy_loss
 from helpers import (
+    linear_only,
+    tiny_hf,
     TinyLM,
     float64_exact_norms,
     grpo_coefficients,
@@ -1452,3 +1454,61 @@ def test_two_handlers_claiming_one_type_are_refused_and_a_subclass_handler_takes
             pm.unregister(name=name)
             refresh_registry()
     assert gradproj.get_registry().handler_for(nn.Linear(2, 2)) is not None
+
+
+def test_a_covered_forward_replaced_after_wrap_is_refused_before_the_backward():
+    """Something rebinding a covered module's forward after wrap() -- transformers' hub kernels on
+    model.train()/eval() do -- makes the log-probs uncaptured: the next microbatch is refused when it
+    opens, .grad untouched, with the fix; once the forward is gradproj's again it runs."""
+    import types
+
+    model = linear_only(tiny_hf("llama", seed=2))
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+    ids, attn, mask, adv = make_microbatches(count=1, k=3, seed=1)[0]
+    module = model.model.layers[0].mlp.up_proj
+    installed = module.__dict__["forward"]
+    module.forward = types.MethodType(type(module).forward, module)  # what kernelize does
+    logp = token_logprobs(model, ids, attn)
+    with pytest.raises(gradproj.CoverageError, match=r"model\.layers\.0\.mlp\.up_proj.*use_kernels"):
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 1.0).backward()
+    assert all(p.grad is None for _, p in trainable(model))
+    module.__dict__["forward"] = installed
+    logp = token_logprobs(model, ids, attn)
+    with opt.microbatch(logp, mask):
+        grpo_loss(logp, mask, adv, 1.0).backward()
+    assert all(p.grad is not None for _, p in trainable(model))
+
+
+def test_hub_kernels_are_turned_off_on_a_wrapped_model(monkeypatch):
+    """transformers >= 5.25 enables hub kernels in from_pretrained when `kernels` is installed, and
+    train()/eval() then re-kernelize (rebinding forwards): wrap() turns them off -- and on again if
+    it fails -- so a model switched between train and eval keeps its capture."""
+    model = linear_only(tiny_hf("llama", seed=2))
+    calls = []
+
+    class Kernelized(type(model)):
+        @property
+        def use_kernels(self):
+            return self.__dict__.get("_kernels_on", True)
+
+        @use_kernels.setter
+        def use_kernels(self, value):
+            calls.append(value)
+            self.__dict__["_kernels_on"] = value
+
+    model.__class__ = Kernelized
+    model.model.norm.weight.requires_grad_(True)  # (its forward is patched: not covered, wrap() fails)
+    with pytest.raises(gradproj.CoverageError):
+        gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+    assert model.use_kernels is True and calls == [False, True]
+    model.model.norm.weight.requires_grad_(False)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+    assert model.use_kernels is False and calls[-1] is False
+    model.eval()
+    model.train()
+    ids, attn, mask, adv = make_microbatches(count=1, k=3, seed=1)[0]
+    for _ in range(2):
+        logp = token_logprobs(model, ids, attn)
+        with opt.microbatch(logp, mask):
+            grpo_loss(logp, mask, adv, 1.0).backward()

@@ -11,14 +11,18 @@ which the engine's per-sequence decomposition would no longer be the gradient of
   parameter registrations, so that a model changed after ``wrap()`` is rescanned for uncovered
   trainable parameters at the next microbatch (and only then);
 * :func:`refuse_edited_grads` -- ``.grad`` changed inside a block (the block's update is added to
-  the ``.grad`` it found, when it closes).
+  the ``.grad`` it found, when it closes);
+* :func:`refuse_replaced_forwards` -- a covered module whose forward was replaced after ``wrap()``
+  (its log-probs were computed without capture), at each microbatch;
+* :func:`turn_off_hub_kernels` -- transformers' hub kernels, which rebind the forwards of decorated
+  modules whenever ``model.train()``/``model.eval()`` switches the kernels' mode, at ``wrap()``.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from gradproj.errors import InputError, ProtocolError
+from gradproj.errors import CoverageError, InputError, ProtocolError
 
 __all__ = [
     "list_names",
@@ -28,6 +32,9 @@ __all__ = [
     "watch_registrations",
     "registrations",
     "refuse_edited_grads",
+    "refuse_replaced_forwards",
+    "turn_off_hub_kernels",
+    "restore_hub_kernels",
 ]
 
 
@@ -114,4 +121,40 @@ def refuse_edited_grads(seen: list[tuple], names: dict[int, str], where: str) ->
             "(clip_grad_norm_, GradScaler.unscale_, zero_grad, or an edit after backward()); the block's update is "
             "added to .grad when the block closes, so do these after it -- clip and unscale once, after the "
             "step's last block. The microbatch was discarded."
+        )
+
+
+def turn_off_hub_kernels(model: nn.Module) -> list[nn.Module]:
+    """Turn transformers' hub kernels off on every model inside ``model``; the models turned off.
+
+    Since transformers 5.25, ``from_pretrained`` enables hub kernels whenever the ``kernels`` package
+    is installed, and every ``model.train()``/``model.eval()`` that switches the kernels' mode
+    kernelizes the model again: the forwards of the decorated modules (RMSNorm, MLPs, ...) are
+    rebound, replacing gradproj's capture -- TRL switches modes around every generation. gradproj
+    needs the modules' own forwards, so hub kernels stay off on a wrapped model (``use_kernels =
+    False`` restores the torch forwards; :func:`restore_hub_kernels` turns them on again)."""
+    off = []
+    for module in model.modules():
+        if isinstance(getattr(type(module), "use_kernels", None), property) and getattr(module, "use_kernels", False):
+            setattr(module, "use_kernels", False)  # (a transformers property: resets the kernels)
+            off.append(module)
+    return off
+
+
+def restore_hub_kernels(modules: list[nn.Module]) -> None:
+    """Turn hub kernels on again on ``modules`` (a failed ``wrap()`` leaves the model as it was)."""
+    for module in modules:
+        setattr(module, "use_kernels", True)
+
+
+def refuse_replaced_forwards(layers, where: str) -> None:
+    """Refuse covered modules whose forward is no longer the one gradproj installed."""
+    replaced = [layer.name for layer in layers if layer.installed is not None and layer.module.__dict__.get("forward") is not layer.installed]
+    if replaced:
+        raise CoverageError(
+            f"{where}: the forward of covered module(s) {list_names(replaced)} was replaced after wrap(), so the "
+            "log-probs were computed without gradproj's capture and the per-sequence gradients would be wrong. "
+            "Usual cause: transformers' hub kernels rebinding forwards when model.train()/model.eval() switches "
+            "their mode (turn them off: model.use_kernels = False, or from_pretrained(..., use_kernels=False)), or "
+            "another library patching module forwards; wrap() after such changes (detach() first)"
         )

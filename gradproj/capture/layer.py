@@ -30,7 +30,7 @@ class LayerCapture:
         pending: captured forwards whose backward has not arrived yet (any microbatch).
     """
 
-    __slots__ = ("engine", "module", "name", "handler", "params", "kinds", "pending", "uninstall")
+    __slots__ = ("engine", "module", "name", "handler", "params", "kinds", "pending", "uninstall", "installed")
 
     def __init__(self, engine, module, name, handler, params) -> None:
         self.engine = engine
@@ -42,6 +42,8 @@ class LayerCapture:
         #: captured forwards of the module whose backward has not arrived yet (any microbatch)
         self.pending = 0
         self.uninstall = None
+        #: the forward the handler installed on the module (``None``: the handler installs none)
+        self.installed = None
 
     def count_forward(self) -> None:
         """Record a forward of the module whose backward will reach the handler.

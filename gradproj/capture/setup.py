@@ -129,17 +129,23 @@ class EngineSetup:
                 "before wrapping the model again"
             )
         settings, strategies = self.settings, self.strategies
-        lora_bound = LoraKLBound(self.model) if settings.lora_bound else None
-        plan = build_plan(
-            self, self.model, self.registry, settings.exclude, self.needs_capture, strategies.needs_tokens,
-            "+".join(strategies.names),
-        )
-        if plan.layers:
-            guards.refuse_sequence_first(self.model)
+        kernels_off = guards.turn_off_hub_kernels(self.model) if self.needs_capture else []
+        try:
+            lora_bound = LoraKLBound(self.model) if settings.lora_bound else None
+            plan = build_plan(
+                self, self.model, self.registry, settings.exclude, self.needs_capture, strategies.needs_tokens,
+                "+".join(strategies.names),
+            )
+            if plan.layers:
+                guards.refuse_sequence_first(self.model)
+        except BaseException:
+            guards.restore_hub_kernels(kernels_off)  # nothing changed
+            raise
         for param in plan.frozen:
             param.requires_grad_(False)
         for layer in plan.layers:
             layer.uninstall = layer.handler.install(layer.module, layer)
+            layer.installed = layer.module.__dict__.get("forward")
             for _attr, param, qname in layer.params:
                 guard = unserializable_hook(partial(self._guard, qname))  # torch.save(model): no warning
                 self._guards.append(param.register_hook(guard))
@@ -216,6 +222,7 @@ class EngineSetup:
     def _check_coverage(self, where: str) -> None:
         covered = self.plan.covered
         guards.refuse_training_batch_norms(self._batch_norms, where)
+        guards.refuse_replaced_forwards(self.plan.layers, where)
         if guards.registrations() != self._registrations_seen:  # modules or parameters added since: rescan
             self._registrations_seen = guards.registrations()
             known = {id(p) for p in self._params}
