@@ -1,4 +1,4 @@
-"""The ``gradproj`` command line (``gradproj demo``)."""
+"""The ``gradproj`` command line (``gradproj demo``, ``gradproj trl grpo --config recipe.yaml``)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ def _demo(args) -> int:
     return 0
 
 
+def _trl(args) -> int:
+    from gradproj.integrations.trl.cli import main as trl_main
+
+    return trl_main(args.trl_args)
+
+
 def main(argv=None) -> int:
     """Entry point of the ``gradproj`` console script."""
     parser = argparse.ArgumentParser(prog="gradproj", description="gradproj: reference-free policy-gradient strategies")
@@ -52,6 +58,9 @@ def main(argv=None) -> int:
     d.add_argument("--eval-every", type=int, default=DEFAULTS.eval_every)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=_demo)
+    t = sub.add_parser("trl", add_help=False, help="TRL recipes with a gradproj: section (gradproj trl grpo --config X)")
+    t.add_argument("trl_args", nargs=argparse.REMAINDER)
+    t.set_defaults(func=_trl)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

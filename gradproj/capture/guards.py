@@ -135,8 +135,9 @@ def turn_off_hub_kernels(model: nn.Module) -> list[nn.Module]:
     False`` restores the torch forwards; :func:`restore_hub_kernels` turns them on again)."""
     off = []
     for module in model.modules():
-        if isinstance(getattr(type(module), "use_kernels", None), property) and getattr(module, "use_kernels", False):
-            setattr(module, "use_kernels", False)  # (a transformers property: resets the kernels)
+        switch = getattr(type(module), "use_kernels", None)
+        if isinstance(switch, property) and switch.fset is not None and getattr(module, "use_kernels", False):
+            switch.fset(module, False)  # transformers' setter: resets the kernels (torch forwards)
             off.append(module)
     return off
 
@@ -144,7 +145,9 @@ def turn_off_hub_kernels(model: nn.Module) -> list[nn.Module]:
 def restore_hub_kernels(modules: list[nn.Module]) -> None:
     """Turn hub kernels on again on ``modules`` (a failed ``wrap()`` leaves the model as it was)."""
     for module in modules:
-        setattr(module, "use_kernels", True)
+        switch = getattr(type(module), "use_kernels", None)
+        if isinstance(switch, property) and switch.fset is not None:
+            switch.fset(module, True)
 
 
 def refuse_replaced_forwards(layers, where: str) -> None:

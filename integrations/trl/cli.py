@@ -1,0 +1,147 @@
+"""``gradproj trl grpo --config recipe.yaml``: TRL's own GRPO recipes, with a ``gradproj:`` section.
+
+The recipe is exactly what ``trl grpo --config recipe.yaml`` reads -- every ``GRPOConfig``,
+``ModelConfig``, script (``dataset_name``, ``reward_funcs`` by import path, ...) and dataset-mixture
+field, parsed by TRL's own parser, command-line flags overriding the file -- plus one top-level
+section for gradproj::
+
+    gradproj:
+      strategy: proma          # or a list (["variance_scaling", "proma"]), or just `gradproj: proma`
+      relative_bound: 0.5      # the strategy's options, as in GradProjConfig / the verl plugin
+
+The gradproj settings are checked against the GRPO settings (``beta``, ``num_iterations``,
+gradient accumulation, ...) **before the model loads** -- the same refusal, with the same message,
+as :class:`gradproj.integrations.trl.GradProjGRPOTrainer` gives in Python. Then TRL's own GRPO
+script runs (its reward-function registry, dataset loading, saving, hub push) with
+``GradProjGRPOTrainer`` in place of ``GRPOTrainer``. Without a ``gradproj:`` section it is plain
+``trl grpo``.
+
+Several processes (one per GPU): ``accelerate launch -m gradproj.integrations.trl.cli grpo --config
+recipe.yaml`` -- each process parses the recipe and runs its share, as TRL's script does.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from gradproj.config import GradProjConfig
+from gradproj.errors import ConfigError
+
+__all__ = ["split_recipe", "run_grpo", "main"]
+
+USAGE = "gradproj trl grpo --config RECIPE.yaml [--TRL_FIELD VALUE ...]"
+
+
+def split_recipe(path: str) -> tuple[dict, Any]:
+    """``(the recipe without its gradproj section, the section or None)`` of a YAML recipe."""
+    import yaml
+
+    try:
+        with open(path) as fh:
+            recipe = yaml.safe_load(fh)
+    except OSError as err:
+        raise ConfigError(f"{USAGE}: cannot read the recipe {path!r} ({err.strerror})") from None
+    if recipe is None:
+        recipe = {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{path}: a recipe is a YAML mapping of TRL fields (and a gradproj: section)")
+    return recipe, recipe.pop("gradproj", None)
+
+
+def gradproj_config(section: Any, where: str) -> GradProjConfig | None:
+    """The ``gradproj:`` section as a config: a strategy name, a list of names, or a mapping with
+    ``strategy`` and the strategy's options (``None``: no section, plain TRL)."""
+    if section is None:
+        return None
+    if isinstance(section, str):
+        return GradProjConfig(strategy=section)
+    if isinstance(section, list):
+        return GradProjConfig(strategy=section)
+    if isinstance(section, dict):
+        if "strategy" not in section:
+            raise ConfigError(f"{where}: the gradproj: section needs a strategy (e.g. strategy: proma), got {sorted(section)}")
+        return GradProjConfig.from_dict(section)
+    raise ConfigError(f"{where}: the gradproj: section must be a strategy name, a list or a mapping, got {type(section).__name__}")
+
+
+def _config_path(argv: Sequence[str]) -> int:
+    """The index of ``--config``'s value in ``argv``."""
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            return index + 1
+        if arg.startswith("--config="):
+            return index
+    raise ConfigError(f"{USAGE}: --config RECIPE.yaml is required (a TRL GRPO recipe with a gradproj: section)")
+
+
+def parse(argv: Sequence[str]):
+    """``(script_args, training_args, model_args, dataset_args, gradproj config)`` of a recipe and
+    its command-line overrides; the gradproj settings already checked against the GRPO ones."""
+    from trl.scripts.grpo import make_parser
+
+    argv = list(argv)
+    position = _config_path(argv)
+    path = argv[position].split("=", 1)[1] if argv[position].startswith("--config=") else argv[position]
+    recipe, section = split_recipe(path)
+    config = gradproj_config(section, path)
+    import yaml
+
+    fd, stripped = tempfile.mkstemp(prefix="gradproj-trl-", suffix=".yaml")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            yaml.safe_dump(recipe, fh)
+        argv[position] = f"--config={stripped}" if argv[position].startswith("--config=") else stripped
+        parser = make_parser(prog="gradproj trl grpo")
+        script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(argv)
+    finally:
+        os.unlink(stripped)
+    if config is not None:
+        from gradproj.integrations.trl.trainer import check_grpo_config
+
+        check_grpo_config(training_args, config)  # before any model or data set is loaded
+    return script_args, training_args, model_args, dataset_args, config
+
+
+def run_grpo(argv: Sequence[str]) -> None:
+    """Parse a recipe (see the module doc) and run TRL's GRPO script with ``GradProjGRPOTrainer``."""
+    import trl
+    from trl.scripts import grpo
+
+    from gradproj.integrations.trl.trainer import GradProjGRPOTrainer
+
+    script_args, training_args, model_args, dataset_args, config = parse(argv)
+    if config is None:
+        grpo.main(script_args, training_args, model_args, dataset_args)
+        return
+    original = trl.GRPOTrainer
+    # TRL's script imports GRPOTrainer from trl when it runs: it builds the gradproj trainer instead
+    trl.GRPOTrainer = functools.partial(GradProjGRPOTrainer, gradproj=config)  # type: ignore[misc]
+    try:
+        grpo.main(script_args, training_args, model_args, dataset_args)
+    finally:
+        trl.GRPOTrainer = original  # type: ignore[misc]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m gradproj.integrations.trl.cli grpo --config recipe.yaml [...]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {USAGE}\n\n{__doc__}")
+        return 0
+    if argv[0] != "grpo":
+        raise ConfigError(f"unknown TRL command {argv[0]!r}; usage: {USAGE}")
+    run_grpo(argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except ConfigError as err:
+        print(f"gradproj trl: error: {err}", file=sys.stderr)
+        sys.exit(2)
