@@ -308,3 +308,13 @@ def test_trl_version_check():
     for bad in ("1.15.2", "1.17.0", "2.0.0"):
         with pytest.raises(ImportError, match=r">=1\.16\.0,<1\.17\.0"):
             check_trl_version(bad)
+
+
+def test_kl_free_preset_takes_the_cpu_defaults_without_a_gpu(tmp_path, monkeypatch):
+    """TRL's bf16 default is refused on a CPU: the preset says use_cpu=True, bf16=False there,
+    unless the caller chose."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    preset = kl_free_lora_grpo(str(tmp_path))
+    assert preset.args.use_cpu is True and preset.args.bf16 is False
+    chosen = kl_free_lora_grpo(str(tmp_path), use_cpu=True, bf16=False, learning_rate=1e-3)
+    assert chosen.args.learning_rate == 1e-3

@@ -73,6 +73,17 @@ def test_the_command_trains_with_proma_and_lora_and_logs_gradproj_metrics(worksp
     assert (workspace / "out" / "adapter_model.safetensors").exists()  # TRL's script saved the LoRA adapter
 
 
+def test_under_accelerate_launch(workspace):
+    """What several GPUs run, with one CPU process: accelerate launch -m gradproj.integrations.trl.cli."""
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    path = recipe(workspace, "proma", use_peft=False)
+    command = [launcher, "launch", "--num_processes", "1", "--cpu", "-m", "gradproj.integrations.trl.cli", "grpo", "--config", path]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(workspace)}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=workspace, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "gradproj/proma/projected_fraction" in result.stdout
+
+
 def test_the_gradproj_section_forms(workspace):
     for section, strategies in (("proma", ["proma"]), (["proma"], ["proma"]),
                                 ({"strategy": "intra_proma", "rank": 4}, ["intra_proma"])):

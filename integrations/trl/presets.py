@@ -25,6 +25,16 @@ class KLFreeLoRAGRPO:
         return {"args": self.args, "peft_config": self.peft_config, "gradproj": self.gradproj}
 
 
+def _device_defaults(grpo_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """On a machine without a GPU (and nothing said about it): ``use_cpu=True, bf16=False`` --
+    TRL's GRPOConfig defaults to bf16, which it refuses without a GPU."""
+    import torch
+
+    if torch.cuda.is_available() or any(key in grpo_kwargs for key in ("use_cpu", "bf16", "fp16")):
+        return {}
+    return {"use_cpu": True, "bf16": False}
+
+
 def kl_free_lora_grpo(
     output_dir: str,
     *,
@@ -47,6 +57,8 @@ def kl_free_lora_grpo(
         proma: put a gradproj strategy on top (``strategy``, default ``"proma"``).
         strategy_options: options of that strategy (``relative_bound=0.5``, ...).
         **grpo_kwargs: any other GRPOConfig field (``learning_rate``, ``num_generations``, ...).
+            Without a GPU and without ``use_cpu``/``bf16``/``fp16`` given, ``use_cpu=True,
+            bf16=False`` (TRL's bf16 default is refused on a CPU).
 
     Raises:
         ConfigError: ``beta`` other than 0 (then it is not KL-free), or settings the strategy refuses.
@@ -58,7 +70,8 @@ def kl_free_lora_grpo(
 
     if grpo_kwargs.get("beta", 0.0) != 0.0:
         raise ConfigError(f"KL-free LoRA GRPO has beta=0 (no KL penalty, no reference model); got beta={grpo_kwargs['beta']}")
-    settings = {"beta": 0.0, "num_iterations": 1, "loss_type": "dapo", "scale_rewards": "group", **grpo_kwargs}
+    settings = {"beta": 0.0, "num_iterations": 1, "loss_type": "dapo", "scale_rewards": "group", **_device_defaults(grpo_kwargs),
+                **grpo_kwargs}
     args = GRPOConfig(output_dir=output_dir, **settings)
     peft_config = LoraConfig(
         r=rank, lora_alpha=lora_alpha or 2 * rank, lora_dropout=0.0, target_modules=target_modules, task_type="CAUSAL_LM"
