@@ -318,3 +318,12 @@ def test_kl_free_preset_takes_the_cpu_defaults_without_a_gpu(tmp_path, monkeypat
     assert preset.args.use_cpu is True and preset.args.bf16 is False
     chosen = kl_free_lora_grpo(str(tmp_path), use_cpu=True, bf16=False, learning_rate=1e-3)
     assert chosen.args.learning_rate == 1e-3
+
+
+def test_unsupported_adapters_are_refused_with_trl_advice(tmp_path):
+    """DoRA adapters have no gradproj handler: refused when training starts, with advice in TRL's terms."""
+    from peft import LoraConfig
+
+    dora = LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(gradproj.CoverageError, match="With TRL: freeze those parameters"):
+        trainer(tmp_path, model=tiny_model(build_tokenizer(), dtype=torch.float32), peft_config=dora).train()

@@ -148,3 +148,31 @@ def test_final_number_match():
 
     assert final_number_match(["so it is 42.", "12 then 7", [{"role": "assistant", "content": "#### 1,000"}], "none"],
                               ["#### 42", "12", "1000", "3"]) == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_the_kl_free_lora_preset_as_configuration(workspace, monkeypatch):
+    """gradproj: {preset: kl_free_lora_grpo} fills TRL's fields the recipe leaves out, like the Python preset."""
+    import torch as _torch
+
+    monkeypatch.setattr(_torch.cuda, "is_available", lambda: False)
+    bare = {"use_peft": None, "lora_r": None, "lora_alpha": None, "lora_target_modules": None, "use_cpu": None, "bf16": None}
+    path = recipe(workspace, {"preset": "kl_free_lora_grpo", "rank": 8, "proma": True,
+                              "strategy_options": {"relative_bound": 0.5}}, loss_type="grpo")
+    settings = yaml.safe_load(open(path))
+    for key in bare:
+        settings.pop(key, None)
+    with open(path, "w") as fh:
+        yaml.safe_dump(settings, fh)
+    script_args, training_args, model_args, _, config = cli.parse(["--config", path])
+    assert training_args.beta == 0.0 and training_args.num_iterations == 1 and training_args.scale_rewards == "group"
+    assert training_args.loss_type == "grpo"  # the recipe's own choice is kept
+    assert training_args.use_cpu is True and training_args.bf16 is False
+    assert model_args.use_peft and model_args.lora_r == 8 and model_args.lora_alpha == 16
+    assert model_args.lora_target_modules == "all-linear"
+    assert config.strategies == ["proma"] and config.options == {"relative_bound": 0.5}
+    *_, plain = cli.parse(["--config", recipe(workspace, {"preset": "kl_free_lora_grpo"})])
+    assert plain is None  # no strategy on top: TRL with the preset's fields
+    with pytest.raises(gradproj.ConfigError, match="beta=0"):
+        cli.parse(["--config", recipe(workspace, {"preset": "kl_free_lora_grpo"}, beta=0.04)])
+    with pytest.raises(gradproj.ConfigError, match="unknown field"):
+        cli.parse(["--config", recipe(workspace, {"preset": "kl_free_lora_grpo", "rnak": 8})])

@@ -20,19 +20,22 @@ problems = addition_problems(32, seed=0, max_digits=1)
 train = Dataset.from_dict({"prompt": [p for p, _ in problems], "answer": [a for _, a in problems]})
 
 
-def exact_match(completions, answer, **kwargs):
-    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]
+def reward(completions, answer, **kwargs):
+    """1 for the exact sum, else closer to 0 the closer the length: a signal even a random policy gets."""
+    return [1.0 if c.strip() == a else -abs(len(c.strip()) - len(a)) / 4 for c, a in zip(completions, answer)]
 
 
 # KL-free LoRA GRPO (beta=0: no reference model) with PROMA on top, as configuration
 preset = kl_free_lora_grpo(
     tempfile.mkdtemp(), rank=8, proma=True, strategy_options={"relative_bound": 0.5},
     learning_rate=1e-3, per_device_train_batch_size=8, gradient_accumulation_steps=2, num_generations=4,
-    max_completion_length=4, max_steps=2, logging_steps=1, use_cpu=True, bf16=False,
+    max_completion_length=4, max_steps=2, logging_steps=1,  # (no GPU: the preset sets use_cpu=True, bf16=False)
     gradient_checkpointing=False, report_to="none", save_strategy="no", disable_tqdm=True,
 )
-trainer = GradProjGRPOTrainer(model=model, reward_funcs=exact_match, train_dataset=train, processing_class=tok,
+trainer = GradProjGRPOTrainer(model=model, reward_funcs=reward, train_dataset=train, processing_class=tok,
                               **preset.trainer_kwargs())
 assert trainer.ref_model is None
 trainer.train()
-print({k: v for k, v in trainer.state.log_history[-2].items() if k.startswith("gradproj/")})
+logs = trainer.state.log_history[-2]
+print({k: v for k, v in logs.items() if k.startswith("gradproj/") or k == "reward"})
+assert logs["gradproj/proma/projected_fraction"] > 0  # PROMA removed part of the running gradient

@@ -9,6 +9,12 @@ section for gradproj::
       strategy: proma          # or a list (["variance_scaling", "proma"]), or just `gradproj: proma`
       relative_bound: 0.5      # the strategy's options, as in GradProjConfig / the verl plugin
 
+Presets: ``gradproj: {preset: kl_free_lora_grpo, rank: 16, proma: true}`` fills the recipe's TRL
+fields the preset sets and the recipe leaves out (``beta: 0``, ``num_iterations: 1``, ``loss_type:
+dapo``, ``scale_rewards: group``, LoRA of that rank on all linear layers; on a machine without a
+GPU ``use_cpu: true, bf16: false``) -- :func:`gradproj.integrations.trl.kl_free_lora_grpo` as
+configuration -- with ``proma: true`` (``strategy``/``strategy_options`` to change it) on top.
+
 The gradproj settings are checked against the GRPO settings (``beta``, ``num_iterations``,
 gradient accumulation, ...) **before the model loads** -- the same refusal, with the same message,
 as :class:`gradproj.integrations.trl.GradProjGRPOTrainer` gives in Python. Then TRL's own GRPO
@@ -41,7 +47,7 @@ from typing import Any
 from gradproj.config import GradProjConfig
 from gradproj.errors import ConfigError
 
-__all__ = ["split_recipe", "run_grpo", "main"]
+__all__ = ["split_recipe", "apply_preset", "resolve_local_sources", "parse", "run_grpo", "main"]
 
 USAGE = "gradproj trl grpo --config RECIPE.yaml [--TRL_FIELD VALUE ...]"
 
@@ -104,6 +110,37 @@ def resolve_local_sources(recipe: dict, where: str) -> dict:
     return recipe
 
 
+PRESETS = ("kl_free_lora_grpo",)
+
+
+def apply_preset(recipe: dict, section: dict, where: str) -> Any:
+    """Fill ``recipe`` with the fields of the section's preset (those it leaves out); the gradproj
+    section that remains (``None``: no strategy on top)."""
+    from gradproj.integrations.trl.presets import _device_defaults
+
+    section = dict(section)
+    name = section.pop("preset")
+    if name not in PRESETS:
+        raise ConfigError(f"{where}: unknown gradproj preset {name!r}; known: {', '.join(PRESETS)}")
+    if recipe.get("beta", 0.0) != 0.0:
+        raise ConfigError(f"{where}: KL-free LoRA GRPO has beta=0 (no KL penalty, no reference model); got beta={recipe['beta']}")
+    rank = int(section.pop("rank", 16))
+    fields = {
+        "beta": 0.0, "num_iterations": 1, "loss_type": "dapo", "scale_rewards": "group", "use_peft": True,
+        "lora_r": rank, "lora_alpha": section.pop("lora_alpha", None) or 2 * rank, "lora_dropout": 0.0,
+        "lora_target_modules": section.pop("target_modules", "all-linear"), **_device_defaults(recipe),
+    }
+    for key, value in fields.items():
+        recipe.setdefault(key, value)
+    proma = bool(section.pop("proma", False))
+    strategy = section.pop("strategy", "proma")
+    options = dict(section.pop("strategy_options", None) or {})
+    if section:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(section)} of preset {name}; it takes rank, lora_alpha, "
+                          "target_modules, proma, strategy, strategy_options")
+    return {"strategy": strategy, **options} if proma else None
+
+
 def gradproj_config(section: Any, where: str) -> GradProjConfig | None:
     """The ``gradproj:`` section as a config: a strategy name, a list of names, or a mapping with
     ``strategy`` and the strategy's options (``None``: no section, plain TRL)."""
@@ -139,6 +176,8 @@ def parse(argv: Sequence[str]):
     position = _config_path(argv)
     path = argv[position].split("=", 1)[1] if argv[position].startswith("--config=") else argv[position]
     recipe, section = split_recipe(path)
+    if isinstance(section, dict) and "preset" in section:
+        section = apply_preset(recipe, section, path)
     config = gradproj_config(section, path)
     import yaml
 

@@ -28,7 +28,7 @@ from trl import GRPOTrainer
 
 import gradproj
 from gradproj.config import GradProjConfig
-from gradproj.errors import ConfigError, ProtocolError
+from gradproj.errors import ConfigError, CoverageError, ProtocolError
 from gradproj import GradProjOptimizer
 
 __all__ = ["GradProjGRPOMixin", "GradProjGRPOTrainer", "check_grpo_config", "as_gradproj_config"]
@@ -150,7 +150,14 @@ class GradProjGRPOMixin:
             return optimizer
         existing = _find_gradproj(self.optimizer)  # e.g. inside accelerate's AcceleratedOptimizer on a second train()
         if existing is None:
-            self.optimizer = existing = gradproj.wrap(self.optimizer, self.model, self._gp_config)
+            try:
+                self.optimizer = existing = gradproj.wrap(self.optimizer, self.model, self._gp_config)
+            except CoverageError as err:  # the advice in TRL's terms: TRL users never call wrap()
+                raise CoverageError(
+                    f"{err} -- With TRL: freeze those parameters on the model before building the trainer, pass "
+                    "gradproj=GradProjConfig(..., exclude=['<glob>']) (or `exclude:` in the recipe's gradproj: section), "
+                    "or give peft_config target modules gradproj covers (DoRA and LoRA on embeddings are not supported)"
+                ) from None
         self._gp_optimizer = existing
         head = self.model.get_output_embeddings()
         self._gp_unfused = head is not None and self._gp_optimizer.covers(head.weight)
