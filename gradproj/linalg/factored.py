@@ -207,9 +207,13 @@ class FactoredProjection:
             parts.append(self._part(g, factors))
         self._entries.append((g, parts, copies))
 
+    def _keep_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The non-zero rows of ``x`` (through the cache: the same mask tensor for the same ``x``)."""
+        return self.cache.keep_of(x) if self.cache is not None else (x != 0).any(dim=1, keepdim=True)
+
     def _part(self, g: torch.Tensor, factors) -> tuple:
         if isinstance(factors, IndexTokenFactors):
-            keep = self.cache.keep_of(factors.cols) if self.cache is not None else (factors.cols != 0).any(dim=1, keepdim=True)
+            keep = self._keep_of(factors.cols)
             selected, valid = top_ids(factors.ids, keep, self.options["rank"], self.options["energy"], g.shape[0])
             return ("embedding", g, selected, valid, self._sketch(factors.cols, keep))
         if isinstance(factors, list):
@@ -233,7 +237,7 @@ class FactoredProjection:
             pending_r = self._sketch(rows, pending_c.keep)
         else:  # e.g. a bias, whose rows are the output gradients its weight already looked at
             out = factors.out_grads.reshape(k * t, -1)
-            keep = self.cache.keep_of(out) if self.cache is not None else (out != 0).any(dim=1, keepdim=True)
+            keep = self._keep_of(out)
             pending_r = self._sketch(rows, keep)
             pending_c = None if cols is None else self._sketch(cols, keep)
         if pending_c is None or cols is None:
