@@ -4,7 +4,7 @@
     python -m benchmarks.breakdown --quick          # tiny shape (what CI runs)
 
 Each row is the wrapped step with the strategy cut short after one stage, timed interleaved with
-the plain step over the same microbatches (the shape and options of :mod:`benchmarks.step_overhead`):
+the plain step over the same microbatches (the shape and options of `benchmarks.step_overhead`):
 
 * ``proma/capture``     -- capture only: hooks, staging, and each layer's update ``g_m`` from the
   token factors (one weighted weight-gradient matmul); nothing projected, no ``s_i`` built;

@@ -16,7 +16,7 @@ not be a fair fight for memory); each gradproj variant wraps it for its step and
 wrapping outside the timed region. Rounds are interleaved (the order alternates), each variant
 warmed up first. Times: CUDA events around each step (``time.perf_counter`` on the CPU); memory:
 ``torch.cuda.max_memory_allocated`` during the step (not measured on the CPU). Each variant's host
-synchronisations per step are counted once with :func:`gradproj.diagnostics.count_host_syncs`.
+synchronisations per step are counted once with `gradproj.diagnostics.count_host_syncs`.
 """
 
 from __future__ import annotations

@@ -6,14 +6,14 @@
 
 For every setup (LoRA, every Linear, full fine-tuning) x sequences per microbatch k x tokens per
 sequence x hidden width, it times -- in one process, interleaved, as
-:mod:`benchmarks.step_overhead` does -- the plain step, each strategy and the per-sequence
+`benchmarks.step_overhead` does -- the plain step, each strategy and the per-sequence
 backward loop, and records the ratios to the plain step of the same configuration. Results are
 written as they come (``--out``: ``grid.jsonl``, then ``grid.md`` and ``grid.png`` -- overhead
 against k, tokens and width, one line per strategy and setup), so an interrupted run keeps what it
 measured. The paper's claim is an O(k d) cost per layer on top of the step. ``--measure memory``
 records instead the peak memory of a training step of each variant (weights, optimizer state,
 gradients, activations, gradproj's buffers), each in a fresh process
-(:func:`benchmarks.step_overhead.peak_memory`), as a ratio to the plain step's.
+(`benchmarks.step_overhead.peak_memory`), as a ratio to the plain step's.
 """
 
 from __future__ import annotations

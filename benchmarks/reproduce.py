@@ -15,7 +15,7 @@
 
 Every run trains a fresh copy of the same policy (default: gradproj's tiny character-level Llama
 on addition, the demo's; ``--smollm2``: SmolLM2-135M-Instruct) with
-:func:`gradproj.demo.grpo_loop.run_method`; every configuration is run for each
+`gradproj.demo.grpo_loop.run_method`; every configuration is run for each
 seed, with the same prompts and sampling seeds across configurations. Written to ``--out``
 (default ``runs/reproduce/<name>``): ``records.jsonl`` (every step of every run), ``summary.json``,
 PNG figures and ``report.md``, whose tables and verdicts are computed from the records.

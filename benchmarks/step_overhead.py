@@ -179,7 +179,7 @@ def time_rounds(runs: dict, data, repeats: int, label: str) -> dict[str, list[fl
 
 
 def time_interleaved(runs: dict, data, repeats: int, label: str) -> dict[str, float]:
-    """Median seconds per step of each run (see :func:`time_rounds`)."""
+    """Median seconds per step of each run (see `time_rounds`)."""
     return {name: statistics.median(ts) for name, ts in time_rounds(runs, data, repeats, label).items()}
 
 
@@ -273,7 +273,7 @@ def memory_child(args) -> None:
 
 def peak_memory(argv, setup: str, variant: str) -> dict[str, float]:
     """``{"peak_mib", "growth_mib"}`` of a training step of ``variant``, in a fresh child process
-    (see :func:`memory_child`)."""
+    (see `memory_child`)."""
     import subprocess
 
     cmd = [sys.executable, "-m", "benchmarks.step_overhead", *argv, "--memory-child", setup, variant]

@@ -1,7 +1,7 @@
 """``gradproj demo``: GRPO on a real small model, strategies side by side, with plots and a report.
 
 Every method trains a fresh copy of the same policy on the same prompts and sampling seeds with
-the same settings (see :mod:`gradproj.demo.grpo_loop`). Written to ``--out``:
+the same settings (see `gradproj.demo.grpo_loop`). Written to ``--out``:
 ``summary.json``, ``metrics.jsonl``, ``accuracy.png``, ``step_kl.png``, ``entropy.png``,
 ``reward.png`` and ``report.md``.
 """

@@ -4,7 +4,7 @@ Per step: sample ``group_size`` responses for each of ``prompts_per_step`` promp
 compute group-relative advantages, then run ``updates_per_rollout`` optimizer updates over the
 rollouts in ``microbatches`` microbatches each. Every method gets exactly the same prompts,
 sampling seeds, batch sizes, learning rate and number of updates; only the loss and the gradproj
-strategy differ (:data:`METHODS`):
+strategy differ (`METHODS`):
 
 * ``grpo`` -- PPO-clip on the likelihood ratio against the sampling policy (the usual baseline;
   the clip acts from the second update of a rollout on), plain accumulation;
@@ -14,7 +14,7 @@ strategy differ (:data:`METHODS`):
 
 From the second update of a rollout on, the policy has moved: the REINFORCE loss then weights each
 sequence by its importance ratio to the sampling policy (the likelihood ratio of the whole response,
-:func:`gradproj.integrations.torch.grpo.policy_loss` with ``old_logp``), so every update follows the
+`gradproj.integrations.torch.grpo.policy_loss` with ``old_logp``), so every update follows the
 policy gradient at the current policy -- one coefficient per sequence, as gradproj needs.
 
 Options for the reproductions (``benchmarks/reproduce.py``): ``kl_coef`` adds the usual per-token
@@ -93,7 +93,7 @@ class GRPOLoopConfig:
 
 
 def method_spec(name: str) -> tuple[str, str]:
-    """``(gradproj strategy, loss kind)`` of a method; unknown names are a :class:`ConfigError`."""
+    """``(gradproj strategy, loss kind)`` of a method; unknown names are a `ConfigError`."""
     if name in METHODS:
         return METHODS[name]
     known = gradproj.get_registry().strategies
@@ -132,7 +132,7 @@ class InitialPolicy:
 
     @contextlib.contextmanager
     def active(self):
-        """Context in which :attr:`module` computes the initial policy."""
+        """Context in which `module` computes the initial policy."""
         if self.copy is not None:
             yield self.copy
             return
@@ -148,7 +148,7 @@ class InitialPolicy:
     @torch.no_grad()
     def kl_from(self, model, roll: Rollout, chunks) -> float:
         """KL(policy ‖ initial policy) per response token on ``roll`` (exact over the vocabulary
-        up to :data:`EXACT_KL_MAX_VOCAB`, else the k3 estimator on the sampled tokens)."""
+        up to `EXACT_KL_MAX_VOCAB`, else the k3 estimator on the sampled tokens)."""
         exact = model.get_output_embeddings().weight.shape[0] <= EXACT_KL_MAX_VOCAB
         total, count = 0.0, 0
         for rows in chunks:
@@ -234,7 +234,7 @@ def run_method(
     Args:
         model_factory: builds the initial policy (called once; the same weights for every method).
         tok: its tokenizer (a ``PreTrainedTokenizer`` with left padding).
-        task: a :class:`gradproj.demo.tasks.Task`.
+        task: a `gradproj.demo.tasks.Task`.
         evaluate: ``evaluate(model) -> accuracy`` on held-out problems.
         on_step: called with each record (progress bars, logging).
     """

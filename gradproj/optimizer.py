@@ -1,6 +1,6 @@
 """``GradProjOptimizer`` and ``wrap``: the one-line entry point.
 
-The wrapper is a real :class:`torch.optim.Optimizer` that *shares* the inner optimizer's
+The wrapper is a real `torch.optim.Optimizer` that *shares* the inner optimizer's
 ``param_groups``, ``state`` and ``defaults`` through properties (like accelerate's
 ``AcceleratedOptimizer``), so LR schedulers, ``GradScaler``, HF Trainer/accelerate and
 ``clip_grad_norm_`` act on the inner optimizer unchanged. The running gradient lives in
@@ -38,11 +38,11 @@ def _inner_attribute(name: str, doc: str) -> property:
 class GradProjOptimizer(torch.optim.Optimizer):
     """An optimizer whose gradients are accumulated by a gradproj strategy.
 
-    Do not construct it directly; use :func:`gradproj.wrap`.
+    Do not construct it directly; use `gradproj.wrap`.
 
     Attributes:
         optimizer: the wrapped (inner) optimizer.
-        config: the :class:`GradProjConfig` in force.
+        config: the `GradProjConfig` in force.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, engine: CaptureEngine, config: GradProjConfig) -> None:
@@ -110,7 +110,7 @@ class GradProjOptimizer(torch.optim.Optimizer):
 
     def _before_inner_step(self, optimizer, args, kwargs) -> None:
         """The inner optimizer's own ``step()`` called directly: the same checks and data-parallel
-        averaging as :meth:`step` (otherwise DDP ranks would step on their local gradients and
+        averaging as `step` (otherwise DDP ranks would step on their local gradients and
         FSDP2 parameters on no gradient at all)."""
         if self._in_step or not self._engine.attached:
             return
@@ -163,7 +163,7 @@ class GradProjOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a dict written by :meth:`state_dict` (or a plain inner state dict).
+        """Load a dict written by `state_dict` (or a plain inner state dict).
 
         gradproj's entry is checked first and applied only after the inner optimizer accepted its
         own, so a refused checkpoint changes nothing.
@@ -239,11 +239,11 @@ class GradProjOptimizer(torch.optim.Optimizer):
             position_ids: alternatively, the packed position ids (each sequence restarts at 0).
             group_ids: the prompt group of each row (a 1-D int tensor or a list of labels), for
                 strategies and diagnostics that work per group (``variance_scaling``); the groups'
-                rewards come from :meth:`set_groups`.
+                rewards come from `set_groups`.
 
         The loss built inside must be ``sum_i c_i sum_t mask[i,t] logp[i,t]`` up to per-sequence
         constants (REINFORCE/GRPO, token-mean or sequence-mean aggregation, gradient accumulation
-        scaling); a loss whose weights vary along a row raises :class:`CoefficientError`.
+        scaling); a loss whose weights vary along a row raises `CoefficientError`.
         When the block closes, ``param.grad`` holds the new running gradient. If anything fails
         inside the block (an error in the backward, an exception of your own after it, an
         interrupt), ``.grad`` is left as the block found it and the microbatch can be run again.
@@ -274,7 +274,7 @@ class GradProjOptimizer(torch.optim.Optimizer):
         position_ids: torch.Tensor | None = None,
         group_ids: torch.Tensor | Sequence[Hashable] | None = None,
     ) -> MicrobatchHandle:
-        """:meth:`microbatch` without the ``with`` statement, for training frameworks whose loss and
+        """`microbatch` without the ``with`` statement, for training frameworks whose loss and
         backward run in different methods (the TRL and verl adapters use it)::
 
             handle = opt.begin_microbatch(logp, mask)
@@ -285,7 +285,7 @@ class GradProjOptimizer(torch.optim.Optimizer):
                 raise
             handle.close()
 
-        Same arguments, checks and guarantees as :meth:`microbatch`.
+        Same arguments, checks and guarantees as `microbatch`.
         """
         self._check_optimizer_params()
         return MicrobatchHandle(self._engine, self._engine.begin(logp, mask, cu_seqlens, position_ids, group_ids))
@@ -301,7 +301,7 @@ class GradProjOptimizer(torch.optim.Optimizer):
         return self._engine.covers(param)
 
     def running_metrics(self) -> dict[str, float]:
-        """``gradproj/...`` metrics of the step in progress (:meth:`metrics` gives the last step's)."""
+        """``gradproj/...`` metrics of the step in progress (`metrics` gives the last step's)."""
         return self._engine.running_metrics()
 
     def _check_optimizer_params(self) -> None:
@@ -368,8 +368,8 @@ class GradProjOptimizer(torch.optim.Optimizer):
     @property
     def engine(self) -> CaptureEngine:
         """The capture engine (layers covered, microbatch state): an internal object for tests and
-        benchmarks; integrations use :meth:`begin_microbatch`, :attr:`captures`, :meth:`covers` and
-        :meth:`running_metrics`."""
+        benchmarks; integrations use `begin_microbatch`, `captures`, `covers` and
+        `running_metrics`."""
         return self._engine
 
 

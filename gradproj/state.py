@@ -21,12 +21,12 @@ STATE_KEY = "gradproj"
 
 
 def gradproj_state(config: GradProjConfig, strategies: list[str], steps: int) -> dict[str, Any]:
-    """The entry :meth:`gradproj.GradProjOptimizer.state_dict` adds under ``"gradproj"``."""
+    """The entry `gradproj.GradProjOptimizer.state_dict` adds under ``"gradproj"``."""
     return {"version": STATE_VERSION, "strategies": list(strategies), "config": config.to_dict(), "steps": steps}
 
 
 def check_gradproj_state(state: Any, config: GradProjConfig, strategies: list[str]) -> int:
-    """Validate a :func:`gradproj_state` entry against this optimizer without changing anything;
+    """Validate a `gradproj_state` entry against this optimizer without changing anything;
     return the step count to restore.
 
     Raises:

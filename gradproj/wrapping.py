@@ -1,7 +1,7 @@
 """``gradproj.wrap``: validate the optimizer, the model and the config, then attach an engine.
 
 The one place a configuration becomes running objects: the strategies are built from the config
-(:meth:`gradproj.GradProjConfig.resolve`), the engine gets its plain settings, and the wrapper
+(`gradproj.GradProjConfig.resolve`), the engine gets its plain settings, and the wrapper
 shares the inner optimizer's state.
 """
 
@@ -47,12 +47,12 @@ def wrap(
             trainable parameters.
         model: the policy; the log-probs given to ``opt.microbatch`` must come from it.
         strategy: a strategy name (``"none"``, ``"proma"``, ``"proma_reference"``, ...), a list of
-            names (transforms, then one accumulation rule), or a :class:`GradProjConfig`.
+            names (transforms, then one accumulation rule), or a `GradProjConfig`.
         **options: strategy options (``damping=``, ``relative_bound=``, ...) and engine options
             (``exclude=[globs]``, ``gram="auto"|"materialize"|"ghost"``).
 
     Returns:
-        The :class:`GradProjOptimizer`; use it exactly like the inner optimizer, plus
+        The `GradProjOptimizer`; use it exactly like the inner optimizer, plus
         ``opt.microbatch(logp, mask)`` around each microbatch's backward.
 
     Raises:

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite on a fresh machine: set up both environments, lint and type-check the core
+# The whole test suite on a fresh machine: set up both environments and Chromium (the docs' browser
+# test), lint and type-check the core
 # (ruff, mypy; settings in pyproject.toml), then run
 #   .venv       (torch, transformers, peft, TRL, ...):  tests/ except tests/verl
 #   .venv-verl  (verl 0.9.1, which pins transformers<5.11): tests/verl
@@ -7,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 bash scripts/bootstrap_verl.sh
+bash scripts/bootstrap_browser.sh     # Debian's chromium, for the docs' browser test
 .venv/bin/ruff check gradproj
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"

@@ -197,7 +197,7 @@ def run_microbatches(model, opt, microbatches, scale=None, ref=None):
     """Run ``microbatches`` through ``opt`` and, if ``ref`` is given, the brute-force reference.
 
     ``microbatches``: list of (input_ids, attention_mask, response_mask, advantages).
-    ``ref``: keyword arguments of :func:`reference_update`. Returns {name: relative error}.
+    ``ref``: keyword arguments of `reference_update`. Returns {name: relative error}.
     """
     scale = 1.0 / len(microbatches) if scale is None else scale
     G = {n: None for n, _ in trainable(model)}
@@ -478,7 +478,7 @@ FAMILIES = ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mistral", "mix
 
 
 def more_moe_model(family: str, seed: int = 0):
-    """A tiny random float64 model of one of :data:`MORE_MOE` (eager attention and experts)."""
+    """A tiny random float64 model of one of `MORE_MOE` (eager attention and experts)."""
     import transformers
 
     prefix, overrides = MORE_MOE[family]

@@ -1,5 +1,5 @@
 """No host synchronisation in the backward (issue 21): on a GPU each one would stop the autograd
-engine's queue, once per layer. Counted on the CPU by :func:`gradproj.diagnostics.count_host_syncs`,
+engine's queue, once per layer. Counted on the CPU by `gradproj.diagnostics.count_host_syncs`,
 which records every operation that would synchronise on a GPU.
 
 Per microbatch, for every strategy, LoRA and full fine-tuning, padded and packed, with and without

@@ -2,30 +2,30 @@
 
 The engine and what it is made of:
 
-* :mod:`gradproj.capture.engine` -- the microbatch state machine (open, the log-prob hook, each
+* `gradproj.capture.engine` -- the microbatch state machine (open, the log-prob hook, each
   layer's backward, close: apply, drop or poison);
-* :mod:`gradproj.capture.setup` / :mod:`gradproj.capture.step` -- attaching to a model and its
+* `gradproj.capture.setup` / `gradproj.capture.step` -- attaching to a model and its
   coverage checks / the optimizer step around the microbatches;
-* :mod:`gradproj.capture.plan` -- what ``wrap()`` decides once: covered layers, tied parameters,
-  batching groups (:mod:`gradproj.capture.batching`), block sizes;
-* :mod:`gradproj.capture.layer_updates` -- a finished layer's sequence gradients through the
-  strategies; :mod:`gradproj.capture.sinks` -- where the updates go, one class per write mode
-  (staged, direct, FSDP2 rank-local; :mod:`gradproj.capture.sharded`,
-  :mod:`gradproj.capture.data_parallel`);
-* :mod:`gradproj.capture.step_metrics` -- the step's counters;
-* :mod:`gradproj.capture.microbatch` -- one microbatch's inputs, per-sequence coefficients and
-  staging; :mod:`gradproj.capture.layout` -- padded and packed batches;
-* checks: :mod:`gradproj.capture.loss_terms` (loss terms bypassing ``logp``, over
-  :mod:`gradproj.capture.backward_watch`), :mod:`gradproj.capture.guards` (the model and ``.grad``).
+* `gradproj.capture.plan` -- what ``wrap()`` decides once: covered layers, tied parameters,
+  batching groups (`gradproj.capture.batching`), block sizes;
+* `gradproj.capture.layer_updates` -- a finished layer's sequence gradients through the
+  strategies; `gradproj.capture.sinks` -- where the updates go, one class per write mode
+  (staged, direct, FSDP2 rank-local; `gradproj.capture.sharded`,
+  `gradproj.capture.data_parallel`);
+* `gradproj.capture.step_metrics` -- the step's counters;
+* `gradproj.capture.microbatch` -- one microbatch's inputs, per-sequence coefficients and
+  staging; `gradproj.capture.layout` -- padded and packed batches;
+* checks: `gradproj.capture.loss_terms` (loss terms bypassing ``logp``, over
+  `gradproj.capture.backward_watch`), `gradproj.capture.guards` (the model and ``.grad``).
 
 Layer handlers and their interface:
 
-* :mod:`gradproj.capture.layer` -- :class:`LayerCapture`, the whole interface between a handler
-  and the engine; :mod:`gradproj.capture.captured_call` -- the one capture mechanism every handler
+* `gradproj.capture.layer` -- `LayerCapture`, the whole interface between a handler
+  and the engine; `gradproj.capture.captured_call` -- the one capture mechanism every handler
   uses (a module's computation as a ``CapturedOp``, run by ``CapturedCall``);
-  :mod:`gradproj.capture.forwards` -- installing a forward;
-* :mod:`gradproj.capture.handlers` (``nn.Linear``, ``Conv1D``), :mod:`gradproj.capture.norm_handlers`,
-  :mod:`gradproj.capture.embedding_handler` -- the built-in handlers, registered as plugins.
+  `gradproj.capture.forwards` -- installing a forward;
+* `gradproj.capture.handlers` (``nn.Linear``, ``Conv1D``), `gradproj.capture.norm_handlers`,
+  `gradproj.capture.embedding_handler` -- the built-in handlers, registered as plugins.
 """
 
 from gradproj.capture.engine import CaptureEngine

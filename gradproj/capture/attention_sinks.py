@@ -7,13 +7,13 @@ query positions, of the gradient reaching its (head, query) copy of the sink log
 expansion is captured: while the module's forward runs, a torch-function mode replaces that
 ``reshape`` + ``expand`` with a captured broadcast whose backward hands the engine the (B, T, heads)
 gradient of the copies -- per-token rows of a vector parameter, summed per sequence
-(:class:`gradproj.linalg.sequence_grads.TokenSumGrads`).
+(`gradproj.linalg.sequence_grads.TokenSumGrads`).
 
 Recognised by structure: an attention module whose only own trainable parameter is a vector with one
 entry per attention head (``config.num_attention_heads``). Its use is checked at every captured
 forward: any other operation on the parameter -- an attention kernel that takes the sinks as an
 argument (``flash_attention`` with ``s_aux``), a broadcast over other axes -- raises a
-:class:`gradproj.errors.CoverageError` in the forward, before any gradient exists.
+`gradproj.errors.CoverageError` in the forward, before any gradient exists.
 """
 
 from __future__ import annotations

@@ -11,10 +11,10 @@ This module wraps torch's backward entry point (``torch.autograd._engine_run_bac
 ``Tensor.backward``, ``torch.autograd.backward`` and ``torch.autograd.grad`` all call). When a
 backward starts while a block is open, each watcher (one per engine with an open block) sees the
 roots first: the engine walks the loss's graph from them, stopping at ``logp``
-(:func:`path_around`), and refuses the backward -- before it runs, so nothing has changed -- if a
+(`path_around`), and refuses the backward -- before it runs, so nothing has changed -- if a
 covered parameter is reachable without passing through ``logp``. Without such a term the walk
 visits only the loss's own few nodes. Backward calls nested inside a running backward (reentrant
-gradient checkpointing recomputes and backpropagates segments) are not watched; :func:`depth` tells
+gradient checkpointing recomputes and backpropagates segments) are not watched; `depth` tells
 whether one is running.
 """
 

@@ -5,7 +5,7 @@ costs far more than its arithmetic. Such parameters are grouped at ``wrap()`` ti
 (number of elements, compute dtype, device) -- a LoRA ``A`` (r x d) and ``B`` (d x r) share a group,
 since everything batched works on flattened rows; during the backward each one's sequence gradients are written into
 its row of the group's buffer, and when the microbatch closes the strategy runs once per group
-with batched operations (:class:`gradproj.work.LayerBatch`).
+with batched operations (`gradproj.work.LayerBatch`).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class ParamGroup:
         self._rows = None
 
     def batch(self, indices: list[int], coefficients: torch.Tensor, grad_of=None) -> LayerBatch:
-        """The members ``indices`` (filled in this microbatch) as one :class:`LayerBatch`.
+        """The members ``indices`` (filled in this microbatch) as one `LayerBatch`.
 
         ``grad_of(param)`` reads a member's running gradient (default ``param.grad``)."""
         k = coefficients.shape[0]

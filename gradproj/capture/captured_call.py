@@ -1,9 +1,9 @@
 """The one capture mechanism every layer handler uses: a captured call of a module's computation.
 
-A handler describes its module's computation as a :class:`CapturedOp` -- the forward, the input
+A handler describes its module's computation as a `CapturedOp` -- the forward, the input
 gradients, the ordinary parameter gradients (for plain microbatches) and the *use* handed to the
 engine -- and its installed forward runs ``CapturedCall.apply(op, layer, *args)`` when
-:func:`captures` says so. :class:`CapturedCall` does the rest, the same for every handler: it
+`captures` says so. `CapturedCall` does the rest, the same for every handler: it
 counts the forward (``layer.count_forward()``), keeps the layer on the backward node (the engine
 recognises it when it walks a loss's graph), and in the backward returns the input gradients plus
 either ordinary parameter gradients (``layer.plain_backward()``) or none, handing

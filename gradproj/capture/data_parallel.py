@@ -4,7 +4,7 @@ Captured layers hand their parameter gradients to the strategy instead of autogr
 reducer -- which all-reduces a parameter when autograd produces its gradient -- would never see
 them. When a strategy captures, gradproj therefore runs the DDP model permanently in ``no_sync``
 mode (``require_backward_grad_sync = False``): every rank accumulates its own microbatches with the
-strategy, and :meth:`DataParallelSync.sync` averages the resulting ``.grad`` over the ranks once per
+strategy, and `DataParallelSync.sync` averages the resulting ``.grad`` over the ranks once per
 optimizer step (``opt.sync_gradients()``, or automatically in ``opt.step()``).
 
 Semantics (SPEC 2.2, issue 5): ``none`` and ``intra_proma`` give the average over ranks of each

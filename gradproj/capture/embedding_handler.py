@@ -1,7 +1,7 @@
 """Layer handler for ``torch.nn.Embedding`` (dense gradients, ``padding_idx`` honoured).
 
 Its backward hands ``(ids, dy)`` to the engine; the sequence gradients are built as
-:class:`gradproj.linalg.embedding_grads.EmbeddingGrads` (per distinct token id).
+`gradproj.linalg.embedding_grads.EmbeddingGrads` (per distinct token id).
 """
 
 from __future__ import annotations

@@ -4,20 +4,20 @@ Life of one microbatch (``with opt.microbatch(logp, mask): loss.backward()``):
 
 1. Forward (before the block, grad enabled): every covered module call goes through its handler,
    which counts the use (``layer.pending``: forwards whose backward has not arrived yet).
-2. :meth:`CaptureEngine.begin` validates the microbatch (nothing changes if that fails), hooks
+2. `CaptureEngine.begin` validates the microbatch (nothing changes if that fails), hooks
    ``logp`` and watches the backward calls; each one's roots are checked for loss terms that reach
-   the covered parameters without passing through ``logp`` (:mod:`gradproj.capture.loss_terms`).
+   the covered parameters without passing through ``logp`` (`gradproj.capture.loss_terms`).
 3. Backward reaches ``logp``: the hook records ``c_i`` and sends the mask down.
 4. Backward reaches a covered module: the handler passes ``(inputs, output_grads)`` here. When no
-   forward of the layer is left waiting for its backward, :mod:`gradproj.capture.layer_updates`
+   forward of the layer is left waiting for its backward, `gradproj.capture.layer_updates`
    runs the strategy on its sequence gradients and hands the update to the gradient sink
-   (:mod:`gradproj.capture.sinks`: staged, or written at once with ``nonfinite="propagate"``).
-5. :meth:`CaptureEngine.close` applies the staged updates -- all of them, or none if an error or a
+   (`gradproj.capture.sinks`: staged, or written at once with ``nonfinite="propagate"``).
+5. `CaptureEngine.close` applies the staged updates -- all of them, or none if an error or a
    non-finite value occurred, so a failed microbatch can be retried.
 
-What is covered is decided once, at ``wrap()`` (:mod:`gradproj.capture.plan`); the step's counters
-live in :mod:`gradproj.capture.step_metrics`; the step-level operations (groups, synchronisation,
-the step's end) in :mod:`gradproj.capture.step`.
+What is covered is decided once, at ``wrap()`` (`gradproj.capture.plan`); the step's counters
+live in `gradproj.capture.step_metrics`; the step-level operations (groups, synchronisation,
+the step's end) in `gradproj.capture.step`.
 """
 
 from __future__ import annotations
@@ -40,21 +40,21 @@ __all__ = ["CaptureEngine", "LayerCapture"]
 class CaptureEngine(StepControl):
     """Per-model capture state shared by the optimizer wrapper and the layer handlers.
 
-    Set-up (:meth:`attach`, :meth:`detach`, coverage) comes from
-    :class:`gradproj.capture.setup.EngineSetup`, the step-level operations from
-    :class:`gradproj.capture.step.StepControl`; this class runs the microbatches.
+    Set-up (`attach`, `detach`, coverage) comes from
+    `gradproj.capture.setup.EngineSetup`, the step-level operations from
+    `gradproj.capture.step.StepControl`; this class runs the microbatches.
 
     Args:
         model: the module whose parameters the optimizer trains.
-        settings: the engine's :class:`gradproj.capture.setup.CaptureSettings`.
-        strategies: the resolved strategies (:class:`gradproj.work.ResolvedStrategies`).
+        settings: the engine's `gradproj.capture.setup.CaptureSettings`.
+        strategies: the resolved strategies (`gradproj.work.ResolvedStrategies`).
         registry: the plugin registry (layer handlers).
     """
 
     # -- microbatches ----------------------------------------------------------------------
     def begin(self, logp: torch.Tensor, mask: torch.Tensor | None = None, cu_seqlens=None, position_ids=None, group_ids=None) -> Microbatch:
         """Open one microbatch: validate it (nothing changes if that fails), then hook ``logp`` and
-        watch the backward calls until :meth:`close`."""
+        watch the backward calls until `close`."""
         if not self.attached:
             raise ProtocolError("this gradproj optimizer was detached; wrap the optimizer again to capture")
         if self.current is not None:
@@ -96,7 +96,7 @@ class CaptureEngine(StepControl):
         return mb
 
     def close(self, mb: Microbatch, failure: BaseException | None = None) -> None:
-        """Close the microbatch :meth:`begin` opened: write its updates to ``.grad`` -- or, if
+        """Close the microbatch `begin` opened: write its updates to ``.grad`` -- or, if
         ``failure`` is given (what ended the caller's code) or gradproj's own check failed in the
         backward, leave ``.grad`` exactly as the block found it.
 
@@ -147,7 +147,7 @@ class CaptureEngine(StepControl):
         Staged updates are simply discarded. Writes already made to ``.grad`` (autograd's own in a
         plain microbatch or without capture, direct writes with ``nonfinite="propagate"``) are undone
         by clearing the gradients when they were all empty before the block; otherwise the step is
-        marked incomplete (:meth:`check_complete`)."""
+        marked incomplete (`check_complete`)."""
         mb.drop()
         started = mb.fired or mb.backward_calls > 0 or not backward_watch.installed()
         if not started:
@@ -165,7 +165,7 @@ class CaptureEngine(StepControl):
         )
 
     def _on_backward_call(self, mb: Microbatch, roots) -> None:
-        """Before each backward started inside the block (see :mod:`gradproj.capture.loss_terms`)."""
+        """Before each backward started inside the block (see `gradproj.capture.loss_terms`)."""
         mb.backward_calls += 1
         if self.needs_capture:  # (plain accumulation: any loss is exact)
             self.loss_terms(mb, roots)
@@ -328,7 +328,7 @@ class CaptureEngine(StepControl):
         microbatch of the step so far was dropped (all gradients still empty), leave NaN in them,
         as plain autograd would after an fp16 overflow: a ``GradScaler`` then skips the step and
         lowers its scale (with no gradient at all it would fail its own assertion). The next
-        microbatch starts from empty gradients again, and :meth:`check_step` makes ``step()``
+        microbatch starts from empty gradients again, and `check_step` makes ``step()``
         apply nothing while the NaN is there."""
         if self._all_dropped or not all(p.grad is None for p in self._covered_params) or not self.sink.empty():
             return

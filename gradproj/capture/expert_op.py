@@ -104,7 +104,7 @@ def _in_out(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
 def experts_forward(form: ExpertsForm, x, top_k_index, top_k_weights, gate_up, down, gate_up_bias=None, down_bias=None,
                     token_shape=None):
     """The module's output, plus ``(pairs, tokens, experts, counts, gate_up outputs, down outputs, weights,
-    widths)`` (``widths``: see :func:`_route`)."""
+    widths)`` (``widths``: see `_route`)."""
     pairs, tokens, experts, counts, widths = _route(top_k_index, gate_up.shape[0], token_shape)
     offsets = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
     xs = x.index_select(0, tokens)

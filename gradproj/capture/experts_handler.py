@@ -5,13 +5,13 @@ Recognised by structure, not by class: a module holding 3-D ``gate_up_proj`` and
 parameters (and optionally ``gate_up_proj_bias``/``down_proj_bias``), called as
 ``experts(tokens (N, d), top_k_index (N, K), top_k_weights (N, K))``, whose class forward -- under
 whichever ``experts_implementation`` the model's config selects -- reproduces
-:func:`gradproj.capture.expert_op.experts_forward` with its own gating function on a probe input.
+`gradproj.capture.expert_op.experts_forward` with its own gating function on a probe input.
 
 The tokens arrive flattened (``(B*T, d)`` or packed ``(total, d)``); which sequence each row
-belongs to comes from the rows' provenance (:mod:`gradproj.capture.token_rows`) and the
+belongs to comes from the rows' provenance (`gradproj.capture.token_rows`) and the
 microbatch's layout. Expert ``e``'s slice of each parameter gets the sequence gradients of a linear
 weight (or bias) over the tokens routed to ``e`` only, grouped by sequence
-(:mod:`gradproj.linalg.expert_grads`).
+(`gradproj.linalg.expert_grads`).
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class FusedExpertsHandler(LayerHandler):
 
 
 def install_experts_capture(module: nn.Module, layer, form: ExpertsForm) -> Callable[[], None]:
-    """Install on the fused experts ``module`` a forward that runs :class:`ExpertsOp` for ``layer``
+    """Install on the fused experts ``module`` a forward that runs `ExpertsOp` for ``layer``
     while capture is on; the parameters are read at each call (peft's LoRA parametrizes them)."""
     op = ExpertsOp(form)
     original = type(module).forward
@@ -176,7 +176,7 @@ def install_experts_capture(module: nn.Module, layer, form: ExpertsForm) -> Call
 def expert_factors(layer, uses, layout, num_experts: int, dtype: torch.dtype) -> list:
     """Per expert, its tokens' factors grouped by sequence -- ``(inputs, gate_up output grads, gate
     outputs, down output grads)``, each (k, C, .) in ``dtype`` -- or ``None`` if no token reached it.
-    ``uses`` are :class:`gradproj.capture.expert_op.ExpertsOp` uses."""
+    ``uses`` are `gradproj.capture.expert_op.ExpertsOp` uses."""
     pieces: list[list] = [[] for _ in range(num_experts)]
     known: list | None = [0] * num_experts  # widths the forwards read with their routing (padded layouts)
     for tokens, counts, rows, token_shape, xs, d_h, a_all, d_out, forward_widths in uses:
@@ -218,7 +218,7 @@ def _weight(inputs: torch.Tensor, out_grads: torch.Tensor, gram: str, transposed
 
     Ghost form when the cost rule picks it; otherwise the slice's k sequence gradients are built in
     the shared workspace only while its Gram is computed, and combinations come from the factors
-    (:class:`gradproj.linalg.linear_grads.BlockedLinearGrads` with one block): memory for one
+    (`gradproj.linalg.linear_grads.BlockedLinearGrads` with one block): memory for one
     expert's slice at a time, never all experts' at once."""
     left, right = (inputs, out_grads) if transposed else (out_grads, inputs)  # s_i = left_i^T right_i
     k, tokens = right.shape[0], right.shape[0] * right.shape[1]

@@ -1,15 +1,15 @@
 """The ``forward`` gradproj installs on a covered module instance.
 
 A layer handler routes a covered module's forward through its captured autograd Function by
-setting the instance attribute ``module.forward`` (:func:`install_forward`). That attribute is an
-:class:`InstalledForward`, not a closure, so that a *copy* of a wrapped model behaves as users
+setting the instance attribute ``module.forward`` (`install_forward`). That attribute is an
+`InstalledForward`, not a closure, so that a *copy* of a wrapped model behaves as users
 expect:
 
 * ``copy.deepcopy(model)`` (a reference or old-policy copy) gives modules whose forward runs their
   class's own forward on the copy's own weights -- never the original's, and never captured;
 * ``torch.save(model)`` pickles, and loads as a plain model;
 * such a copy can itself be wrapped by another optimizer (its inert forwards are recognised by
-  :func:`runs_class_forward` and replaced).
+  `runs_class_forward` and replaced).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ An MoE router (Qwen2/3-MoE's, Mixtral's, OLMoE's, gpt-oss's ``*TopKRouter``) hol
 and renormalisation -- no parameter after the linear step. Its parameter gradient is that of the
 linear step, so it is captured exactly like ``nn.Linear``: while the module's own forward runs, a
 torch-function mode routes that ``F.linear`` call through the captured linear op
-(:func:`gradproj.capture.handlers.captured_linear`); everything after it (softmax in float32, top-k,
+(`gradproj.capture.handlers.captured_linear`); everything after it (softmax in float32, top-k,
 the routing weights' path into the experts) stays ordinary autograd, so the router's gradient is
 exact whatever the routing does.
 

@@ -1,20 +1,20 @@
 """Checks of the model and of ``.grad`` that keep the capture from being silently wrong.
 
-Each refuses, with a :class:`gradproj.GradProjError` saying what and how to fix it, a setting in
+Each refuses, with a `gradproj.GradProjError` saying what and how to fix it, a setting in
 which the engine's per-sequence decomposition would no longer be the gradient of the loss:
 
-* :func:`refuse_sequence_first` -- modules built ``batch_first=False`` (their activations are
+* `refuse_sequence_first` -- modules built ``batch_first=False`` (their activations are
   (tokens, sequences, ...), while gradproj reads the first axis as the sequence), at ``wrap()``;
-* :func:`refuse_training_batch_norms` -- BatchNorm in training mode (batch statistics mix the
+* `refuse_training_batch_norms` -- BatchNorm in training mode (batch statistics mix the
   sequences of a microbatch), at each microbatch;
-* :func:`watch_registrations` / :func:`registrations` -- a process-wide count of module and
+* `watch_registrations` / `registrations` -- a process-wide count of module and
   parameter registrations, so that a model changed after ``wrap()`` is rescanned for uncovered
   trainable parameters at the next microbatch (and only then);
-* :func:`refuse_edited_grads` -- ``.grad`` changed inside a block (the block's update is added to
+* `refuse_edited_grads` -- ``.grad`` changed inside a block (the block's update is added to
   the ``.grad`` it found, when it closes);
-* :func:`refuse_replaced_forwards` -- a covered module whose forward was replaced after ``wrap()``
+* `refuse_replaced_forwards` -- a covered module whose forward was replaced after ``wrap()``
   (its log-probs were computed without capture), at each microbatch;
-* :func:`turn_off_hub_kernels` -- transformers' hub kernels, which rebind the forwards of decorated
+* `turn_off_hub_kernels` -- transformers' hub kernels, which rebind the forwards of decorated
   modules whenever ``model.train()``/``model.eval()`` switches the kernels' mode, at ``wrap()``.
 """
 
@@ -132,7 +132,7 @@ def turn_off_hub_kernels(model: nn.Module) -> list[nn.Module]:
     kernelizes the model again: the forwards of the decorated modules (RMSNorm, MLPs, ...) are
     rebound, replacing gradproj's capture -- TRL switches modes around every generation. gradproj
     needs the modules' own forwards, so hub kernels stay off on a wrapped model (``use_kernels =
-    False`` restores the torch forwards; :func:`restore_hub_kernels` turns them on again)."""
+    False`` restores the torch forwards; `restore_hub_kernels` turns them on again)."""
     off = []
     for module in model.modules():
         switch = getattr(type(module), "use_kernels", None)

@@ -3,14 +3,14 @@
 A handler is registered through the ``gradproj_layer_handlers`` hook (the built-in ``nn.Linear``
 handler below is registered that way). It
 
-* describes its module's computation as a :class:`gradproj.capture.captured_call.CapturedOp` and
-  ``install`` s a forward (:func:`gradproj.capture.forwards.install_forward`) that runs it through
-  the shared :class:`gradproj.capture.captured_call.CapturedCall` while
-  :func:`gradproj.capture.captured_call.captures` says so: the module's backward then hands its
+* describes its module's computation as a `gradproj.capture.captured_call.CapturedOp` and
+  ``install`` s a forward (`gradproj.capture.forwards.install_forward`) that runs it through
+  the shared `gradproj.capture.captured_call.CapturedCall` while
+  `gradproj.capture.captured_call.captures` says so: the module's backward then hands its
   *use* (e.g. ``(inputs, output_grads)``) to the engine instead of accumulating parameter gradients
   (no extra matmul: the weight gradient is never computed twice), or returns ordinary gradients in
   a plain microbatch;
-* turns the collected uses into :mod:`gradproj.linalg` sequence gradients per parameter.
+* turns the collected uses into `gradproj.linalg` sequence gradients per parameter.
 
 peft's LoRA adapters (``lora_A``/``lora_B``) are ``nn.Linear`` and need nothing more.
 """
@@ -62,7 +62,7 @@ class LayerHandler:
     structural: ClassVar[bool] = False
     #: The handler covers parameters held by the module's *submodules* (an adapter that wraps a
     #: module, e.g. peft's LoRA on a model parameter): the plan asks every such handler about every
-    #: module (``accepts``), outermost first, and takes :meth:`covered_parameters` as the layer's.
+    #: module (``accepts``), outermost first, and takes `covered_parameters` as the layer's.
     covers_descendants: ClassVar[bool] = False
 
     def covered_parameters(self, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -81,8 +81,8 @@ class LayerHandler:
     def sequence_gradients(self, layer, uses, layout, gram: str, workspace=None, slots=None) -> dict:
         """``{param attribute: SequenceGradients}`` from the uses collected in one microbatch.
 
-        ``layout`` (:mod:`gradproj.capture.layout`) maps activations to the ``layout.k`` sequences.
-        ``workspace`` (a :class:`gradproj.linalg.sequence_grads.Workspace`) may back large
+        ``layout`` (`gradproj.capture.layout`) maps activations to the ``layout.k`` sequences.
+        ``workspace`` (a `gradproj.linalg.sequence_grads.Workspace`) may back large
         temporaries; the returned objects are only valid until the next layer is processed.
         ``slots`` maps attributes to (k, *shape) tensors the handler must fill with the sequence
         gradients instead (batched parameters; only if ``supports_slots``); those attributes are
@@ -126,7 +126,7 @@ _LINEAR = _LinearOp()
 def captured_linear(layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through the captured linear op of ``layer``. A 2-D ``x`` whose
     rows are provably a flattening of ``(B, T, d)`` tokens (MoE routers and shared experts) runs as
-    ``(B, T, d)``, so the layout can tell each row's sequence (:mod:`gradproj.capture.token_rows`)."""
+    ``(B, T, d)``, so the layout can tell each row's sequence (`gradproj.capture.token_rows`)."""
     rows = as_token_rows(x)
     out = CapturedCall.apply(_LINEAR, layer, rows, weight, bias)
     return out if rows is x else out.reshape(x.shape[0], out.shape[-1])

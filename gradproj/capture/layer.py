@@ -1,6 +1,6 @@
 """One covered module, and the interface between its layer handler and the capture engine.
 
-A handler's autograd Function talks to capture only through its :class:`LayerCapture`:
+A handler's autograd Function talks to capture only through its `LayerCapture`:
 
 * ``layer.capturing`` -- whether its installed forward should run the capturing Function at all;
 * ``layer.count_forward()`` -- once per captured forward (one use of the module);
@@ -87,13 +87,13 @@ class LayerCapture:
 
     def backward(self, use) -> None:
         """Hand one use ``(inputs, output_grads)`` of the module to the engine (called by the
-        handler's backward when :meth:`plain_backward` is false)."""
+        handler's backward when `plain_backward` is false)."""
         self.engine.on_backward(self, use)
 
     def plain_backward(self) -> bool:
         """Called once by the handler's backward: whether to return ordinary parameter gradients
         (paused, detached, or a microbatch that needs no sequence gradients) instead of handing
-        the use to :meth:`CaptureEngine.on_backward`. A plain use is consumed here."""
+        the use to `CaptureEngine.on_backward`. A plain use is consumed here."""
         if self.engine.plain_backward:
             self.pending = max(self.pending - 1, 0)
             return True

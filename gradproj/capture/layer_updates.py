@@ -1,9 +1,9 @@
 """A finished layer's way to ``.grad``: sequence gradients, transforms, the rule, the sink.
 
 Once every use of a covered module in a microbatch has reached its handler's backward, the
-handler builds the layer's sequence gradients (:mod:`gradproj.linalg`); for each parameter the
+handler builds the layer's sequence gradients (`gradproj.linalg`); for each parameter the
 per-layer coefficient transforms and the accumulation rule turn them and the running gradient into
-an update (a single-tensor :class:`gradproj.work.LayerBatch`), which the gradient sink stages or
+an update (a single-tensor `gradproj.work.LayerBatch`), which the gradient sink stages or
 writes. Tied parameters wait for all their modules; small batched parameters only fill their row
 of a shared buffer and run as one stacked batch per group when the microbatch closes.
 """

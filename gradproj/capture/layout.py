@@ -1,10 +1,10 @@
 """Token -> sequence maps: how a layer's activations are split into the microbatch's sequences.
 
-* :class:`PaddedLayout` -- batch-first activations (k, T, ...): row i is sequence i.
-* :class:`PackedLayout` -- remove-padding / packed activations (1, total, ...) or (total, ...), with
+* `PaddedLayout` -- batch-first activations (k, T, ...): row i is sequence i.
+* `PackedLayout` -- remove-padding / packed activations (1, total, ...) or (total, ...), with
   sequence i at positions ``cu_seqlens[i]:cu_seqlens[i+1]`` (flash-attention's convention).
 
-Handlers call :meth:`rows` to get a (k, positions, features) view or zero-padded copy; positions a
+Handlers call `rows` to get a (k, positions, features) view or zero-padded copy; positions a
 sequence does not have carry zero output gradients, so sums over them are exact.
 """
 
@@ -157,7 +157,7 @@ def make_layout(
     k: int, cu_seqlens: torch.Tensor | None, position_ids: torch.Tensor | None, where: str, token_axis: bool | None = None
 ):
     """The layout of a microbatch of ``k`` sequences (padded unless ``cu_seqlens``/``position_ids``);
-    ``token_axis`` as in :class:`PaddedLayout`."""
+    ``token_axis`` as in `PaddedLayout`."""
     if cu_seqlens is None and position_ids is None:
         return PaddedLayout(k, token_axis)
     if cu_seqlens is not None and position_ids is not None:
@@ -181,7 +181,7 @@ def make_layout(
     return PackedLayout(cu_seqlens)
 
 
-#: graph nodes where the walk of :func:`check_row_order` stops: the model's output layer
+#: graph nodes where the walk of `check_row_order` stops: the model's output layer
 _MODEL_NODES = ("MmBackward", "AddmmBackward", "BmmBackward", "LinearBackward", "MatmulBackward", "AccumulateGrad")
 
 

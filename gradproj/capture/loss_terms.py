@@ -1,10 +1,10 @@
 """Refusing loss terms that reach the covered parameters without passing through ``logp``.
 
 Before each backward started inside an open microbatch block, the loss graph is walked from its
-roots (:func:`gradproj.capture.backward_watch.path_around`), stopping at the edge into ``logp``.
+roots (`gradproj.capture.backward_watch.path_around`), stopping at the edge into ``logp``.
 Reaching a captured layer of this engine, the gradient accumulator of a covered parameter, or a
 reentrant checkpoint segment (whose layers the walk cannot see) means part of the loss bypasses
-the per-sequence weights gradproj re-applies: a :class:`gradproj.LossTermError`, raised before
+the per-sequence weights gradproj re-applies: a `gradproj.LossTermError`, raised before
 anything changed. A hook registered on ``logp`` after gradproj's own is refused too.
 """
 

@@ -29,7 +29,7 @@ _FIX_CONSTANT = (
 
 
 def validate_inputs(logp, mask, where: str):
-    """Check ``logp`` and ``mask`` and return ``(mask_bool, seed)``; raise :class:`InputError`.
+    """Check ``logp`` and ``mask`` and return ``(mask_bool, seed)``; raise `InputError`.
 
     ``seed`` is the mask in ``logp``'s dtype -- the gradient the hook returns.
     """
@@ -129,8 +129,8 @@ class Microbatch:
         coefficients: ``c`` (float64, (k,)) once the backward reached ``logp``.
         dropped: True once a non-finite value was seen; nothing of it reaches ``.grad``.
         group_ids: the prompt group of each row (``None`` if the pipeline gave none).
-        step_groups: the step's :class:`gradproj.work.StepGroups` (or ``None``).
-        context: the read-only :class:`gradproj.work.MicrobatchContext` coefficient transforms get.
+        step_groups: the step's `gradproj.work.StepGroups` (or ``None``).
+        context: the read-only `gradproj.work.MicrobatchContext` coefficient transforms get.
         error: the error gradproj raised inside this block's backward, if any (the block is then
             discarded even if the user's code caught it).
     """

@@ -1,9 +1,9 @@
 """Layer handlers for elementwise-affine normalisation layers: ``nn.LayerNorm``, and every other
 norm recognised by what it computes (RMSNorms with ``weight`` or Gemma's ``1 + weight``, with or
-without bias; custom layer norms): :mod:`gradproj.capture.norm_probe`.
+without bias; custom layer norms): `gradproj.capture.norm_probe`.
 
 The module's normalisation runs as ordinary autograd code; only the affine step
-``y = xhat * (offset + weight) + bias`` is captured (:mod:`gradproj.capture.captured_call`), its
+``y = xhat * (offset + weight) + bias`` is captured (`gradproj.capture.captured_call`), its
 backward handing ``(xhat, dy)`` to the engine. The sequence gradients are ``s_i = sum_{u in i} dy_u * xhat_u`` (weight)
 and ``sum_{u in i} dy_u`` (bias): k x d, so they take the batched path for small tensors.
 
@@ -136,7 +136,7 @@ class LayerNormHandler(_AffineHandler):
 class StructuralNormHandler(_AffineHandler):
     """Any other elementwise-affine norm -- the RMSNorms of Llama, Qwen, Mistral, Phi3, Gemma,
     OLMo2, gpt-oss, ..., with or without bias, and custom layer norms -- recognised by what it
-    computes (:func:`gradproj.capture.norm_probe.recognise_norm`), not by its class name.
+    computes (`gradproj.capture.norm_probe.recognise_norm`), not by its class name.
 
     A structural handler: it is asked only about modules no type-specific handler covers, and
     accepts those whose forward reproduces a known form on a probe input."""

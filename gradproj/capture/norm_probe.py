@@ -4,7 +4,7 @@ A module qualifies when its only direct parameters are a 1-D ``weight`` (and opt
 ``bias`` of the same size), it has a float epsilon attribute (``variance_epsilon``, ``eps`` or
 ``epsilon``), it runs its class's own forward, and that forward -- run on a stand-in of the module
 holding random probe parameters, so the module itself and its hooks are untouched -- reproduces one
-of the known forms on a random probe input (:func:`gradproj.capture.probe.class_forward_on`):
+of the known forms on a random probe input (`gradproj.capture.probe.class_forward_on`):
 
 * RMS normalisation: ``normalise(x) * (offset + weight) [+ bias]`` with ``offset`` 0 (Llama, Qwen,
   Mistral, Phi3, OLMo2, gpt-oss, ...) or 1 (Gemma);
@@ -79,7 +79,7 @@ def _candidates(x, weight, bias, eps):
 
 
 def recognise_norm(module: nn.Module) -> NormForm | None:
-    """The :class:`NormForm` ``module`` computes, or ``None`` (see the module doc)."""
+    """The `NormForm` ``module`` computes, or ``None`` (see the module doc)."""
     own = dict(module.named_parameters(recurse=False))
     weight, bias = own.get("weight"), own.get("bias")
     if weight is None or set(own) - {"weight", "bias"} or weight.dim() != 1 or not runs_class_forward(module):

@@ -7,8 +7,8 @@ targeted). During the forward, each wrapper parametrizes its parameter as ``W = 
 -- expert e's ``A_e`` is rows ``e*r:(e+1)*r`` -- and ``lora_B`` of shape (out, r*E) -- ``B_e`` is
 the columns ``j*E + e`` (E = 1 for a router's 2-D weight). The adapters never run as modules, so
 nothing of theirs can be captured; the wrapped module can. It runs captured on the parametrized
-weights (fused experts: :mod:`gradproj.capture.expert_op`; a router: its ``F.linear``,
-:mod:`gradproj.capture.functional_linear`), its backward returns no gradient for them (none
+weights (fused experts: `gradproj.capture.expert_op`; a router: its ``F.linear``,
+`gradproj.capture.functional_linear`), its backward returns no gradient for them (none
 reaches ``lora_A``/``lora_B`` through autograd) and hands the engine the token factors of each
 projection -- its input ``x_t`` and output gradient ``y_t``. Per expert and sequence (whatever the
 storage orientation)::
@@ -16,10 +16,10 @@ storage orientation)::
     dA_e = s * sum_t (B_e^T y_t) x_t^T        dB_e = s * sum_t y_t (A_e x_t)^T
 
 -- linear-weight sequence gradients over the expert's tokens, in the blocks of ``lora_A``
-(leading) and ``lora_B`` (trailing) (:class:`gradproj.linalg.expert_grads.ExpertStackGrads`).
+(leading) and ``lora_B`` (trailing) (`gradproj.linalg.expert_grads.ExpertStackGrads`).
 
 Covered: one active, unmerged adapter per wrapper, without DoRA or ``lora_bias``, on ``gate_up_proj``
-and/or ``down_proj`` of a module :class:`gradproj.capture.experts_handler.FusedExpertsHandler`
+and/or ``down_proj`` of a module `gradproj.capture.experts_handler.FusedExpertsHandler`
 recognises, or on the ``weight`` of a module that uses it only through ``F.linear`` (a router); the
 wrapped module's own parameters frozen. Token-factor strategies (``intra_proma``) project each
 expert's block of ``lora_A``/``lora_B`` with that expert's tokens.

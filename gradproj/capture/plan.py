@@ -2,7 +2,7 @@
 
 Which modules are covered and by which handler, each covered parameter's name, the parameters
 shared by several covered modules (tied weights), which small parameters are batched into shared
-buffers (:mod:`gradproj.capture.batching`) and how large a layer must be to be materialised in
+buffers (`gradproj.capture.batching`) and how large a layer must be to be materialised in
 blocks. Building the plan changes nothing; every refusal (an uncovered trainable parameter, a
 layer without the token factors the strategy needs) comes before any hook is installed.
 """
@@ -116,9 +116,9 @@ def build_plan(
     needs_tokens: bool,
     rule: str,
 ) -> CapturePlan:
-    """Plan the capture of ``model`` for ``engine`` (the owner of the :class:`LayerCapture` s).
+    """Plan the capture of ``model`` for ``engine`` (the owner of the `LayerCapture` s).
 
-    ``rule``: the strategy names, for messages. Raises :class:`CoverageError` when a trainable
+    ``rule``: the strategy names, for messages. Raises `CoverageError` when a trainable
     parameter is not covered, or a covered layer lacks token factors a strategy needs."""
     named = list(model.named_parameters())
     frozen = [p for n, p in named if p.requires_grad and any(fnmatch.fnmatchcase(n, g) for g in exclude)]
@@ -174,7 +174,7 @@ def block_numel(params: list[torch.Tensor]) -> int:
 
     ``params``: the parameters whose sequence gradients may be materialised. A weight more than
     twice this size (typically a large vocabulary's lm_head) is materialised a
-    block at a time (:class:`gradproj.linalg.linear_grads.BlockedLinearGrads`), so the
+    block at a time (`gradproj.linalg.linear_grads.BlockedLinearGrads`), so the
     workspace is sized by the second-largest parameter, not by that one.
     """
     sizes = sorted({id(p): p.numel() for p in params}.values(), reverse=True)
@@ -195,7 +195,7 @@ def _check_tokens(layers: list[LayerCapture], rule: str) -> None:
 def _plan_batching(plan: CapturePlan) -> None:
     """Group small parameters by (element count, compute dtype, device) within the memory budget.
 
-    The budget is :data:`gradproj.capture.batching.BATCH_MAX_BYTES`, and where some layer is too
+    The budget is `gradproj.capture.batching.BATCH_MAX_BYTES`, and where some layer is too
     large to batch, no more than the workspace the largest such layer's materialised sequence
     gradients need anyway (one block of a blocked layer): batching then at most doubles gradproj's
     scratch memory. Smallest parameters are batched first.

@@ -1,9 +1,9 @@
 """Attaching an engine to a model, detaching it, and keeping its coverage honest.
 
-:meth:`EngineSetup.attach` builds the :class:`gradproj.capture.plan.CapturePlan` (every refusal
+`EngineSetup.attach` builds the `gradproj.capture.plan.CapturePlan` (every refusal
 first), then installs the handlers, a guard hook per covered parameter (an ordinary gradient
 reaching one during a captured microbatch means a use outside its covered module), the DDP/FSDP2
-adapters and the gradient sink. :meth:`EngineSetup._check_coverage` runs when each microbatch
+adapters and the gradient sink. `EngineSetup._check_coverage` runs when each microbatch
 opens: parameters or modules added, or made trainable, after ``wrap()`` are refused.
 """
 
@@ -42,7 +42,7 @@ ENGINES: weakref.WeakKeyDictionary[nn.Module, EngineSetup] = weakref.WeakKeyDict
 
 @dataclass(frozen=True)
 class CaptureSettings:
-    """The engine's share of :class:`gradproj.GradProjConfig` (a plain value).
+    """The engine's share of `gradproj.GradProjConfig` (a plain value).
 
     Attributes:
         exclude: glob patterns of parameters to freeze and leave alone.
@@ -61,8 +61,8 @@ class CaptureSettings:
 
 class EngineSetup:
     """The state of a capture engine, its set-up and its coverage checks (the base of
-    :class:`gradproj.capture.step.StepControl`, itself the base of
-    :class:`gradproj.capture.engine.CaptureEngine`)."""
+    `gradproj.capture.step.StepControl`, itself the base of
+    `gradproj.capture.engine.CaptureEngine`)."""
 
     def __init__(self, model: nn.Module, settings: CaptureSettings, strategies: ResolvedStrategies, registry: Registry) -> None:
         self.model = model
@@ -107,7 +107,7 @@ class EngineSetup:
             self.diagnostics.reset()
 
     # views of the plan (what is covered)
-    layers = property(lambda self: self.plan.layers, doc="The covered modules (:class:`LayerCapture` s).")
+    layers = property(lambda self: self.plan.layers, doc="The covered modules (`LayerCapture` s).")
     _covered = property(lambda self: self.plan.covered)
     _covered_params = property(lambda self: self.plan.covered_params)
     _shared = property(lambda self: self.plan.shared)

@@ -4,12 +4,12 @@ Under FSDP2 a parameter is a ``DTensor`` sharded over the ranks, while the layer
 backward see the unsharded weight -- so a captured layer's sequence gradients, and the strategy's
 update, are full-size. gradproj therefore keeps each rank's running gradient of the covered
 parameters as a plain full-size tensor (as FSDP2 itself does when gradient synchronisation is off
-during accumulation), lets the strategy work on it, and at :meth:`ShardedGradients.sync` (once per
+during accumulation), lets the strategy work on it, and at `ShardedGradients.sync` (once per
 optimizer step: ``opt.sync_gradients()`` or ``opt.step()``) averages it over the ranks and writes
 each rank's shard into ``param.grad`` as a ``DTensor`` with the parameter's placements.
 
 Between microbatches ``param.grad`` is therefore ``None``; the running gradient is the rank-local
-one (same data-parallel semantics as DDP: see :mod:`gradproj.capture.data_parallel`).
+one (same data-parallel semantics as DDP: see `gradproj.capture.data_parallel`).
 """
 
 from __future__ import annotations

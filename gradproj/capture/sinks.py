@@ -1,14 +1,14 @@
 """Gradient sinks: where a microbatch's updates go, one implementation per write mode.
 
-* :class:`StagedSink` (default, ``nonfinite="drop"``): updates are staged in the microbatch and
+* `StagedSink` (default, ``nonfinite="drop"``): updates are staged in the microbatch and
   added to ``param.grad`` when it closes -- all of them, or none if something failed or came out
   non-finite, so a failed microbatch can be retried.
-* :class:`DirectSink` (``nonfinite="propagate"``): each layer's update is added to ``param.grad``
+* `DirectSink` (``nonfinite="propagate"``): each layer's update is added to ``param.grad``
   at once (no staged copy of the gradient: less memory); the close only checks for NaN/inf.
-* :class:`ShardedSink` (FSDP2): staged like the default, applied to the rank-local full-size
-  running gradients of :class:`gradproj.capture.sharded.ShardedGradients`.
+* `ShardedSink` (FSDP2): staged like the default, applied to the rank-local full-size
+  running gradients of `gradproj.capture.sharded.ShardedGradients`.
 
-Every sink reads the running gradient ``G`` (:meth:`GradientSink.running_grad`), offers an output
+Every sink reads the running gradient ``G`` (`GradientSink.running_grad`), offers an output
 buffer for a layer's update, commits updates, applies the staged ones, and can poison every
 covered gradient with NaN (``nonfinite="propagate"``, or a step whose microbatches all dropped).
 """
@@ -30,14 +30,14 @@ class GradientSink:
     """Base: updates staged in the microbatch, applied to ``param.grad`` at its close.
 
     Args:
-        covered_params: the covered parameters (what :meth:`poison` fills).
+        covered_params: the covered parameters (what `poison` fills).
         batched: ids of batched small parameters (their updates are views of a shared buffer and
             never reused as output buffers).
     """
 
     #: whether updates reach ``.grad`` as each layer finishes (nothing staged)
     writes_directly = False
-    #: FSDP2's rank-local running gradients (:class:`ShardedSink`), else ``None``
+    #: FSDP2's rank-local running gradients (`ShardedSink`), else ``None``
     sharded: ShardedGradients | None = None
 
     def __init__(self, covered_params: Sequence[torch.Tensor], batched: Container[int]) -> None:

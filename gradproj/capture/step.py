@@ -1,10 +1,10 @@
 """The optimizer step around the microbatches: groups, checks before the inner step, the step's end.
 
-* :meth:`StepControl.set_groups` -- the step's prompt groups and rewards, once per step;
-* :meth:`StepControl.check_step` -- before the inner ``step()``: refuse an incomplete running
+* `StepControl.set_groups` -- the step's prompt groups and rewards, once per step;
+* `StepControl.check_step` -- before the inner ``step()``: refuse an incomplete running
   gradient, skip a step whose microbatches all dropped;
-* :meth:`StepControl.sync_gradients` -- average over data-parallel ranks once per step;
-* :meth:`StepControl.end_step` -- snapshot the step's metrics and start counting anew.
+* `StepControl.sync_gradients` -- average over data-parallel ranks once per step;
+* `StepControl.end_step` -- snapshot the step's metrics and start counting anew.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ __all__ = ["StepControl"]
 
 
 class StepControl(EngineSetup):
-    """Step-level operations of the capture engine (its state is set up by :class:`EngineSetup`)."""
+    """Step-level operations of the capture engine (its state is set up by `EngineSetup`)."""
 
     def check_idle(self, what: str) -> None:
-        """Raise :class:`ProtocolError` if a microbatch block is open."""
+        """Raise `ProtocolError` if a microbatch block is open."""
         if self.current is not None:
             raise ProtocolError(f"{what} called inside an open opt.microbatch(...) block; close it first")
 
@@ -46,7 +46,7 @@ class StepControl(EngineSetup):
         )
 
     def set_groups(self, group_ids, rewards) -> None:
-        """Record the step's prompt groups and rewards (see :meth:`GradProjOptimizer.set_groups`)."""
+        """Record the step's prompt groups and rewards (see `GradProjOptimizer.set_groups`)."""
         self.check_idle("opt.set_groups()")
         groups = StepGroups(group_ids, rewards)
         if self.step_groups is not None and self.step_pending() and not groups.same_as(self.step_groups):

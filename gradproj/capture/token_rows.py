@@ -2,7 +2,7 @@
 
 MoE blocks run their routers, shared experts and experts on tokens flattened to ``(B*T, d)``
 (``hidden_states.view(-1, d)``): the sequence axis is gone from the tensor, but not from the
-computation. :func:`flattened_token_shape` recovers it from how the tensor was made, at the
+computation. `flattened_token_shape` recovers it from how the tensor was made, at the
 forward of a captured call, and answers only when the rows are provably the batch-major tokens of a
 ``(B, T, ...)`` activation (row ``r`` is token ``r % T`` of sequence ``r // T``):
 
@@ -16,7 +16,7 @@ forward of a captured call, and answers only when the rows are provably the batc
 
 Rows gathered or reordered (``x[token_idx]``, ``index_select``, a permute), rows of no known
 provenance, and tensors made under ``no_grad`` that are not views answer ``None``: the caller then
-keeps the 2-D activation, and the layout refuses it at the backward with an :class:`InputError`
+keeps the 2-D activation, and the layout refuses it at the backward with an `InputError`
 rather than guessing.
 """
 

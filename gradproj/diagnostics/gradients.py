@@ -62,7 +62,7 @@ class GradientDiagnostics:
     def observe(self, name: str, gram, coefficients, group_ids) -> None:
         """One parameter tensor in one microbatch: (k, k) Gram and (k,) coefficients (float64).
 
-        Tensors are kept where they are and read when :meth:`metrics` is called (observing runs
+        Tensors are kept where they are and read when `metrics` is called (observing runs
         inside the backward: no host synchronisation there)."""
         self._pending.append((name, gram, coefficients, group_ids))
 

@@ -4,7 +4,7 @@ On a GPU, an operation whose result the host must read (``.item()``, ``bool(tens
 the host, an output whose size depends on the data, a LAPACK-style call whose error codes torch
 checks on the host) makes Python wait until the GPU has run everything queued before it. Inside
 the backward pass that stalls the autograd engine, once per call. gradproj's capture is written to
-do none of that per layer; :func:`count_host_syncs` is how that is checked -- on the CPU, where
+do none of that per layer; `count_host_syncs` is how that is checked -- on the CPU, where
 nothing actually waits, by recording the operations that *would* synchronise on a GPU::
 
     with gradproj.diagnostics.count_host_syncs() as syncs:
@@ -13,13 +13,13 @@ nothing actually waits, by recording the operations that *would* synchronise on 
 
 What is recorded:
 
-* through a :class:`torch.utils._python_dispatch.TorchDispatchMode`: ``aten._local_scalar_dense``
+* through a `torch.utils._python_dispatch.TorchDispatchMode`: ``aten._local_scalar_dense``
   (``.item()``, ``float()``, ``int()``, ``bool()`` of a tensor), data-dependent output shapes
   (``nonzero``, ``unique``, ``masked_select``, boolean-mask indexing, ``bincount``,
   ``repeat_interleave`` without ``output_size``) and the linear-algebra kernels whose error codes
   torch reads on the host (``linalg.eigh``/``eigvalsh``, ``svd``, the non-``_ex`` ``solve``,
   ``cholesky``, ``inv``);
-* by patching :class:`torch.Tensor`: ``.cpu()``, ``.numpy()``, ``.tolist()`` and ``__array__``
+* by patching `torch.Tensor`: ``.cpu()``, ``.numpy()``, ``.tolist()`` and ``__array__``
   (copies to the host; on the CPU they copy nothing, but on a GPU each one waits).
 
 Each event keeps the first stack frame inside ``gradproj`` (or the first outside torch), so a test
@@ -86,7 +86,7 @@ def _where() -> str:
 
 @dataclass(eq=False)
 class HostSyncs:
-    """The synchronisations recorded by :func:`count_host_syncs`.
+    """The synchronisations recorded by `count_host_syncs`.
 
     Attributes:
         events: ``(what, where)`` per synchronisation, in order: the operation (``"aten.nonzero"``,
@@ -142,7 +142,7 @@ def _patched(name: str):
 def count_host_syncs() -> Iterator[HostSyncs]:
     """Record, while the block runs, every operation that would synchronise with the host on a GPU.
 
-    Yields a :class:`HostSyncs` (``len()`` is the count, ``.summary()`` says where). Nested blocks
+    Yields a `HostSyncs` (``len()`` is the count, ``.summary()`` says where). Nested blocks
     each record what happens inside them.
     """
     syncs = HostSyncs()

@@ -44,7 +44,7 @@ def _spectral(matrix: torch.Tensor) -> float:
 
 
 class LoraKLBound:
-    """Snapshots every LoRA adapter at construction; :meth:`metrics` gives mu(r) from the drift since.
+    """Snapshots every LoRA adapter at construction; `metrics` gives mu(r) from the drift since.
 
     Args:
         model: a model with peft LoRA layers.

@@ -2,15 +2,15 @@
 
 The bottom layer of gradproj: it imports nothing of the rest.
 
-* :mod:`gradproj.linalg.sequence_grads` -- the protocol of the sequence gradients of one parameter
+* `gradproj.linalg.sequence_grads` -- the protocol of the sequence gradients of one parameter
   tensor in one microbatch (``gram`` / ``inner`` / ``gram_with`` / ``combine``), the generic forms
-  and token-level factors; its representations: :mod:`gradproj.linalg.linear_grads` (a linear
+  and token-level factors; its representations: `gradproj.linalg.linear_grads` (a linear
   weight: materialised, in blocks of rows, or the "ghost" Gram form),
-  :mod:`gradproj.linalg.embedding_grads` (an embedding table, per distinct token),
-  :mod:`gradproj.linalg.sum_grads` (a tied parameter: the sum over its modules);
-* :mod:`gradproj.linalg.projection` -- k x k solvers that turn a Gram matrix and inner products
+  `gradproj.linalg.embedding_grads` (an embedding table, per distinct token),
+  `gradproj.linalg.sum_grads` (a tied parameter: the sum over its modules);
+* `gradproj.linalg.projection` -- k x k solvers that turn a Gram matrix and inner products
   into projection coefficients;
-* :mod:`gradproj.linalg.subspace` and :mod:`gradproj.linalg.factored` -- top subspaces of
+* `gradproj.linalg.subspace` and `gradproj.linalg.factored` -- top subspaces of
   token-level factors and the factored (Kronecker) projection Intra-PROMA uses.
 """
 

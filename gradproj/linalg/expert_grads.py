@@ -8,10 +8,10 @@ weight (or bias) seen only by the tokens routed to ``e``, so the sequence gradie
 * ``<s_i, s_j> = sum_e <s_i[e], s_j[e]>``, ``<s_i, G> = sum_e <s_i[e], G[e]>``,
 * ``sum_i g_i s_i`` is built expert by expert.
 
-:class:`ExpertStackGrads` composes the per-expert sequence gradients (any representation: a
+`ExpertStackGrads` composes the per-expert sequence gradients (any representation: a
 linear weight's materialised or ghost form over that expert's tokens only, a bias's token sums); an
 expert no token reached has none and contributes zeros. Nothing of size E x k x |slice| is built
-unless each block's own cost rule materialises it. :func:`rows_by_sequence` groups an expert's
+unless each block's own cost rule materialises it. `rows_by_sequence` groups an expert's
 tokens by sequence, padded to the longest group (not to the sequence length).
 """
 
@@ -31,7 +31,7 @@ __all__ = ["ExpertStackGrads", "ExpertTokenFactors", "rows_by_sequence", "index_
 class ExpertTokenFactors:
     """Token factors of a parameter made of expert blocks: ``blocks[(e, factors_e)]`` -- each
     expert's block has the token factors of its own tokens
-    (:class:`gradproj.linalg.sequence_grads.TokenFactors`). Factored strategies (Intra-PROMA)
+    (`gradproj.linalg.sequence_grads.TokenFactors`). Factored strategies (Intra-PROMA)
     project each block with its own tokens; ``by_expert(g)`` views a parameter-shaped ``g`` as
     (E, *block) -- for peft's ``lora_B`` of fused experts, a strided view."""
 
@@ -44,7 +44,7 @@ class ExpertStackGrads:
     sequence gradients ``blocks[e]`` (``None``: no token reached expert e, its block gets no gradient).
 
     Args:
-        blocks (list): per expert, a :class:`gradproj.linalg.sequence_grads.SequenceGradients` of the
+        blocks (list): per expert, a `gradproj.linalg.sequence_grads.SequenceGradients` of the
             block's shape, or ``None``.
         k (int): the number of sequences.
         shape (tuple[int, ...]): the parameter's shape.

@@ -13,9 +13,9 @@ the dominant row subspace is spanned by the rows of the ``r`` most frequent ids 
 that carry a gradient (ties: lower id first -- the one-hot Gram is diagonal, so this *is* its top-r
 eigenspace, with a deterministic choice inside tied eigenvalues). A tied parameter (embedding and
 lm_head) concatenates the tokens of all its uses, one-hot rows materialised. Only skinny products with ``g`` and the factors are formed, and no d x d
-eigendecomposition (subspaces from :mod:`gradproj.linalg.subspace`).
+eigendecomposition (subspaces from `gradproj.linalg.subspace`).
 
-Two phases, so that the backward never waits for the host (:class:`FactoredProjection`): ``add``
+Two phases, so that the backward never waits for the host (`FactoredProjection`): ``add``
 runs per parameter as its layer finishes -- the passes over the factors that reduce them to small
 pending subspaces, the embedding's top ids -- and ``finish`` resolves every pending subspace at once
 (one batched eigendecomposition per shape class) and projects the gradients. A basis has as many
@@ -189,9 +189,9 @@ class FactoredProjection:
         return pending
 
     def add(self, g: torch.Tensor, factors) -> None:
-        """Phase 1 for one parameter: ``factors`` are :class:`TokenFactors`, :class:`IndexTokenFactors`,
-        a list of them (a tied parameter's uses) or :class:`ExpertTokenFactors`; ``g`` is projected in
-        place by :meth:`finish`. The factors are not referenced afterwards."""
+        """Phase 1 for one parameter: ``factors`` are `TokenFactors`, `IndexTokenFactors`,
+        a list of them (a tied parameter's uses) or `ExpertTokenFactors`; ``g`` is projected in
+        place by `finish`. The factors are not referenced afterwards."""
         parts: list = []
         copies: list = []
         if isinstance(factors, ExpertTokenFactors):
@@ -325,7 +325,7 @@ def _project_matrix(g, p: int, q: int, basis_r, basis_c, projector: str):
 
 def project_factored_batch(entries: list, *, rank: int, energy: float | None, projector: str,
                            solver: str, oversample: int, niter: int, cache: SubspaceCache | None = None) -> list:
-    """Project several ``(g, factors)`` in place at once (both phases of :class:`FactoredProjection`);
+    """Project several ``(g, factors)`` in place at once (both phases of `FactoredProjection`);
     a list of ``(g', removed_sq, ranks)`` with device-scalar ``removed_sq`` and ranks."""
     projection = FactoredProjection(rank=rank, energy=energy, projector=projector, solver=solver,
                                     oversample=oversample, niter=niter, cache=cache)
@@ -339,8 +339,8 @@ def project_factored(g: torch.Tensor, factors, *, rank: int, energy: float | Non
                      cache: SubspaceCache | None = None):
     """Project ``g = sum_i c_i s_i`` in place; returns ``(g', removed_sq, ranks)``.
 
-    ``factors``: :class:`TokenFactors`, :class:`IndexTokenFactors`, a list of them (the uses of a
-    tied parameter) or :class:`ExpertTokenFactors`. ``cache``: share subspaces between parameters
+    ``factors``: `TokenFactors`, `IndexTokenFactors`, a list of them (the uses of a
+    tied parameter) or `ExpertTokenFactors`. ``cache``: share subspaces between parameters
     whose factor is the same tensor. ``removed_sq`` is ``||g - g'||^2`` and ``ranks`` the subspace
     dimension of each side (device scalars). Token positions whose output-gradient row is zero
     (padding) are left out of both subspaces.

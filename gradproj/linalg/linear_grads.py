@@ -1,11 +1,11 @@
 """The sequence gradients of a linear layer's weight ``y = a W^T``: ``s_i = Delta_i^T A_i``.
 
-Three forms, one protocol (:class:`gradproj.linalg.sequence_grads.SequenceGradients`):
-:class:`MaterializedLinearGrads` holds the k matrices (one batched matmul);
-:class:`GhostLinearGrads` keeps the token-level factors and works through N x N Gram matrices;
-:class:`BlockedLinearGrads` materialises a block of rows at a time, for a layer far larger than
-the others. :func:`choose_linear_form` picks between the first two by cost,
-:func:`linear_weight_grads` builds the chosen one (blocked from the workspace's ``block_numel``).
+Three forms, one protocol (`gradproj.linalg.sequence_grads.SequenceGradients`):
+`MaterializedLinearGrads` holds the k matrices (one batched matmul);
+`GhostLinearGrads` keeps the token-level factors and works through N x N Gram matrices;
+`BlockedLinearGrads` materialises a block of rows at a time, for a layer far larger than
+the others. `choose_linear_form` picks between the first two by cost,
+`linear_weight_grads` builds the chosen one (blocked from the workspace's ``block_numel``).
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ class BlockedLinearGrads(LinearFactors):
     weight's rows at a time in the workspace (k+1 x ``block_rows`` x d_in) and sum the float64 block
     Grams; ``inner`` and ``combine`` work from the factors (``sum_u delta_u^T G a_u`` and
     ``D^T diag(gamma) A``), never building ``S``. Cost: one matmul of the layer's size more per
-    microbatch than :class:`MaterializedLinearGrads`; memory: one block instead of k+1 layers.
+    microbatch than `MaterializedLinearGrads`; memory: one block instead of k+1 layers.
     """
 
     def __init__(self, inputs: torch.Tensor, out_grads: torch.Tensor, workspace: Workspace | None, block_rows: int) -> None:

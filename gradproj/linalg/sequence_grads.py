@@ -7,11 +7,11 @@ provides (SPEC section 1):
 * ``inner(G)``    -- ``b_i = <s_i, G>``                   (k, float64)
 * ``combine(g)``  -- ``sum_i g_i s_i``                    (a tensor shaped like the parameter)
 
-This module holds the protocol, the generic representations (:class:`MaterializedGrads`:
-the k tensors themselves; :class:`TokenSumGrads`: sums over each sequence's tokens, for biases
+This module holds the protocol, the generic representations (`MaterializedGrads`:
+the k tensors themselves; `TokenSumGrads`: sums over each sequence's tokens, for biases
 and norms), token-level factors and the shared workspace. The forms of a linear layer's weight
-live in :mod:`gradproj.linalg.linear_grads`, an embedding table's in
-:mod:`gradproj.linalg.embedding_grads`, a tied parameter's sum in :mod:`gradproj.linalg.sum_grads`.
+live in `gradproj.linalg.linear_grads`, an embedding table's in
+`gradproj.linalg.embedding_grads`, a tied parameter's sum in `gradproj.linalg.sum_grads`.
 """
 
 from __future__ import annotations
@@ -95,8 +95,8 @@ class IndexTokenFactors:
 
 
 def dense_token_factors(factors):
-    """``(rows (N, p), cols (N, q) or None, keep (N, 1))`` of :class:`TokenFactors` or
-    :class:`IndexTokenFactors`; a list of them (pieces of a tied parameter) is concatenated."""
+    """``(rows (N, p), cols (N, q) or None, keep (N, 1))`` of `TokenFactors` or
+    `IndexTokenFactors`; a list of them (pieces of a tied parameter) is concatenated."""
     if isinstance(factors, list):
         parts = [dense_token_factors(f) for f in factors]
         if any(cols is None for _, cols, _ in parts):
@@ -112,7 +112,7 @@ def dense_token_factors(factors):
 
 
 def augmented_gram(seq, other: torch.Tensor) -> torch.Tensor:
-    """Default :meth:`SequenceGradients.gram_with` from ``gram`` and ``inner``."""
+    """Default `SequenceGradients.gram_with` from ``gram`` and ``inner``."""
     k = seq.k
     out = torch.empty(k + 1, k + 1, dtype=torch.float64, device=other.device)
     out[:k, :k] = seq.gram()
@@ -123,7 +123,7 @@ def augmented_gram(seq, other: torch.Tensor) -> torch.Tensor:
     return out
 
 
-#: row chunk of :func:`row_gram` (1024 measured 4-7 ms per step faster than 4096 with every Linear
+#: row chunk of `row_gram` (1024 measured 4-7 ms per step faster than 4096 with every Linear
 #: trainable at the benchmark's shape: shorter chunks stay in cache)
 _GRAM_CHUNK = 1024
 
@@ -133,13 +133,13 @@ class Workspace:
 
     Materialising ``S`` (k x |W| floats) into fresh memory for every layer of every microbatch
     costs more in page faults than the matmul itself; one buffer, grown to the largest layer and
-    reused, removes that. A buffer handed out is valid until the next :meth:`take`.
+    reused, removes that. A buffer handed out is valid until the next `take`.
     """
 
     def __init__(self, block_numel: int | None = None) -> None:
         self._buffers: dict = {}
         #: linear weights with more than twice this many elements are materialised a block of
-        #: about this many elements at a time (:class:`BlockedLinearGrads`); ``None``: never
+        #: about this many elements at a time (`BlockedLinearGrads`); ``None``: never
         self.block_numel = block_numel
 
     def take(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -163,7 +163,7 @@ def row_gram(flat: torch.Tensor) -> torch.Tensor:
     """``flat @ flat.T`` for a short, very wide (k, D) matrix, as float64.
 
     BLAS handles the (k x D)(D x k) shape poorly (and sums D products in one long chain); viewing
-    the rows as chunks of :data:`_GRAM_CHUNK` and summing a batched product is 2.5-5.7x faster on CPU
+    the rows as chunks of `_GRAM_CHUNK` and summing a batched product is 2.5-5.7x faster on CPU
     (9 rows of 65k and 352k) and more accurate.
     """
     k, width = flat.shape

@@ -4,10 +4,10 @@ The basis ``U`` (d x r) of the top-r right singular vectors of ``X`` (N tokens x
 the top-r left singular vectors of ``X^T`` -- is found in two steps, so that a backward pass never
 waits for the host:
 
-1. :func:`sketch_subspace` (per layer, inside the backward): the passes over ``X`` that reduce it to
-   a small :class:`PendingSubspace` -- a Gram to eigendecompose and the rows that span the basis.
+1. `sketch_subspace` (per layer, inside the backward): the passes over ``X`` that reduce it to
+   a small `PendingSubspace` -- a Gram to eigendecompose and the rows that span the basis.
    Only matrix products and masks: no value is read on the host.
-2. :func:`resolve_subspaces` (once for everything pending, e.g. when the microbatch closes): one
+2. `resolve_subspaces` (once for everything pending, e.g. when the microbatch closes): one
    batched eigendecomposition per shape class, then the bases. torch reads the error codes of an
    eigendecomposition on the host, so this is where intra_proma's one synchronisation happens.
 
@@ -22,7 +22,7 @@ Routes:
   eigendecomposition of ``y^T y`` (null directions dropped), so the basis ``z^T mix`` is
   orthonormal to float64 rounding by construction. The test matrix is fixed per shape (no global
   RNG is touched, and the result does not depend on the history of the run).
-* ``auto``: exact while the smaller Gram side is at most :data:`EXACT_MAX`, randomized above.
+* ``auto``: exact while the smaller Gram side is at most `EXACT_MAX`, randomized above.
 
 The rank is ``rank`` (capped by the numerical rank of X), or with ``energy`` the smallest r whose
 top singular values hold that fraction of ``||X||_F^2`` (at most ``rank``). Since the rank depends
@@ -73,7 +73,7 @@ def _test_matrix(d: int, q: int, dtype: torch.dtype, device: torch.device) -> to
 
 
 class PendingSubspace:
-    """One factor's subspace between :func:`sketch_subspace` and :func:`resolve_subspaces`.
+    """One factor's subspace between `sketch_subspace` and `resolve_subspaces`.
 
     Attributes:
         keep: (N, 1) bool, the rows that count.
@@ -139,7 +139,7 @@ def sketch_subspace(
     niter: int = 1,
     keep: torch.Tensor | None = None,
 ) -> PendingSubspace:
-    """Phase 1: reduce ``x`` (N, d) to what :func:`resolve_subspaces` needs (see the module doc).
+    """Phase 1: reduce ``x`` (N, d) to what `resolve_subspaces` needs (see the module doc).
 
     ``keep`` (N, 1) bool: the rows that count (others are treated as zero); ``None``: the non-zero
     rows (on the randomized route, the rows whose sketch is non-zero -- the same, almost surely).
@@ -286,13 +286,13 @@ def top_subspaces(
     oversample: int = 4,
     niter: int = 1,
 ) -> list:
-    """:func:`top_subspace` of several factors at once: ``items`` = ``[(x, keep or None), ...]``.
+    """`top_subspace` of several factors at once: ``items`` = ``[(x, keep or None), ...]``.
 
-    Returns ``[(basis, keep), ...]`` in the same order, equal to calling :func:`top_subspace` on
+    Returns ``[(basis, keep), ...]`` in the same order, equal to calling `top_subspace` on
     each item (up to rounding); the small algebra of factors with the same shape class runs
-    batched. Like :func:`top_subspace`, it reads the chosen ranks on the host (a convenience for
-    callers outside the backward; the capture uses :func:`sketch_subspace` and
-    :func:`resolve_subspaces`).
+    batched. Like `top_subspace`, it reads the chosen ranks on the host (a convenience for
+    callers outside the backward; the capture uses `sketch_subspace` and
+    `resolve_subspaces`).
     """
     pending = [sketch_subspace(x, rank, energy, solver, oversample, niter, keep=keep) for x, keep in items]
     resolve_subspaces(pending, energy)
@@ -320,6 +320,6 @@ def top_subspace(
 
     ``keep`` (N, 1) bool: the rows that count (others are treated as zero). Returns
     ``(basis, keep)``; without ``keep`` given, the returned one marks the non-zero rows of ``x``.
-    The chosen rank ``r`` is read on the host (use :func:`sketch_subspace` in a backward pass).
+    The chosen rank ``r`` is read on the host (use `sketch_subspace` in a backward pass).
     """
     return top_subspaces([(x, keep)], rank, energy, solver, oversample, niter)[0]

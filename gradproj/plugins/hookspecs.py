@@ -17,7 +17,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def gradproj_strategies():
-    """Return a list of :class:`gradproj.strategies.StrategySpec` this plugin provides.
+    """Return a list of `gradproj.strategies.StrategySpec` this plugin provides.
 
     Names must be unique across all installed plugins.
     """
@@ -25,7 +25,7 @@ def gradproj_strategies():
 
 @hookspec
 def gradproj_layer_handlers():
-    """Return a list of :class:`gradproj.capture.handlers.LayerHandler` instances.
+    """Return a list of `gradproj.capture.handlers.LayerHandler` instances.
 
     A handler declares the module types it covers; the most specific registered type wins.
     """

@@ -77,7 +77,7 @@ class Registry:
     handlers: list = field(default_factory=list)
 
     def strategy(self, name: str):
-        """The :class:`StrategySpec` called ``name``; unknown names list the valid ones."""
+        """The `StrategySpec` called ``name``; unknown names list the valid ones."""
         try:
             return self.strategies[name]
         except KeyError:
@@ -91,7 +91,7 @@ class Registry:
     def handler_for(self, module):
         """The handler covering ``module``, or ``None``: the handler registered for the most specific
         type in the module's MRO (one handler per type: two claiming the same type are refused when
-        the registry is built), if it :meth:`accepts` the module; otherwise the first *structural*
+        the registry is built), if it `accepts` the module; otherwise the first *structural*
         handler (``structural = True``, registration order) that recognises the module by what it
         computes."""
         best, best_depth = None, None

@@ -1,6 +1,6 @@
 """Strategies: how a microbatch's sequence gradients change the running gradient.
 
-A strategy is a class described by a :class:`StrategySpec` that a plugin returns from its
+A strategy is a class described by a `StrategySpec` that a plugin returns from its
 ``gradproj_strategies`` hook. Built-ins: the accumulation rules ``none`` (plain accumulation),
 ``proma`` (exact PROMA, and the ``proma_reference`` preset) and ``intra_proma`` (factored
 low-rank projection inside each microbatch); the coefficient transforms ``variance_scaling``

@@ -2,17 +2,17 @@
 
 A strategy is one of two kinds, each with its own base and one form of each hook:
 
-* :class:`Strategy` -- the accumulation rule: given the running gradients ``G`` of a
-  :class:`gradproj.LayerBatch` (one large parameter tensor, or a stack of small ones) and the
-  microbatch's sequence gradients and coefficients, return an :class:`gradproj.Update` so that
+* `Strategy` -- the accumulation rule: given the running gradients ``G`` of a
+  `gradproj.LayerBatch` (one large parameter tensor, or a stack of small ones) and the
+  microbatch's sequence gradients and coefficients, return an `gradproj.Update` so that
   ``G <- G + U``. Exactly one rule is active.
-* :class:`CoefficientTransform` -- applied before the rule (stacking). Layer-independent transforms
+* `CoefficientTransform` -- applied before the rule (stacking). Layer-independent transforms
   change the per-sequence coefficients once per microbatch, from what the pipeline supplied (e.g.
   the step's rewards and prompt groups); per-layer ones (``Capabilities(per_layer=True)``) change
   them per batch from its sequence gradients (e.g. their norms).
 
 What a strategy needs and may do is declared once, in its ``capabilities``
-(:class:`gradproj.Capabilities`). Strategies run inside backward hooks, once per batch and
+(`gradproj.Capabilities`). Strategies run inside backward hooks, once per batch and
 microbatch: they must not call pluggy or do Python work proportional to the model size there.
 """
 
@@ -37,15 +37,15 @@ class StrategyOptions(BaseModel):
 
 class StrategyBase:
     """What every strategy has: validated options, declared capabilities, per-microbatch and
-    per-step hooks. Subclass :class:`Strategy` (an accumulation rule) or
-    :class:`CoefficientTransform`, not this class.
+    per-step hooks. Subclass `Strategy` (an accumulation rule) or
+    `CoefficientTransform`, not this class.
 
     Args:
         options: the validated options model of this strategy.
     """
 
     role: ClassVar[str] = ""
-    #: what the strategy needs and may do, declared once (:class:`gradproj.Capabilities`)
+    #: what the strategy needs and may do, declared once (`gradproj.Capabilities`)
     capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, options: StrategyOptions) -> None:
@@ -66,9 +66,9 @@ class StrategyBase:
 
 
 class Strategy(StrategyBase):
-    """Base class of accumulation rules: override :meth:`accumulate`.
+    """Base class of accumulation rules: override `accumulate`.
 
-    Exactly one rule is active; it runs once per :class:`gradproj.LayerBatch` -- one large
+    Exactly one rule is active; it runs once per `gradproj.LayerBatch` -- one large
     parameter tensor during the backward, or a stack of small ones when the microbatch closes.
     """
 
@@ -94,8 +94,8 @@ class Strategy(StrategyBase):
 class CoefficientTransform(StrategyBase):
     """Base class of coefficient transforms, stacked before the accumulation rule.
 
-    Override :meth:`transform_microbatch` (layer-independent, ``capabilities.per_layer`` False) or
-    :meth:`transform_layer` (``Capabilities(per_layer=True, needs_capture=True)``). Transforms
+    Override `transform_microbatch` (layer-independent, ``capabilities.per_layer`` False) or
+    `transform_layer` (``Capabilities(per_layer=True, needs_capture=True)``). Transforms
     return new float64 coefficients and never touch gradients themselves.
     """
 
@@ -105,8 +105,8 @@ class CoefficientTransform(StrategyBase):
     def validate_microbatch(self, context: MicrobatchContext) -> None:
         """Check, when ``opt.microbatch(...)`` opens, that the pipeline supplied what is needed.
 
-        ``context`` is a read-only :class:`gradproj.work.MicrobatchContext` (``k``, ``group_ids``,
-        ``step_groups``, ``where``). Raise a :class:`gradproj.GradProjError` to refuse it.
+        ``context`` is a read-only `gradproj.work.MicrobatchContext` (``k``, ``group_ids``,
+        ``step_groups``, ``where``). Raise a `gradproj.GradProjError` to refuse it.
         """
 
     def transform_microbatch(self, coefficients: torch.Tensor, context: MicrobatchContext) -> torch.Tensor:
@@ -129,8 +129,8 @@ class StrategySpec:
 
     Attributes:
         name: the name users pass as ``strategy=``.
-        cls: the :class:`Strategy` or :class:`CoefficientTransform` subclass.
-        options: the :class:`StrategyOptions` subclass validating its options.
+        cls: the `Strategy` or `CoefficientTransform` subclass.
+        options: the `StrategyOptions` subclass validating its options.
         defaults: preset values for options (a preset is a spec with defaults).
         summary: one line shown in error messages and docs.
         pipeline: settings the preset expects from the training pipeline (for integrations),
@@ -151,8 +151,8 @@ class StrategySpec:
 
     def contract_problems(self) -> list[str]:
         """What in the strategy class does not follow the current contract (empty when it does): a
-        class that is neither a :class:`Strategy` nor a :class:`CoefficientTransform`, capabilities
-        that are not a :class:`gradproj.Capabilities`, or flags and hooks of the earlier contract
+        class that is neither a `Strategy` nor a `CoefficientTransform`, capabilities
+        that are not a `gradproj.Capabilities`, or flags and hooks of the earlier contract
         (``per_layer = True``, ``accumulate_batch``, ...) that gradproj would silently ignore."""
         cls = self.cls
         if not (isinstance(cls, type) and issubclass(cls, (Strategy, CoefficientTransform))):

@@ -9,11 +9,11 @@ it commutes with data-parallel all-reduce::
     G <- G + g_m'
 
 ``U_A`` / ``U_D``: top-``rank`` subspaces of the layer inputs / unweighted output gradients of the
-tokens that carry a gradient (see :mod:`gradproj.linalg.subspace` and :mod:`gradproj.linalg.factored`).
+tokens that carry a gradient (see `gradproj.linalg.subspace` and `gradproj.linalg.factored`).
 
 Each layer's token factors are reduced to small pending subspaces as the layer finishes (matrix
 products only: nothing is read on the host). Where the engine allows it (``batch.deferrable``),
-the projection itself waits until :data:`DEFER_MAX_BYTES` of pending subspaces are held or the
+the projection itself waits until `DEFER_MAX_BYTES` of pending subspaces are held or the
 engine asks for the updates (when the microbatch closes): the subspaces of all pending layers are
 then resolved together -- one batched eigendecomposition per shape class, the only point where the
 host waits for the device (torch reads an eigendecomposition's error codes there) -- and the
@@ -133,7 +133,7 @@ class IntraProma(Strategy):
 
     def _flush(self) -> torch.Tensor | bool:
         """Project every pending layer in place; their finiteness as a device flag (also remembered
-        for :meth:`finish_microbatch`)."""
+        for `finish_microbatch`)."""
         results = self._projection.finish()
         if not results:
             return True

@@ -1,14 +1,14 @@
 """What capture and strategies share (``gradproj.work``): the units of work capture hands to strategies.
 
-It sits right above :mod:`gradproj.linalg` and below both :mod:`gradproj.capture` and
-:mod:`gradproj.strategies`, which never import each other:
+It sits right above `gradproj.linalg` and below both `gradproj.capture` and
+`gradproj.strategies`, which never import each other:
 
-* :class:`LayerBatch` -- the work item: parameter tensors of one microbatch handled by one strategy
-  call (several small same-sized ones, or one large one); :class:`Update` -- what a rule returns;
-* :class:`Capabilities` -- what a strategy declares about itself;
-* :class:`MicrobatchContext` -- what coefficient transforms read of a microbatch (read-only);
-* :class:`StepGroups` -- the step's prompt groups and rewards (``opt.set_groups``);
-* :class:`ResolvedStrategies` -- the strategies of one optimizer, in the order capture runs them.
+* `LayerBatch` -- the work item: parameter tensors of one microbatch handled by one strategy
+  call (several small same-sized ones, or one large one); `Update` -- what a rule returns;
+* `Capabilities` -- what a strategy declares about itself;
+* `MicrobatchContext` -- what coefficient transforms read of a microbatch (read-only);
+* `StepGroups` -- the step's prompt groups and rewards (``opt.set_groups``);
+* `ResolvedStrategies` -- the strategies of one optimizer, in the order capture runs them.
 """
 
 from gradproj.work.capabilities import Capabilities

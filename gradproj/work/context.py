@@ -20,7 +20,7 @@ class MicrobatchContext:
         where: how error messages name it (``"opt.microbatch() #2 of this step"``).
         k: number of sequences (rows of ``logp``).
         group_ids: the prompt group of each row (``None`` if the pipeline gave none).
-        step_groups: the step's :class:`StepGroups` from ``opt.set_groups`` (or ``None``).
+        step_groups: the step's `StepGroups` from ``opt.set_groups`` (or ``None``).
         mask: (k, T) bool, the valid tokens of each row (as given to ``opt.microbatch``).
     """
 

@@ -106,7 +106,7 @@ def _std(values: list[float], unbiased: bool) -> float:
 
 
 def require_groups(context, who: str, need_ids: bool = True) -> StepGroups:
-    """The step's groups from a microbatch ``context``, or a :class:`ProtocolError` saying how to give them."""
+    """The step's groups from a microbatch ``context``, or a `ProtocolError` saying how to give them."""
     groups = context.step_groups
     if groups is None:
         raise ProtocolError(

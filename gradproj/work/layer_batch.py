@@ -1,17 +1,17 @@
 """The unit of work a strategy receives: parameter tensors of one microbatch, and what it returns.
 
-Every strategy hook takes a :class:`LayerBatch` -- one form for every layer:
+Every strategy hook takes a `LayerBatch` -- one form for every layer:
 
 * **stacked**: several small parameter tensors with one element count (LoRA adapters, biases).
   Capture groups them at ``wrap()`` and fills each member's row of a shared buffer during the
-  backward (:mod:`gradproj.capture.batching`); the strategy runs once per group when the microbatch
+  backward (`gradproj.capture.batching`); the strategy runs once per group when the microbatch
   closes, with batched operations;
 * **single**: one (large) parameter tensor, as soon as its layer finished in the backward; its
   sequence gradients keep their own representation (materialised, ghost, blocked, embedding, a
-  tied parameter's sum -- :mod:`gradproj.linalg.sequence_grads`), reached through the same
+  tied parameter's sum -- `gradproj.linalg.sequence_grads`), reached through the same
   methods.
 
-An accumulation rule returns an :class:`Update`.
+An accumulation rule returns an `Update`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["LayerBatch", "Update"]
 
 @dataclass
 class Update:
-    """What an accumulation rule returns for a :class:`LayerBatch`: ``G <- G + U`` per member.
+    """What an accumulation rule returns for a `LayerBatch`: ``G <- G + U`` per member.
 
     Attributes:
         tensors: one update per member, shaped like its parameter (``batch.combine`` returns them).
@@ -39,7 +39,7 @@ class Update:
             check of the microbatch, once when the microbatch closes (no host synchronisation in
             the backward).
         deferred: the updates are not finished yet: the rule finishes them in place in
-            :meth:`gradproj.Strategy.finish_microbatch` (allowed only where ``batch.deferrable``),
+            `gradproj.Strategy.finish_microbatch` (allowed only where ``batch.deferrable``),
             which then vouches for their finiteness.
     """
 
@@ -59,7 +59,7 @@ class LayerBatch:
             once a per-layer transform made them differ between members.
         k: number of sequences.
         deferrable: set by the engine: the updates are applied only after
-            :meth:`gradproj.Strategy.finish_microbatch`, so a rule may return them unfinished
+            `gradproj.Strategy.finish_microbatch`, so a rule may return them unfinished
             (``Update(deferred=True)``) and finish them in place then (e.g. to batch small work
             across layers).
     """

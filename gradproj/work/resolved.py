@@ -13,9 +13,9 @@ class ResolvedStrategies:
     """Strategy instances built from a config: transforms (in order), then the accumulation rule.
 
     Attributes:
-        specs: the :class:`gradproj.StrategySpec` of each strategy, in order (the rule last).
-        transforms: the coefficient transforms (:class:`gradproj.CoefficientTransform`), in order.
-        accumulate: the accumulation rule (:class:`gradproj.Strategy`).
+        specs: the `gradproj.StrategySpec` of each strategy, in order (the rule last).
+        transforms: the coefficient transforms (`gradproj.CoefficientTransform`), in order.
+        accumulate: the accumulation rule (`gradproj.Strategy`).
     """
 
     specs: list[Any]

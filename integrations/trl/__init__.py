@@ -2,7 +2,7 @@
 
     from gradproj.integrations.trl import GradProjGRPOTrainer, kl_free_lora_grpo
 
-Supported TRL: :data:`SUPPORTED_TRL` (checked at import, with a clear message otherwise).
+Supported TRL: `SUPPORTED_TRL` (checked at import, with a clear message otherwise).
 """
 
 from gradproj.integrations.trl.version import SUPPORTED_TRL, check_trl_version

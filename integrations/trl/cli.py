@@ -12,12 +12,12 @@ section for gradproj::
 Presets: ``gradproj: {preset: kl_free_lora_grpo, rank: 16, proma: true}`` fills the recipe's TRL
 fields the preset sets and the recipe leaves out (``beta: 0``, ``num_iterations: 1``, ``loss_type:
 dapo``, ``scale_rewards: group``, LoRA of that rank on all linear layers; on a machine without a
-GPU ``use_cpu: true, bf16: false``) -- :func:`gradproj.integrations.trl.kl_free_lora_grpo` as
+GPU ``use_cpu: true, bf16: false``) -- `gradproj.integrations.trl.kl_free_lora_grpo` as
 configuration -- with ``proma: true`` (``strategy``/``strategy_options`` to change it) on top.
 
 The gradproj settings are checked against the GRPO settings (``beta``, ``num_iterations``,
 gradient accumulation, ...) **before the model loads** -- the same refusal, with the same message,
-as :class:`gradproj.integrations.trl.GradProjGRPOTrainer` gives in Python. Then TRL's own GRPO
+as `gradproj.integrations.trl.GradProjGRPOTrainer` gives in Python. Then TRL's own GRPO
 script runs (its reward-function registry, dataset loading, saving, hub push) with
 ``GradProjGRPOTrainer`` in place of ``GRPOTrainer``. Without a ``gradproj:`` section it is plain
 ``trl grpo``.

@@ -3,7 +3,7 @@
 How it plugs in (TRL 1.16, see ``../shared/notes/trl``):
 
 * ``create_optimizer`` wraps the optimizer TRL builds (or the one passed as ``optimizers=``) with
-  :func:`gradproj.wrap`, *after* PEFT has been applied, around the model TRL trains;
+  `gradproj.wrap`, *after* PEFT has been applied, around the model TRL trains;
 * ``_get_per_token_logps_and_entropies`` keeps the log-prob tensor of the training forward;
   ``compute_loss`` opens ``opt.microbatch(logp, completion_mask)`` around TRL's own loss, and
   ``training_step`` closes it after TRL's backward. Every ``loss_type`` TRL offers is on-policy
@@ -35,7 +35,7 @@ __all__ = ["GradProjGRPOMixin", "GradProjGRPOTrainer", "check_grpo_config", "as_
 
 
 def as_gradproj_config(value: Any) -> GradProjConfig | None:
-    """``None``, a :class:`GradProjConfig`, a strategy name/list, or a dict -> a config (or ``None``)."""
+    """``None``, a `GradProjConfig`, a strategy name/list, or a dict -> a config (or ``None``)."""
     if value is None or isinstance(value, GradProjConfig):
         return value
     if isinstance(value, (str, list, tuple)):
@@ -165,7 +165,7 @@ class GradProjGRPOMixin:
 
     @property
     def gradproj_optimizer(self) -> GradProjOptimizer | None:
-        """The :class:`gradproj.GradProjOptimizer` (``None`` before training starts or without gradproj)."""
+        """The `gradproj.GradProjOptimizer` (``None`` before training starts or without gradproj)."""
         return self._gp_optimizer
 
     # -- log-probs and the microbatch block --------------------------------------------------
@@ -245,5 +245,5 @@ class GradProjGRPOTrainer(GradProjGRPOMixin, GRPOTrainer):
     Every GRPOTrainer argument works as usual (``peft_config=`` included: the optimizer is wrapped
     after PEFT is applied). Settings that break the single-pass capture (``beta > 0``,
     ``num_iterations > 1``, off-policy steps, entropy bonuses, token masks) are refused with a
-    :class:`gradproj.ConfigError` naming the fix; ``gradproj=None`` is plain GRPOTrainer.
+    `gradproj.ConfigError` naming the fix; ``gradproj=None`` is plain GRPOTrainer.
     """

@@ -11,8 +11,8 @@ Enable it with configuration (Hydra overrides of verl's ``ppo_trainer.yaml``)::
 
 Importing this module (verl does it for ``external_lib`` and for ``optimizer_impl``, in every worker
 process) checks the verl version, wraps the engine methods listed in
-:mod:`gradproj.integrations.verl.patches` and registers the ``gradproj`` policy loss. A failure is an
-ImportError that verl raises, not a log line. Supported verl: :data:`SUPPORTED_VERL`.
+`gradproj.integrations.verl.patches` and registers the ``gradproj`` policy loss. A failure is an
+ImportError that verl raises, not a log line. Supported verl: `SUPPORTED_VERL`.
 """
 
 from gradproj.integrations.verl.version import SUPPORTED_VERL, check_verl_version

@@ -67,7 +67,7 @@ def compute_policy_loss_gradproj(
 
 
 def register() -> None:
-    """Register :func:`compute_policy_loss_gradproj` under ``loss_mode=gradproj`` (idempotent)."""
+    """Register `compute_policy_loss_gradproj` under ``loss_mode=gradproj`` (idempotent)."""
     from verl.trainer.ppo.core_algos import register_policy_loss
 
     register_policy_loss(LOSS_MODE)(compute_policy_loss_gradproj)

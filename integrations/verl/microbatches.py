@@ -6,7 +6,7 @@ the block where the log-probs meet the loss (the ``gradproj`` policy loss) and c
 context exits, right after the backward; after the last micro-batch it averages the running
 gradients over the data-parallel ranks (``opt.sync_gradients()``), before verl clips them.
 
-A :class:`MicroBatchSlot` carries what the three places know: the optimizer (sync context), the
+A `MicroBatchSlot` carries what the three places know: the optimizer (sync context), the
 token layout of the micro-batch (``forward_step``: packed ``cu_seqlens`` with remove-padding, else
 padded rows) and the open block (policy loss).
 """

@@ -3,8 +3,8 @@
 verl builds the actor's optimizer as ``getattr(import_module(optimizer_impl), optimizer)(params, lr=...,
 weight_decay=..., [betas=...], **override_optimizer_config)``. The factories here build the inner
 optimizer and tag it with the gradproj config taken from ``override_optimizer_config.gradproj``;
-the engine patch (:mod:`gradproj.integrations.verl.patches`) then wraps it around the FSDP module
-with :func:`gradproj.wrap` -- the factory alone cannot, verl gives it parameters, not the model.
+the engine patch (`gradproj.integrations.verl.patches`) then wraps it around the FSDP module
+with `gradproj.wrap` -- the factory alone cannot, verl gives it parameters, not the model.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from gradproj.errors import ConfigError
 
 __all__ = ["AdamW", "Adam", "SGD", "Optimizer", "requested_config", "gradproj_config", "building", "CONFIG_ATTR"]
 
-#: attribute of the inner optimizer that carries its :class:`GradProjConfig` until it is wrapped
+#: attribute of the inner optimizer that carries its `GradProjConfig` until it is wrapped
 CONFIG_ATTR = "_gradproj_verl_config"
 
 _building = 0
@@ -39,7 +39,7 @@ def building():
 
 
 def gradproj_config(gradproj: Any) -> GradProjConfig:
-    """The :class:`GradProjConfig` of ``override_optimizer_config.gradproj`` (a name, a mapping or a config)."""
+    """The `GradProjConfig` of ``override_optimizer_config.gradproj`` (a name, a mapping or a config)."""
     return _gradproj_config(gradproj)
 
 

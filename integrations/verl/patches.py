@@ -6,7 +6,7 @@ loss and backward inside its FSDP engine. gradproj wraps (never replaces) seven 
 * ``FSDPEngine.__init__`` -- start-up checks of the engine config when a gradproj optimizer is
   configured (FSDP2, no sequence parallelism, no packed-length padding), before anything is built;
 * ``FSDPEngine._build_optimizer`` -- wraps the optimizer the factory built around the FSDP module
-  (:func:`gradproj.wrap`); the factories refuse to build one anywhere else (``external_lib`` missing,
+  (`gradproj.wrap`); the factories refuse to build one anywhere else (``external_lib`` missing,
   so this wrapper was not installed in time; another engine);
 * ``FSDPEngine._gradient_sync_context`` -- one training micro-batch (forward, loss, backward): closes
   the ``opt.microbatch`` block after the backward, averages over the ranks after the last one;
@@ -19,7 +19,7 @@ loss and backward inside its FSDP engine. gradproj wraps (never replaces) seven 
   one rollout batch, before the first (the backstop of the trainer-side check below).
 
 In the trainer process (where verl imports ``external_lib`` while building the tokenizer, before any
-worker starts) the whole configuration is checked too (:func:`checks.check_trainer_config`), by
+worker starts) the whole configuration is checked too (`checks.check_trainer_config`), by
 wrapping the trainer method that runs next: ``PPOTrainer._init_dataloader`` (the v1 trainer) or
 ``RayPPOTrainer.init_workers`` (the v0 one), when their modules are loaded.
 
@@ -48,7 +48,7 @@ from gradproj.integrations.verl.version import SUPPORTED_VERL
 
 __all__ = ["install", "installed", "TARGETS"]
 
-#: (module, class, method) wrapped by :func:`install`
+#: (module, class, method) wrapped by `install`
 TARGETS = (
     ("verl.workers.engine.fsdp.transformer_impl", "FSDPEngine", "__init__"),
     ("verl.workers.engine.fsdp.transformer_impl", "FSDPEngine", "_build_optimizer"),
@@ -70,7 +70,7 @@ _installed = False
 
 
 def installed() -> bool:
-    """Whether :func:`install` has run in this process."""
+    """Whether `install` has run in this process."""
     return _installed
 
 
@@ -270,7 +270,7 @@ def _check_trainer(original):
 
 
 def install_trainer_checks() -> list[str]:
-    """Wrap the :data:`TRAINER_TARGETS` whose modules are loaded (the trainer process); returns them."""
+    """Wrap the `TRAINER_TARGETS` whose modules are loaded (the trainer process); returns them."""
     done = []
     for module_name, cls_name, method in TRAINER_TARGETS:
         module = sys.modules.get(module_name)
@@ -283,7 +283,7 @@ def install_trainer_checks() -> list[str]:
 
 
 def install() -> None:
-    """Wrap the :data:`TARGETS` (idempotent); ImportError if this verl lacks one of them."""
+    """Wrap the `TARGETS` (idempotent); ImportError if this verl lacks one of them."""
     global _installed
     if _installed:
         install_trainer_checks()  # a trainer module loaded since the first import

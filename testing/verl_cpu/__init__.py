@@ -1,9 +1,9 @@
 """Run verl's real FSDP actor update on the CPU (tests and the CPU smoke run; training needs GPUs).
 
-verl 0.9 has no CPU platform and registers its FSDP engines for "cuda"/"npu" only. :func:`start`
+verl 0.9 has no CPU platform and registers its FSDP engines for "cuda"/"npu" only. `start`
 prepares one process of a gloo "cluster": the distributed environment variables verl's workers
 read, ``VERL_ENGINE_DEVICE=cuda`` (the engine registry key; the tensors stay on the CPU), the CPU
-platform of :mod:`gradproj.testing.verl_cpu.platform`, and the gloo process group.
+platform of `gradproj.testing.verl_cpu.platform`, and the gloo process group.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 CPU smoke run, not for training.
 
 Without it verl falls back to the 'nvidia' platform on a CPU-only machine, and ``get_device_id()``
-raises "Torch not compiled with CUDA enabled". :func:`install` must run BEFORE anything imports
+raises "Torch not compiled with CUDA enabled". `install` must run BEFORE anything imports
 ``verl.workers.engine`` (``transformer_impl`` reads the device name at import time), and so before
-``gradproj.integrations.verl``. Use :func:`gradproj.testing.verl_cpu.start` rather than this
+``gradproj.integrations.verl``. Use `gradproj.testing.verl_cpu.start` rather than this
 module directly.
 """
 
