@@ -1,6 +1,6 @@
 """Plain-PyTorch helpers for policy-gradient loops with gradproj (``gradproj.integrations.torch``)."""
 
 from gradproj.integrations.torch.grpo import group_advantages, policy_loss, token_kl
-from gradproj.integrations.torch.logprobs import token_logprobs
+from gradproj.integrations.torch.logprobs import packed_token_logprobs, token_logprobs
 
-__all__ = ["token_logprobs", "group_advantages", "policy_loss", "token_kl"]
+__all__ = ["token_logprobs", "packed_token_logprobs", "group_advantages", "policy_loss", "token_kl"]

@@ -31,3 +31,48 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     return torch.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=-1).gather(
         -1, targets.unsqueeze(-1)
     ).squeeze(-1)
+
+
+def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Log-probs of packed (remove-padding) sequences, one row per sequence.
+
+    The sequences are concatenated in one row, ``input_ids`` of shape (1, total), and sequence i
+    occupies columns ``cu_seqlens[i]:cu_seqlens[i+1]``. The model is called with position ids that
+    restart at 0 for each sequence and ``use_cache=False`` -- from which Hugging Face models build
+    attention that keeps the sequences apart -- and the log-probs are laid out as
+    `token_logprobs` lays out a right-padded batch, so that row i of the result is sequence i: pass
+    it with the same ``cu_seqlens`` to ``opt.microbatch(logp, mask, cu_seqlens=cu_seqlens)``.
+
+    Args:
+        model: a causal LM returning ``.logits`` of shape (1, total, vocab) that honours
+            ``position_ids`` for packed inputs (Hugging Face models with SDPA, eager or
+            flash-attention; a custom model must keep the sequences apart itself).
+        input_ids: (1, total) token ids of the packed sequences.
+        cu_seqlens: (k+1,) sequence boundaries, starting at 0 and ending at ``total``.
+
+    Returns:
+        (k, L-1) tensor with L the longest sequence's length: position t of row i scores token
+        t+1 of sequence i; positions past a sequence's end are 0 (mask them out).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise ValueError(f"packed input_ids must have shape (1, total), got {tuple(input_ids.shape)}")
+    cu = cu_seqlens.to(device=input_ids.device, dtype=torch.long)
+    total = input_ids.shape[1]
+    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total:
+        raise ValueError(f"cu_seqlens must be (k+1,) boundaries from 0 to {total}, got {cu_seqlens.tolist()}")
+    lengths = cu[1:] - cu[:-1]
+    k = lengths.numel()
+    sequence = torch.repeat_interleave(torch.arange(k, device=cu.device), lengths, output_size=total)
+    position_ids = torch.arange(total, device=cu.device) - cu[sequence]
+    logits = model(input_ids=input_ids, position_ids=position_ids[None], use_cache=False).logits[0, :-1]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    scores = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[0, 1:, None]).squeeze(-1)  # (total-1,)
+    width = int(lengths.max()) - 1
+    # packed position p scores token p+1 of its own sequence unless p is that sequence's last token;
+    # those go to a spare column that is cut off (no boolean indexing: no host synchronisation)
+    row = sequence[:-1]
+    column = position_ids[:-1]
+    column = torch.where(column < lengths[row] - 1, column, torch.full_like(column, width))
+    rows = scores.new_zeros(k, width + 1).index_put((row, column), scores)
+    return rows[:, :width]
