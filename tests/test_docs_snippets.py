@@ -1,6 +1,7 @@
 """The runnable snippets the docs pages include (pymdownx.snippets) run as written."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,10 @@ def test_plain_pytorch_guide_loop_runs(capsys):
     assert '--8<-- "docs/snippets/plain_pytorch_loop.py"' in page
     code = (SNIPPETS / "plain_pytorch_loop.py").read_text()
     exec(compile(code, "docs/snippets/plain_pytorch_loop.py", "exec"), {"__name__": "__main__"})
-    assert capsys.readouterr().out.count("step ") == 3
+    steps = re.findall(r"step \d+: reward ([\d.]+), projected ([\d.]+)", capsys.readouterr().out)
+    rewards, projected = [float(r) for r, _ in steps], [float(p) for _, p in steps]
+    assert len(steps) == 8 and min(rewards) > 0 and min(projected) > 0, steps
+    assert sum(rewards[-3:]) > sum(rewards[:3]), rewards  # it learns, not only runs
 
 
 def test_layer_handler_guide_example_runs(capsys):
