@@ -62,6 +62,11 @@ class GradProjConfig(BaseModel):
             capture on).
         lora_bound: report the LoRA rank KL bound mu(r) per adapter under ``gradproj/lora_bound/...``
             (needs peft LoRA layers; adapters are snapshotted at ``wrap``).
+        kl_estimate: report the per-step KL of each update without a reference model or an extra
+            pass, ``gradproj/kl_estimate/per_token`` (and ``per_sequence``): the Fisher quadratic
+            form ``1/2 mean_i <s_i, dtheta>^2`` of the previous update on this step's sequence
+            gradients (turns the capture on; keeps one copy of the trainable parameters). Not with
+            FSDP2. See `gradproj.diagnostics.update_monitor`.
         nonfinite: what a microbatch with NaN/inf does: ``"drop"`` (default; it changes no gradient and
             is counted in ``gradproj/dropped_microbatches``) or ``"propagate"`` (every covered gradient
             becomes NaN, as with plain autograd, so ``torch.amp.GradScaler`` skips the step and lowers
@@ -81,6 +86,7 @@ class GradProjConfig(BaseModel):
     gram: Literal["auto", "materialize", "ghost"] = "auto"
     diagnostics: bool = False
     lora_bound: bool = False
+    kl_estimate: bool = False
     nonfinite: Literal["drop", "propagate"] = "drop"
 
     def __init__(self, **data: Any) -> None:
@@ -114,8 +120,8 @@ class GradProjConfig(BaseModel):
 
     def needs_capture(self, registry=None) -> bool:
         """Whether ``wrap()`` with this config captures per-sequence gradients (a strategy needs
-        them, or ``diagnostics`` is on); without capture gradproj stays out of the backward."""
-        return self.diagnostics or any(spec.cls.capabilities.needs_capture for spec, _ in self._plan(registry))
+        them, or ``diagnostics`` or ``kl_estimate`` is on); without capture gradproj stays out of the backward."""
+        return self.diagnostics or self.kl_estimate or any(spec.cls.capabilities.needs_capture for spec, _ in self._plan(registry))
 
     def resolve(self, registry=None) -> ResolvedStrategies:
         """Look the strategies up in the plugin registry and build them with their options.

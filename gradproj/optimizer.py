@@ -112,6 +112,8 @@ class GradProjOptimizer(torch.optim.Optimizer):
         """The inner optimizer's own ``step()`` called directly: the same checks and data-parallel
         averaging as `step` (otherwise DDP ranks would step on their local gradients and
         FSDP2 parameters on no gradient at all)."""
+        if self._engine.attached:
+            self._engine.monitor.before_update()  # (kl_estimate: the parameters before the update)
         if self._in_step or not self._engine.attached:
             return
         engine = self._engine
@@ -124,6 +126,8 @@ class GradProjOptimizer(torch.optim.Optimizer):
         engine.sync_gradients()
 
     def _after_inner_step(self, optimizer, args, kwargs) -> None:
+        if self._engine.attached:
+            self._engine.monitor.after_update()
         if not self._in_step and self._engine.attached:
             self._engine.end_step()
 

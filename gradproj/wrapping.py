@@ -26,7 +26,7 @@ def capture_settings(config: GradProjConfig) -> CaptureSettings:
     """The engine's share of ``config``, as a plain value."""
     return CaptureSettings(
         exclude=list(config.exclude), gram=config.gram, nonfinite=config.nonfinite,
-        diagnostics=config.diagnostics, lora_bound=config.lora_bound,
+        diagnostics=config.diagnostics, lora_bound=config.lora_bound, kl_estimate=config.kl_estimate,
     )
 
 

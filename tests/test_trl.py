@@ -327,3 +327,15 @@ def test_unsupported_adapters_are_refused_with_trl_advice(tmp_path):
     dora = LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     with pytest.raises(gradproj.CoverageError, match="With TRL: freeze those parameters"):
         trainer(tmp_path, model=tiny_model(build_tokenizer(), dtype=torch.float32), peft_config=dora).train()
+
+
+def test_reference_free_monitoring_in_trls_logs(tmp_path):
+    """beta=0 (no reference model): gradproj logs the token entropy every step and, with
+    kl_estimate, the per-step KL of the previous update from the second step on."""
+    t = trainer(tmp_path, gradproj_config={"strategy": "proma", "kl_estimate": True}, args=grpo_args(tmp_path, max_steps=3))
+    t.train()
+    rows = [row for row in t.state.log_history if "gradproj/microbatches" in row]
+    assert len(rows) == 3
+    assert all(row["gradproj/entropy"] > 0 for row in rows)
+    assert "gradproj/kl_estimate/per_token" not in rows[0]
+    assert all(row["gradproj/kl_estimate/per_token"] > 0 for row in rows[1:])

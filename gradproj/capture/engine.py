@@ -91,6 +91,7 @@ class CaptureEngine(StepControl):
         mb.logp, mb.hook_id, mb.hook_handle = logp, handle.id, handle
         mb.watcher = backward_watch.add_watcher(partial(self._on_backward_call, mb))
         self.current = mb
+        self.monitor.start(logp, mb.mask)
         for strategy in self.strategies.all:
             strategy.start_microbatch()
         return mb
@@ -132,6 +133,7 @@ class CaptureEngine(StepControl):
             else:
                 self._abort(mb)
         finally:
+            self.monitor.close(applied and not mb.dropped, mb.k)
             for strategy in self.strategies.all:
                 strategy.end_microbatch()
         if failure is None and mb.error is not None and not applied:  # the caller caught gradproj's error

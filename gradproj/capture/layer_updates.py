@@ -19,6 +19,7 @@ from gradproj.capture.plan import CapturePlan
 from gradproj.capture.sinks import GradientSink
 from gradproj.capture.step_metrics import StepMetrics
 from gradproj.diagnostics.gradients import GradientDiagnostics
+from gradproj.diagnostics.update_monitor import UpdateMonitor
 from gradproj.errors import ProtocolError
 from gradproj.linalg.sequence_grads import Workspace
 from gradproj.linalg.sum_grads import SumGrads
@@ -40,10 +41,12 @@ class LayerUpdates:
         gram: the ``gram`` setting handlers use (``"auto"``, ``"materialize"``, ``"ghost"``).
         metrics: the step's counters (strategy time is added to them).
         diagnostics: the gradient diagnostics, or ``None``.
+        monitor: the entropy / per-step KL monitor, or ``None``.
     """
 
     def __init__(
-        self, plan: CapturePlan, sink: GradientSink, strategies: ResolvedStrategies, gram: str, metrics: StepMetrics, diagnostics: GradientDiagnostics | None = None
+        self, plan: CapturePlan, sink: GradientSink, strategies: ResolvedStrategies, gram: str, metrics: StepMetrics,
+        diagnostics: GradientDiagnostics | None = None, monitor: UpdateMonitor | None = None,
     ) -> None:
         self.plan = plan
         self.sink = sink
@@ -52,6 +55,8 @@ class LayerUpdates:
         self.gram = gram
         self.metrics = metrics
         self.diagnostics = diagnostics
+        #: sees each tensor's sequence gradients only when it estimates the per-step KL
+        self.kl_monitor = monitor if monitor is not None and monitor.kl else None
         self.workspace = Workspace(plan.block_numel)
 
     def finalize(self, layer: LayerCapture, mb, uses) -> None:
@@ -108,6 +113,8 @@ class LayerUpdates:
             batch.coefficients = transform.transform_layer(batch)
         if self.diagnostics is not None:
             self.diagnostics.observe(qname, seq.gram(), batch.coefficients.reshape(-1, batch.k)[0], mb.group_ids)
+        if self.kl_monitor is not None:
+            self.kl_monitor.observe(param, seq)
         update = self._run(batch)
         self.metrics.strategy_seconds += perf_counter() - start
         (tensor,) = update.tensors
@@ -178,6 +185,8 @@ class LayerUpdates:
                 batch.coefficients = transform.transform_layer(batch)
             if self.diagnostics is not None:
                 _observe_batch(self.diagnostics, batch, mb)
+            if self.kl_monitor is not None:
+                self.kl_monitor.observe_stacked(batch.params, batch.sequence_grads)
             update = self._run(batch)
             self.metrics.strategy_seconds += perf_counter() - start
             for param, tensor in zip(batch.params, update.tensors):

@@ -29,7 +29,8 @@ from gradproj.capture.sinks import GradientSink, make_sink
 from gradproj.capture.step_metrics import StepMetrics
 from gradproj.diagnostics.gradients import GradientDiagnostics
 from gradproj.diagnostics.lora import LoraKLBound
-from gradproj.errors import CoverageError, ProtocolError
+from gradproj.diagnostics.update_monitor import UpdateMonitor
+from gradproj.errors import ConfigError, CoverageError, ProtocolError
 from gradproj.plugins.manager import Registry
 from gradproj.work import ResolvedStrategies, StepGroups
 
@@ -50,6 +51,7 @@ class CaptureSettings:
         nonfinite: ``"drop"`` or ``"propagate"``.
         diagnostics: gather gradient diagnostics (turns the capture on).
         lora_bound: report the LoRA rank KL bound.
+        kl_estimate: estimate each update's per-step KL (turns the capture on).
     """
 
     exclude: list[str] = field(default_factory=list)
@@ -57,6 +59,7 @@ class CaptureSettings:
     nonfinite: str = "drop"
     diagnostics: bool = False
     lora_bound: bool = False
+    kl_estimate: bool = False
 
 
 class EngineSetup:
@@ -69,8 +72,10 @@ class EngineSetup:
         self.settings = settings
         self.strategies = strategies
         self.registry = registry
-        self.needs_capture = strategies.needs_capture or settings.diagnostics
+        self.needs_capture = strategies.needs_capture or settings.diagnostics or settings.kl_estimate
         self.diagnostics = GradientDiagnostics() if settings.diagnostics else None
+        #: entropy and per-step KL estimate (the parameters are known once attached)
+        self.monitor = UpdateMonitor([], settings.kl_estimate)
         self.lora_bound: LoraKLBound | None = None
         #: gradient synchronisation of a DDP model, taken over from DDP while capturing
         self.data_parallel: DataParallelSync | None = None
@@ -79,7 +84,7 @@ class EngineSetup:
         self.plan = CapturePlan()
         self.sink: GradientSink = make_sink(settings.nonfinite, [], {}, None)
         self.counters = StepMetrics()
-        self.updates = LayerUpdates(self.plan, self.sink, strategies, settings.gram, self.counters, self.diagnostics)
+        self.updates = LayerUpdates(self.plan, self.sink, strategies, settings.gram, self.counters, self.diagnostics, self.monitor)
         self.loss_terms = LossTermCheck(self, {})
         self.step_groups: StepGroups | None = None
         self.current: Microbatch | None = None
@@ -105,6 +110,7 @@ class EngineSetup:
             strategy.reset_metrics()
         if self.diagnostics is not None:
             self.diagnostics.reset()
+        self.monitor.reset()
 
     # views of the plan (what is covered)
     layers = property(lambda self: self.plan.layers, doc="The covered modules (`LayerCapture` s).")
@@ -138,6 +144,12 @@ class EngineSetup:
             )
             if plan.layers:
                 guards.refuse_sequence_first(self.model)
+            if settings.kl_estimate and is_sharded(plan.covered_params):
+                raise ConfigError(
+                    "kl_estimate=True is not supported with FSDP2 (sharded parameters): the estimate needs the "
+                    "full update of each parameter on every rank. Turn it off, or measure the KL with "
+                    "gradproj.policy_kl on log-probs from before and after the step"
+                )
         except BaseException:
             guards.restore_hub_kernels(kernels_off)  # nothing changed
             raise
@@ -151,7 +163,8 @@ class EngineSetup:
                 self._guards.append(param.register_hook(guard))
         self.plan = plan
         self._plain_when_no_grad = (
-            not strategies.layer_transforms and self.diagnostics is None and strategies.accumulate.capabilities.plain_when_no_grad
+            not strategies.layer_transforms and self.diagnostics is None and not settings.kl_estimate
+            and strategies.accumulate.capabilities.plain_when_no_grad
         )
         self.lora_bound = lora_bound
         if self.needs_capture and is_ddp(self.model):
@@ -160,9 +173,10 @@ class EngineSetup:
             self.sharded = ShardedGradients(plan.covered_params)
             self._plain_when_no_grad = False  # every microbatch goes through the rank-local gradients
         self.sink = make_sink(settings.nonfinite, plan.covered_params, plan.batched, self.sharded)
-        self.updates = LayerUpdates(plan, self.sink, strategies, settings.gram, self.counters, self.diagnostics)
-        self.loss_terms = LossTermCheck(self, plan.covered)
         self._params = list(self.model.parameters())
+        self.monitor = UpdateMonitor(self._params, settings.kl_estimate)
+        self.updates = LayerUpdates(plan, self.sink, strategies, settings.gram, self.counters, self.diagnostics, self.monitor)
+        self.loss_terms = LossTermCheck(self, plan.covered)
         self._batch_norms = guards.batch_norms(self.model)
         #: sharded (DTensor) parameters: without capture, FSDP2 may keep .grad empty between microbatches
         self._deferred_grads = is_sharded(self._params)

@@ -94,6 +94,7 @@ class StepControl(EngineSetup):
         if self.data_parallel is not None:
             self.data_parallel.reset()
         self.sink.end_step()
+        self.monitor.end_step()
         self._last_metrics = self.running_metrics()
         self._last_metrics["gradproj/step_skipped"] = float(skipped)
         self.step_groups = None
@@ -102,7 +103,7 @@ class StepControl(EngineSetup):
 
     def running_metrics(self) -> dict[str, float]:
         """Metrics of the step in progress."""
-        return self.counters.collect(self.strategies.all, self.diagnostics, self.lora_bound, self.step_groups)
+        return self.counters.collect(self.strategies.all, self.diagnostics, self.lora_bound, self.step_groups, self.monitor)
 
     def metrics(self) -> dict[str, float]:
         """Metrics of the last completed step (of the step in progress before the first one)."""

@@ -40,9 +40,9 @@ class StepMetrics:
         """Whether microbatches ran since the step began."""
         return self.in_step > 0 or self.microbatches > 0 or self.dropped > 0
 
-    def collect(self, strategies, diagnostics=None, lora_bound=None, step_groups=None) -> dict[str, float]:
-        """The step's metrics: the counters, then each strategy's, the diagnostics' and the LoRA
-        bound's own (all under ``gradproj/``)."""
+    def collect(self, strategies, diagnostics=None, lora_bound=None, step_groups=None, monitor=None) -> dict[str, float]:
+        """The step's metrics: the counters, then each strategy's, the diagnostics', the LoRA
+        bound's and the entropy / KL monitor's own (all under ``gradproj/``)."""
         out = {
             "gradproj/microbatches": float(self.microbatches),
             "gradproj/sequences": float(self.sequences),
@@ -56,4 +56,6 @@ class StepMetrics:
             out.update({f"gradproj/{k}": float(v) for k, v in diagnostics.metrics(step_groups).items()})
         if lora_bound is not None:
             out.update({f"gradproj/{k}": float(v) for k, v in lora_bound.metrics().items()})
+        if monitor is not None:
+            out.update({f"gradproj/{k}": float(v) for k, v in monitor.metrics().items()})
         return out
