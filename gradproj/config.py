@@ -65,8 +65,8 @@ class GradProjConfig(BaseModel):
         kl_estimate: report the per-step KL of each update without a reference model or an extra
             pass, ``gradproj/kl_estimate/per_token`` (and ``per_sequence``): the Fisher quadratic
             form ``1/2 mean_i <s_i, dtheta>^2`` of the previous update on this step's sequence
-            gradients (turns the capture on; keeps one copy of the trainable parameters). Not with
-            FSDP2. See `gradproj.diagnostics.update_monitor`.
+            gradients (turns the capture on; keeps one copy of the trainable parameters -- with
+            FSDP2, in full on each rank). See `gradproj.diagnostics.update_monitor`.
         nonfinite: what a microbatch with NaN/inf does: ``"drop"`` (default; it changes no gradient and
             is counted in ``gradproj/dropped_microbatches``) or ``"propagate"`` (every covered gradient
             becomes NaN, as with plain autograd, so ``torch.amp.GradScaler`` skips the step and lowers

@@ -20,6 +20,8 @@ PAGES = {
     "diagnostics": "docs/guides/stacking.md",
     "plugin": "docs/guides/write-a-strategy.md",
     "host_syncs": "docs/guides/write-a-strategy.md",
+    "monitoring": "docs/guides/monitoring.md",
+    "sgrpo": "docs/methods/sgrpo.md",
 }
 
 

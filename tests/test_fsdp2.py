@@ -66,3 +66,57 @@ def test_fsdp2_sharded_gradients(strategy, world, tmp_path):
             # SGD applied the averaged gradient to the sharded parameters
             step = (res["before"][n] - res["after"][n]).reshape(-1).double() / 0.1
             assert rel_err(step, mean) <= 1e-10, n
+
+
+def kl_worker(rank, world, port, outdir):
+    """Two steps with kl_estimate=True on FSDP2 shards: the second step's estimate, the update."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model = TinyLM(seed=1)
+        for module in (model.fc1, model.fc2, model.head):
+            fully_shard(module)
+        fully_shard(model)
+        opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", kl_estimate=True)
+        snapshots = []
+        for _ in range(2):
+            snapshots.append({n: p.full_tensor().detach().clone() for n, p in trainable(model)})
+            for ids, attn, mask, adv in rank_microbatches(rank):
+                logp = token_logprobs(model, ids, attn)
+                with opt.microbatch(logp, mask):
+                    grpo_loss(logp, mask, adv, 0.5).backward()
+            opt.step()
+            opt.zero_grad()
+        metrics = opt.metrics()
+        opt.detach()
+        torch.save({"metrics": metrics, "before": snapshots[0], "after": snapshots[1]}, os.path.join(outdir, f"rank{rank}.pt"))
+        del opt, model
+        dist.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def test_fsdp2_kl_estimate(tmp_path):
+    """Each rank's estimate of the first update's KL, on its own sequences, equals the formula with
+    the gathered update and brute-force sequence gradients at the updated parameters."""
+    from test_update_monitor import expected_kl
+
+    world = 2
+    mp.spawn(kl_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        model = TinyLM(seed=1)
+        params = dict(trainable(model))
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(result["after"][n])
+        delta = {n: result["after"][n] - result["before"][n] for n in params}
+        per_token, per_sequence = expected_kl(model, rank_microbatches(rank), delta)
+        metrics = result["metrics"]
+        assert rel_err(torch.tensor(metrics["gradproj/kl_estimate/per_token"]), torch.tensor(per_token)) <= 1e-10
+        assert rel_err(torch.tensor(metrics["gradproj/kl_estimate/per_sequence"]), torch.tensor(per_sequence)) <= 1e-10
+        assert per_token > 0

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import gradproj
-from gradproj.errors import ConfigError
 from gradproj.integrations.torch import token_logprobs
 from helpers import (
     TinyLM, float64_exact_norms, grpo_loss, make_microbatches, rel_err, sequence_gradients, tiny_full, trainable,
@@ -182,17 +181,3 @@ def test_kl_estimate_tracks_the_exact_kl():
         ratios.append(estimate / exact)
         print(f"lr {lr}: exact per-token KL {exact:.3e}, estimate {estimate:.3e}, ratio {estimate / exact:.3f}")
     assert all(0.8 < r < 1.25 for r in ratios), ratios
-
-
-def test_kl_estimate_is_refused_under_fsdp2(monkeypatch):
-    """The estimate needs each parameter's full update: FSDP2's shards are refused at wrap, before
-    anything changes."""
-    import gradproj.capture.setup as setup
-
-    model = TinyLM(seed=19)
-    monkeypatch.setattr(setup, "is_sharded", lambda params: True)
-    with pytest.raises(ConfigError, match="kl_estimate=True is not supported with FSDP2"):
-        gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", kl_estimate=True)
-    assert all(p.grad is None for p in model.parameters())
-    monkeypatch.undo()
-    gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", kl_estimate=True).detach()

@@ -30,7 +30,7 @@ from gradproj.capture.step_metrics import StepMetrics
 from gradproj.diagnostics.gradients import GradientDiagnostics
 from gradproj.diagnostics.lora import LoraKLBound
 from gradproj.diagnostics.update_monitor import UpdateMonitor
-from gradproj.errors import ConfigError, CoverageError, ProtocolError
+from gradproj.errors import CoverageError, ProtocolError
 from gradproj.plugins.manager import Registry
 from gradproj.work import ResolvedStrategies, StepGroups
 
@@ -144,12 +144,6 @@ class EngineSetup:
             )
             if plan.layers:
                 guards.refuse_sequence_first(self.model)
-            if settings.kl_estimate and is_sharded(plan.covered_params):
-                raise ConfigError(
-                    "kl_estimate=True is not supported with FSDP2 (sharded parameters): the estimate needs the "
-                    "full update of each parameter on every rank. Turn it off, or measure the KL with "
-                    "gradproj.policy_kl on log-probs from before and after the step"
-                )
         except BaseException:
             guards.restore_hub_kernels(kernels_off)  # nothing changed
             raise

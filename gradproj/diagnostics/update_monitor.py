@@ -14,7 +14,8 @@ Both come from what a step already computes -- no reference model, no extra forw
   the inner step). Averaged over this step's sequences (sampled from the updated policy), it
   estimates ``KL(pi_after || pi_before)`` of that update; it is reported with the step after the
   update (none at the first step). Costs one copy of the trainable parameters (the update) and one
-  inner product ``<s_i, dtheta>`` per parameter tensor and microbatch.
+  inner product ``<s_i, dtheta>`` per parameter tensor and microbatch; with FSDP2 the update is
+  gathered once per step (each rank then holds it in full) and each rank reports its own sequences.
 
 Metrics (``gradproj/...``): ``entropy`` (nats per token), ``kl_estimate/per_token`` (the
 sequence KL summed over the step's sequences, divided by their response tokens: the token-mean KL
@@ -95,9 +96,14 @@ class UpdateMonitor:
         """Right after the inner step: the update ``after - before`` replaces the kept copy."""
         if not self.kl or self._before is None:
             return
+        delta = {}
         for param, before in zip(self._params, self._before):
             before.sub_(param.detach()).neg_()
-        self._delta = {id(p): d for p, d in zip(self._params, self._before)}
+            # FSDP2: each rank holds a shard of the update; its sequences need all of it (one all-gather
+            # per parameter and step, in the same order on every rank)
+            full = getattr(before, "full_tensor", None)
+            delta[id(param)] = full() if full is not None else before
+        self._delta = delta
         self._before = None
         self._stepped = True
 

@@ -2,5 +2,6 @@
 
 from gradproj.integrations.torch.grpo import group_advantages, policy_loss, token_kl
 from gradproj.integrations.torch.logprobs import packed_token_logprobs, token_logprobs
+from gradproj.integrations.torch.token_selection import sgrpo_token_mask
 
-__all__ = ["token_logprobs", "packed_token_logprobs", "group_advantages", "policy_loss", "token_kl"]
+__all__ = ["token_logprobs", "packed_token_logprobs", "group_advantages", "policy_loss", "token_kl", "sgrpo_token_mask"]

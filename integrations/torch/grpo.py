@@ -35,8 +35,9 @@ def policy_loss(
     advantages: torch.Tensor,
     scale: float = 1.0,
     old_logp: torch.Tensor | None = None,
+    aggregation: str = "token_mean",
 ) -> torch.Tensor:
-    """REINFORCE/GRPO loss, token-mean aggregation: ``-sum(A_i logp mask) / sum(mask) * scale``.
+    """REINFORCE/GRPO loss: ``-sum(A_i logp mask) / sum(mask) * scale`` (token mean).
 
     Args:
         logp: (B, T) token log-probs of the current policy, with grad.
@@ -51,6 +52,9 @@ def policy_loss(
             current policy. (Its variance grows with the response length and with how far the policy
             moved.) Without it, reusing rollouts trains on the old policy's samples as if they were
             the current policy's: a biased gradient that gradproj cannot detect.
+        aggregation: ``"token_mean"`` (every valid token of the microbatch weighs the same) or
+            ``"sequence_mean"`` (each row's mean over its valid tokens, then the mean over the rows:
+            ``-mean_i (A_i / |T_i|) sum_t logp mask * scale``, as S-GRPO averages its selected tokens).
 
     Returns:
         The scalar loss; call ``.backward()`` inside ``opt.microbatch(logp, mask)``.
@@ -62,7 +66,12 @@ def policy_loss(
             raise ValueError(f"old_logp has shape {tuple(old_logp.shape)} but logp has {tuple(logp.shape)}")
         ratio = torch.exp(((logp.detach() - old_logp.to(logp.dtype)) * mask).sum(dim=1))
         weights = weights * ratio[:, None]
-    return -(weights * logp * mask).sum() / mask.sum().clamp(min=1) * scale
+    if aggregation == "token_mean":
+        return -(weights * logp * mask).sum() / mask.sum().clamp(min=1) * scale
+    if aggregation == "sequence_mean":
+        per_row = (weights * logp * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return -per_row.mean() * scale
+    raise ValueError(f"aggregation must be 'token_mean' or 'sequence_mean', got {aggregation!r}")
 
 
 def token_kl(logits_before: torch.Tensor, logits_after: torch.Tensor, mask: torch.Tensor) -> float:

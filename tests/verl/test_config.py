@@ -191,3 +191,22 @@ def test_external_lib_imports_the_plugin_in_a_fresh_process(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=child_env())
     assert run.returncode == 0, run.stderr[-2000:]
     assert "compute_policy_loss_gradproj True" in run.stdout
+
+
+def test_reference_free_monitoring_in_verls_metrics(tmp_path):
+    """KL-free (no reference worker): gradproj's token entropy is in verl's metrics at every update and,
+    with kl_estimate=True, the per-step KL of the previous update from the second on (FSDP2 shards:
+    the update is gathered once per step)."""
+    folder = smoke.tiny_model(tmp_path / "model")
+    config = smoke.compose(smoke.load_overrides(smoke.DEFAULT_OVERRIDES) + smoke.CPU_OVERRIDES + [
+        f"actor_rollout_ref.model.path={folder}",
+        "+actor_rollout_ref.actor.optim.override_optimizer_config.gradproj.kl_estimate=True",
+    ])
+    worker = smoke.actor_worker(config)
+    vocab = worker.actor.engine.module.config.vocab_size
+    first = smoke.update_actor(worker, smoke.rollout_batch(vocab), config)
+    second = smoke.update_actor(worker, smoke.rollout_batch(vocab), config)
+    assert first["gradproj/entropy"][0] > 0
+    assert "gradproj/kl_estimate/per_token" not in first
+    assert second["gradproj/kl_estimate/per_token"][0] > 0
+    assert second["gradproj/kl_estimate/per_sequence"][0] > second["gradproj/kl_estimate/per_token"][0]
