@@ -116,11 +116,12 @@ def run(args) -> list[dict]:
 
 
 def markdown(rows: list[dict], args) -> str:
+    command = (f"python -m benchmarks.kl_estimate{' --smollm2' if args.smollm2 else ''} --steps {args.steps} "
+               f"--prompts {args.prompts} --group-size {args.group_size} --lr {args.lr} --seed {args.seed}")
     lines = [
-        f"Per-step KL of each update (per response token): `kl_estimate` against the exact KL from two forwards "
-        f"({'SmolLM2-135M-Instruct' if args.smollm2 else 'the demo adder'}, full fine-tuning, `{args.strategy}`, "
-        f"AdamW lr {args.lr}, {args.prompts} x {args.group_size} samples per step, seed {args.seed}; "
-        f"`python -m benchmarks.kl_estimate{' --smollm2' if args.smollm2 else ''}`).",
+        f"{'SmolLM2-135M-Instruct' if args.smollm2 else 'The demo adder'}, full fine-tuning, `{args.strategy}`, "
+        f"AdamW lr {args.lr}, {args.prompts} prompts x {args.group_size} samples per step "
+        f"({args.prompts * args.group_size} sequences), seed {args.seed}: `{command}`. Per-step KL per response token.",
         "",
         "| update of step | estimate | exact | estimate / exact | sampled-token k3 | entropy (estimate) |",
         "|---|---|---|---|---|---|",

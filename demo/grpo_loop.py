@@ -9,6 +9,10 @@ strategy differ (`METHODS`):
 * ``grpo`` -- PPO-clip on the likelihood ratio against the sampling policy (the usual baseline;
   the clip acts from the second update of a rollout on), plain accumulation;
 * ``reinforce`` -- the REINFORCE/GRPO policy gradient, no clipping, plain accumulation;
+* ``sgrpo`` and ``sgrpo_proma`` -- S-GRPO (seed *token-efficient-rl*): the REINFORCE loss on a
+  subset of each response's tokens (`gradproj.integrations.torch.sgrpo_token_mask`: the first
+  ``sgrpo_alpha``, then each later one with probability ``sgrpo_p``, at most ``sgrpo_k``), averaged
+  per response; plain accumulation, or PROMA;
 * any gradproj strategy name (``proma``, ``intra_proma``, ``proma_reference``, ...) -- the
   REINFORCE loss with that strategy accumulating the microbatches.
 
@@ -41,13 +45,15 @@ import gradproj
 from gradproj.errors import ConfigError
 from gradproj.integrations.torch.grpo import group_advantages, policy_loss
 from gradproj.integrations.torch.logprobs import token_logprobs
+from gradproj.integrations.torch.token_selection import sgrpo_token_mask
 from gradproj.demo.rollout import Rollout, sample_rollout
 from gradproj.demo.tasks import Task
 
 __all__ = ["GRPOLoopConfig", "METHODS", "method_spec", "run_method", "clipped_loss", "kl_penalty", "step_kl", "InitialPolicy"]
 
 #: name -> (gradproj strategy, loss): the baselines; other names are gradproj strategies.
-METHODS = {"grpo": ("none", "clip"), "reinforce": ("none", "reinforce")}
+METHODS = {"grpo": ("none", "clip"), "reinforce": ("none", "reinforce"), "sgrpo": ("none", "sgrpo"),
+           "sgrpo_proma": ("proma", "sgrpo")}
 
 
 @dataclass
@@ -71,6 +77,9 @@ class GRPOLoopConfig:
     track_initial_kl: bool = False
     diagnostics: bool = False
     lora_bound: bool = False
+    sgrpo_alpha: int = 2
+    sgrpo_p: float = 0.5
+    sgrpo_k: int = 4
 
     def validate(self) -> None:
         """Refuse impossible sizes with a message saying what to change."""
@@ -86,6 +95,8 @@ class GRPOLoopConfig:
             (self.eval_every >= 1, "--eval-every must be at least 1"),
             (self.kl_coef >= 0 and math.isfinite(self.kl_coef), "--kl-coef must be a non-negative number"),
             (not self.lora_bound or self.lora, "lora_bound needs LoRA (lora=True)"),
+            (0 <= self.sgrpo_alpha <= self.sgrpo_k and 0.0 <= self.sgrpo_p <= 1.0,
+             "S-GRPO needs 0 <= sgrpo_alpha <= sgrpo_k and 0 <= sgrpo_p <= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -269,16 +280,22 @@ def run_method(
         group_ids = torch.arange(roll.ids.shape[0]) // config.group_size
         if config.diagnostics:
             opt.set_groups(group_ids, roll.rewards)
+        masks = [roll.response_mask[rows] for rows in chunks]
+        if loss_kind == "sgrpo":  # one selection per rollout, the same for each of its updates
+            selector = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            masks = [sgrpo_token_mask(m, config.sgrpo_alpha, config.sgrpo_p, config.sgrpo_k, selector) for m in masks]
         for _update in range(config.updates_per_rollout):
             for index, rows in enumerate(chunks):
-                mask = roll.response_mask[rows]
+                mask = masks[index]
                 ref = initial.logprobs(roll.ids[rows], roll.attention_mask[rows]) if config.kl_coef > 0 else None
                 logp = token_logprobs(model, roll.ids[rows], roll.attention_mask[rows])
                 with opt.microbatch(logp, mask, group_ids=group_ids[rows] if config.diagnostics else None):
                     if loss_kind == "clip":
                         loss = clipped_loss(logp, old[index], mask, advantages[rows], config.clip_eps, scale)
                     else:  # the sampling policy's log-probs only once it has moved (ratio exactly 1 before)
-                        loss = policy_loss(logp, mask, advantages[rows], scale, old_logp=old[index] if _update else None)
+                        loss = policy_loss(logp, mask, advantages[rows], scale, old_logp=old[index] if _update else None,
+                                           aggregation="sequence_mean" if loss_kind == "sgrpo" else "token_mean",
+                                           ratio_mask=roll.response_mask[rows])
                     if ref is not None:
                         loss = loss + config.kl_coef * kl_penalty(logp, ref, mask, scale)
                     loss.backward()

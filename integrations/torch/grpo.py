@@ -36,6 +36,7 @@ def policy_loss(
     scale: float = 1.0,
     old_logp: torch.Tensor | None = None,
     aggregation: str = "token_mean",
+    ratio_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """REINFORCE/GRPO loss: ``-sum(A_i logp mask) / sum(mask) * scale`` (token mean).
 
@@ -55,6 +56,9 @@ def policy_loss(
         aggregation: ``"token_mean"`` (every valid token of the microbatch weighs the same) or
             ``"sequence_mean"`` (each row's mean over its valid tokens, then the mean over the rows:
             ``-mean_i (A_i / |T_i|) sum_t logp mask * scale``, as S-GRPO averages its selected tokens).
+        ratio_mask: the tokens the importance ratio runs over (default ``mask``): all of the
+            response when the loss covers only some of its tokens (S-GRPO), since the whole
+            response was sampled.
 
     Returns:
         The scalar loss; call ``.backward()`` inside ``opt.microbatch(logp, mask)``.
@@ -64,7 +68,8 @@ def policy_loss(
     if old_logp is not None:
         if old_logp.shape != logp.shape:
             raise ValueError(f"old_logp has shape {tuple(old_logp.shape)} but logp has {tuple(logp.shape)}")
-        ratio = torch.exp(((logp.detach() - old_logp.to(logp.dtype)) * mask).sum(dim=1))
+        over = mask if ratio_mask is None else ratio_mask.to(logp.dtype)
+        ratio = torch.exp(((logp.detach() - old_logp.to(logp.dtype)) * over).sum(dim=1))
         weights = weights * ratio[:, None]
     if aggregation == "token_mean":
         return -(weights * logp * mask).sum() / mask.sum().clamp(min=1) * scale
