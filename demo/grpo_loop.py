@@ -13,6 +13,10 @@ strategy differ (`METHODS`):
   subset of each response's tokens (`gradproj.integrations.torch.sgrpo_token_mask`: the first
   ``sgrpo_alpha``, then each later one with probability ``sgrpo_p``, at most ``sgrpo_k``), averaged
   per response; plain accumulation, or PROMA;
+* ``dmpo`` and ``dmpo_proma`` -- the REINFORCE loss plus DMPO's distribution-matching term
+  (`gradproj.integrations.torch.dmpo`: ``dmpo_weight`` x the squared error between the group's
+  reward softmax at temperature ``dmpo_alpha`` and the policy's softmax of mean log-probs; the
+  weights recomputed at the current policy before each update); plain accumulation, or PROMA;
 * any gradproj strategy name (``proma``, ``intra_proma``, ``proma_reference``, ...) -- the
   REINFORCE loss with that strategy accumulating the microbatches.
 
@@ -43,6 +47,7 @@ import torch.nn.functional as F
 
 import gradproj
 from gradproj.errors import ConfigError
+from gradproj.integrations.torch.dmpo import dmpo_loss, dmpo_weights
 from gradproj.integrations.torch.grpo import group_advantages, policy_loss
 from gradproj.integrations.torch.logprobs import token_logprobs
 from gradproj.integrations.torch.token_selection import sgrpo_token_mask
@@ -53,7 +58,7 @@ __all__ = ["GRPOLoopConfig", "METHODS", "method_spec", "run_method", "clipped_lo
 
 #: name -> (gradproj strategy, loss): the baselines; other names are gradproj strategies.
 METHODS = {"grpo": ("none", "clip"), "reinforce": ("none", "reinforce"), "sgrpo": ("none", "sgrpo"),
-           "sgrpo_proma": ("proma", "sgrpo")}
+           "sgrpo_proma": ("proma", "sgrpo"), "dmpo": ("none", "dmpo"), "dmpo_proma": ("proma", "dmpo")}
 
 
 @dataclass
@@ -80,6 +85,8 @@ class GRPOLoopConfig:
     sgrpo_alpha: int = 2
     sgrpo_p: float = 0.5
     sgrpo_k: int = 4
+    dmpo_alpha: float = 1 / 15
+    dmpo_weight: float = 2.0
 
     def validate(self) -> None:
         """Refuse impossible sizes with a message saying what to change."""
@@ -97,6 +104,7 @@ class GRPOLoopConfig:
             (not self.lora_bound or self.lora, "lora_bound needs LoRA (lora=True)"),
             (0 <= self.sgrpo_alpha <= self.sgrpo_k and 0.0 <= self.sgrpo_p <= 1.0,
              "S-GRPO needs 0 <= sgrpo_alpha <= sgrpo_k and 0 <= sgrpo_p <= 1"),
+            (self.dmpo_alpha > 0 and self.dmpo_weight >= 0, "DMPO needs dmpo_alpha > 0 and dmpo_weight >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -111,6 +119,17 @@ def method_spec(name: str) -> tuple[str, str]:
     if name in known:
         return name, "reinforce"
     raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join([*METHODS, *sorted(known)])}")
+
+
+def _dmpo_weights(model, roll, chunks, masks, old, group_ids, config, update: int) -> torch.Tensor:
+    """DMPO's per-sequence weights at the current policy: from the sampling log-probs at the first
+    update, from a no-grad forward once the policy has moved."""
+    with torch.no_grad():
+        logps = old if update == 0 else [token_logprobs(model, roll.ids[rows], roll.attention_mask[rows]) for rows in chunks]
+        phi = torch.cat([(lp * m).sum(1) / m.sum(1).clamp(min=1) for lp, m in zip(logps, masks)])
+    order = torch.cat(list(chunks))  # chunks are consecutive row ranges: phi is in row order
+    return dmpo_weights(roll.rewards[order], phi, group_ids[order], alpha=config.dmpo_alpha,
+                        weight=config.dmpo_weight)[torch.argsort(order)]
 
 
 def clipped_loss(logp, logp_old, mask, advantages, clip_eps: float, scale: float):
@@ -285,6 +304,7 @@ def run_method(
             selector = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             masks = [sgrpo_token_mask(m, config.sgrpo_alpha, config.sgrpo_p, config.sgrpo_k, selector) for m in masks]
         for _update in range(config.updates_per_rollout):
+            dm_weights = _dmpo_weights(model, roll, chunks, masks, old, group_ids, config, _update) if loss_kind == "dmpo" else None
             for index, rows in enumerate(chunks):
                 mask = masks[index]
                 ref = initial.logprobs(roll.ids[rows], roll.attention_mask[rows]) if config.kl_coef > 0 else None
@@ -296,6 +316,8 @@ def run_method(
                         loss = policy_loss(logp, mask, advantages[rows], scale, old_logp=old[index] if _update else None,
                                            aggregation="sequence_mean" if loss_kind == "sgrpo" else "token_mean",
                                            ratio_mask=roll.response_mask[rows])
+                    if dm_weights is not None:
+                        loss = loss + dmpo_loss(logp, mask, dm_weights[rows])
                     if ref is not None:
                         loss = loss + config.kl_coef * kl_penalty(logp, ref, mask, scale)
                     loss.backward()

@@ -49,15 +49,15 @@ def test_demo_lora_smoke(tiny_folder, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_demo_runs_sgrpo(tiny_folder, tmp_path):
-    """S-GRPO in the demo's --strategies list, alone and with PROMA (two updates per rollout: the
-    importance ratio runs over the whole response, the loss over the selected tokens)."""
+def test_demo_runs_sgrpo_and_dmpo(tiny_folder, tmp_path):
+    """S-GRPO and DMPO in the demo's --strategies list, alone and with PROMA (two updates per rollout:
+    S-GRPO's importance ratio runs over the whole response; DMPO's weights are recomputed)."""
     out = tmp_path / "run"
     result = demo("--model", str(tiny_folder), "--steps", "1", "--prompts", "2", "--group-size", "2",
-                  "--microbatches", "2", "--strategies", "sgrpo", "sgrpo_proma", "--out", str(out))
+                  "--microbatches", "2", "--strategies", "sgrpo", "sgrpo_proma", "dmpo", "dmpo_proma", "--out", str(out))
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())["strategies"]
-    assert list(summary) == ["sgrpo", "sgrpo_proma"]
+    assert list(summary) == ["sgrpo", "sgrpo_proma", "dmpo", "dmpo_proma"]
 
 
 @pytest.mark.parametrize(

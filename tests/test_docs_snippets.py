@@ -22,6 +22,7 @@ PAGES = {
     "host_syncs": "docs/guides/write-a-strategy.md",
     "monitoring": "docs/guides/monitoring.md",
     "sgrpo": "docs/methods/sgrpo.md",
+    "dmpo": "docs/methods/dmpo.md",
 }
 
 
