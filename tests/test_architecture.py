@@ -11,7 +11,7 @@ ALLOWED = {
     "errors": set(),
     "linalg": {"errors"},
     "plugins": {"errors"},
-    "diagnostics": {"errors"},
+    "diagnostics": {"errors", "linalg"},
     "work": {"errors", "linalg"},
     "capture": {"errors", "linalg", "work", "plugins", "diagnostics"},
     "strategies": {"errors", "linalg", "work", "plugins"},

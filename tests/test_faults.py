@@ -912,9 +912,9 @@ def test_the_grpo_loop_weights_its_second_update_by_the_ratio(monkeypatch):
     calls = []
     original = loop.policy_loss
 
-    def spy(logp, mask, advantages, scale=1.0, old_logp=None):
+    def spy(logp, mask, advantages, scale=1.0, old_logp=None, **options):
         calls.append(old_logp is not None)
-        return original(logp, mask, advantages, scale, old_logp=old_logp)
+        return original(logp, mask, advantages, scale, old_logp=old_logp, **options)
 
     monkeypatch.setattr(loop, "policy_loss", spy)
     from gradproj.demo.adder import build_tokenizer

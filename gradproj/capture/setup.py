@@ -29,7 +29,7 @@ from gradproj.capture.sinks import GradientSink, make_sink
 from gradproj.capture.step_metrics import StepMetrics
 from gradproj.diagnostics.gradients import GradientDiagnostics
 from gradproj.diagnostics.lora import LoraKLBound
-from gradproj.diagnostics.update_monitor import UpdateMonitor
+from gradproj.diagnostics.update_monitor import StepReading, UpdateMonitor
 from gradproj.errors import CoverageError, ProtocolError
 from gradproj.plugins.manager import Registry
 from gradproj.work import ResolvedStrategies, StepGroups
@@ -95,6 +95,7 @@ class EngineSetup:
         self._plain_when_no_grad = False
         self.steps = 0
         self._last_metrics: dict[str, float] | None = None
+        self._last_reading: StepReading | None = None  # the last step's monitor sums, read on demand
         #: why the running gradient is incomplete (a failed microbatch that could not be undone)
         self._broken: str | None = None
         #: nonfinite="drop": every microbatch so far was dropped and .grad holds NaN for GradScaler

@@ -95,8 +95,9 @@ class StepControl(EngineSetup):
             self.data_parallel.reset()
         self.sink.end_step()
         self.monitor.end_step()
-        self._last_metrics = self.running_metrics()
+        self._last_metrics = self.counters.collect(self.strategies.all, self.diagnostics, self.lora_bound, self.step_groups)
         self._last_metrics["gradproj/step_skipped"] = float(skipped)
+        self._last_reading = self.monitor.take()  # read when asked for
         self.step_groups = None
         self.steps += 1
         self._reset_counters()
@@ -107,7 +108,12 @@ class StepControl(EngineSetup):
 
     def metrics(self) -> dict[str, float]:
         """Metrics of the last completed step (of the step in progress before the first one)."""
-        return dict(self._last_metrics) if self._last_metrics is not None else self.running_metrics()
+        if self._last_metrics is None:
+            return self.running_metrics()
+        out = dict(self._last_metrics)
+        if self._last_reading is not None:
+            out.update({f"gradproj/{k}": v for k, v in self._last_reading.values().items()})
+        return out
 
     def step_pending(self) -> bool:
         """Whether microbatches ran since the last optimizer step."""

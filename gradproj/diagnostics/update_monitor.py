@@ -30,7 +30,7 @@ import torch
 
 from gradproj.linalg.device_sums import DeviceSums
 
-__all__ = ["UpdateMonitor"]
+__all__ = ["UpdateMonitor", "StepReading"]
 
 
 class UpdateMonitor:
@@ -115,19 +115,45 @@ class UpdateMonitor:
 
     # -- metrics ---------------------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        """The step's entropy and KL estimate (one read from the device)."""
-        out: dict[str, float] = {}
-        surprisal, tokens = self._entropy.values()
-        if tokens > 0:
-            out["entropy"] = surprisal / tokens
-        squares, sequences, kl_tokens = self._kl.values()
-        if sequences > 0:
-            out["kl_estimate/per_sequence"] = 0.5 * squares / sequences
-            if kl_tokens > 0:
-                out["kl_estimate/per_token"] = 0.5 * squares / kl_tokens
-        return out
+        """The step in progress: its entropy and KL estimate (one read from the device)."""
+        return _read(self._entropy, self._kl)
+
+    def take(self) -> StepReading:
+        """The step's sums, to be read only if its metrics are asked for (no read at the step: a
+        training loop that never looks costs no host synchronisation); the monitor starts anew."""
+        reading = StepReading(self._entropy, self._kl)
+        self._entropy, self._kl = DeviceSums(2), DeviceSums(3)
+        return reading
 
     def reset(self) -> None:
         """Start a new step's sums (the last update is kept for the next step's estimate)."""
         self._entropy.clear()
         self._kl.clear()
+
+
+class StepReading:
+    """A finished step's monitor sums, read (once) when its metrics are asked for."""
+
+    def __init__(self, entropy: DeviceSums, kl: DeviceSums) -> None:
+        self._sums: tuple[DeviceSums, DeviceSums] | None = (entropy, kl)
+        self._values: dict[str, float] = {}
+
+    def values(self) -> dict[str, float]:
+        """The metrics (read from the device at the first call)."""
+        if self._sums is not None:
+            self._values = _read(*self._sums)
+            self._sums = None
+        return dict(self._values)
+
+
+def _read(entropy: DeviceSums, kl: DeviceSums) -> dict[str, float]:
+    out: dict[str, float] = {}
+    surprisal, tokens = entropy.values()
+    if tokens > 0:
+        out["entropy"] = surprisal / tokens
+    squares, sequences, kl_tokens = kl.values()
+    if sequences > 0:
+        out["kl_estimate/per_sequence"] = 0.5 * squares / sequences
+        if kl_tokens > 0:
+            out["kl_estimate/per_token"] = 0.5 * squares / kl_tokens
+    return out
