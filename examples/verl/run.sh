@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Launch verl's PPO trainer with the Hydra overrides listed in a gradproj recipe YAML (plus any
 # extra overrides on the command line). Needs GPUs, verl 0.9 with vLLM, and gradproj installed:
-#   pip install "gradproj[verl]"; python examples/verl/prepare_gsm8k.py
+#   pip install -e ".[verl]" (in a checkout; see docs/install.md); python examples/verl/prepare_gsm8k.py
 #   bash examples/verl/run.sh examples/verl/proma_qwen3_gsm8k.yaml trainer.n_gpus_per_node=4
 set -euo pipefail
 recipe=${1:?usage: run.sh RECIPE.yaml [key=value ...]}

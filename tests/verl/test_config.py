@@ -210,3 +210,44 @@ def test_reference_free_monitoring_in_verls_metrics(tmp_path):
     assert "gradproj/kl_estimate/per_token" not in first
     assert second["gradproj/kl_estimate/per_token"][0] > 0
     assert second["gradproj/kl_estimate/per_sequence"][0] > second["gradproj/kl_estimate/per_token"][0]
+
+
+def guide_commands() -> list[list[str]]:
+    """The `python -m verl.trainer.main_ppo ...` blocks of the verl guide, as override lists."""
+    import re
+    import shlex
+
+    text = (ROOT / "docs" / "guides" / "verl.md").read_text()
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M):
+        if block.startswith("python -m verl.trainer.main_ppo"):
+            words = shlex.split(os.path.expandvars(block.replace("\\\n", " ")))
+            commands.append(words[3:])
+    return commands
+
+
+@pytest.mark.parametrize("index", range(3), ids=["proma", "intra-proma", "kl-free-lora-grpo"])
+def test_the_guides_command_lines_compose_and_pass_the_checks(index):
+    """Each complete command line of the guide is valid Hydra for verl 0.9.1 (the `+` keys included),
+    gives a valid gradproj config, builds no reference worker, and passes gradproj's trainer checks."""
+    from verl.trainer.ppo.utils import need_reference_policy
+
+    from gradproj.config import GradProjConfig
+    from gradproj.integrations.verl.checks import check_trainer_config
+
+    commands = guide_commands()
+    assert len(commands) == 3
+    config = smoke.compose(commands[index])
+    actor = config.actor_rollout_ref.actor
+    options = dict(actor.optim.override_optimizer_config.gradproj)
+    GradProjConfig(**options)  # a valid strategy and options
+    assert config.actor_rollout_ref.model.external_lib == "gradproj.integrations.verl"
+    assert config.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+    assert not need_reference_policy(config)
+    check_trainer_config(config)
+    expected = [("proma_reference", "gradproj"), ("intra_proma", "gradproj"), ("none", "vanilla")][index]
+    assert (options["strategy"], actor.policy_loss.loss_mode) == expected
+    if index == 1:
+        assert options["rank"] == 16 and options["kl_estimate"] is True
+    if index == 2:
+        assert config.actor_rollout_ref.model.lora_rank == 32 and options["lora_bound"] is True
