@@ -101,8 +101,13 @@ class GradProjOptimizer(torch.optim.Optimizer):
             return None
         self._engine.sync_gradients()  # DDP: average over the ranks, unless sync_gradients() already did
         self._in_step = True
+        hooked = bool(self._inner_hooks)
         try:
+            if not hooked:  # (an inner optimizer without step hooks: the monitor is told here)
+                self._engine.monitor.before_update()
             result = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+            if not hooked:
+                self._engine.monitor.after_update()
         finally:
             self._in_step = False
         self._engine.end_step()
@@ -112,18 +117,18 @@ class GradProjOptimizer(torch.optim.Optimizer):
         """The inner optimizer's own ``step()`` called directly: the same checks and data-parallel
         averaging as `step` (otherwise DDP ranks would step on their local gradients and
         FSDP2 parameters on no gradient at all)."""
-        if self._engine.attached:
-            self._engine.monitor.before_update()  # (kl_estimate: the parameters before the update)
-        if self._in_step or not self._engine.attached:
+        if not self._engine.attached:
             return
         engine = self._engine
-        engine.check_idle("the inner optimizer's step()")
-        if not engine.check_step():
-            raise ProtocolError(
-                "the inner optimizer's step() was called although every microbatch of this step was dropped as "
-                "non-finite (.grad holds NaN markers); call opt.step() (which skips the step) or opt.zero_grad()"
-            )
-        engine.sync_gradients()
+        if not self._in_step:  # (step() made these checks already)
+            engine.check_idle("the inner optimizer's step()")
+            if not engine.check_step():
+                raise ProtocolError(
+                    "the inner optimizer's step() was called although every microbatch of this step was dropped as "
+                    "non-finite (.grad holds NaN markers); call opt.step() (which skips the step) or opt.zero_grad()"
+                )
+            engine.sync_gradients()
+        engine.monitor.before_update()  # (kl_estimate: the parameters before the update)
 
     def _after_inner_step(self, optimizer, args, kwargs) -> None:
         if self._engine.attached:

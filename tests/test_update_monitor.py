@@ -181,3 +181,41 @@ def test_kl_estimate_tracks_the_exact_kl():
         ratios.append(estimate / exact)
         print(f"lr {lr}: exact per-token KL {exact:.3e}, estimate {estimate:.3e}, ratio {estimate / exact:.3f}")
     assert all(0.8 < r < 1.25 for r in ratios), ratios
+
+
+def test_entropy_ignores_what_the_mask_leaves_out():
+    """-inf log-probs outside the mask (a padded position) do not turn the entropy into NaN."""
+    model = TinyLM(seed=20)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma")
+    ids, attn, mask, adv = make_microbatches(count=1, k=3, seed=21)[0]
+    logp = token_logprobs(model, ids, attn)
+    outside = ~mask
+    logp = torch.where(outside, torch.full_like(logp, float("-inf")), logp)
+    want = float(-(logp.detach()[mask]).sum() / mask.sum())
+    with opt.microbatch(logp, mask):
+        grpo_loss(torch.where(outside, 0.0, logp), mask, adv, 1.0).backward()
+    opt.step()
+    assert opt.metrics()["gradproj/entropy"] == pytest.approx(want, rel=1e-12)
+
+
+def test_kl_estimate_with_an_inner_optimizer_without_step_hooks():
+    """torch_optimizer's Lookahead bypasses Optimizer.__init__ (no step hooks): the update is still kept."""
+    import torch_optimizer
+
+    model = TinyLM(seed=22)
+    inner = torch_optimizer.Lookahead(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), k=2)
+    opt = gradproj.wrap(inner, model, "proma", kl_estimate=True)
+    assert not opt._inner_hooks
+    run_step(model, opt, make_microbatches(count=1, k=3, seed=23))
+    metrics = run_step(model, opt, make_microbatches(count=1, k=3, seed=24))
+    assert metrics["gradproj/kl_estimate/per_token"] > 0
+
+
+def test_detach_drops_the_kept_update():
+    model = TinyLM(seed=25)
+    opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", kl_estimate=True)
+    run_step(model, opt, make_microbatches(count=1, k=3, seed=26))
+    monitor = opt.engine.monitor
+    assert monitor._delta
+    opt.detach()
+    assert not monitor._delta and monitor._before is None

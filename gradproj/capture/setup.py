@@ -204,6 +204,7 @@ class EngineSetup:
         for group in self.plan.groups:
             group.release()
         self.updates.release()
+        self.monitor.release()  # the kept update (a copy of the parameters) goes with the hooks
         self.plan = CapturePlan(covered=self.plan.covered, covered_params=self.plan.covered_params)
         self.sink = make_sink(self.settings.nonfinite, [], {}, None)
         self.updates = LayerUpdates(self.plan, self.sink, self.strategies, self.settings.gram, self.counters, self.diagnostics)

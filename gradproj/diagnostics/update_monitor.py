@@ -55,8 +55,8 @@ class UpdateMonitor:
     # -- microbatches ----------------------------------------------------------------------
     def start(self, logp: torch.Tensor, mask: torch.Tensor) -> None:
         """A microbatch opened: its sampled tokens' surprisal (device tensors, read at metrics)."""
-        valid = mask.to(torch.float64)
-        self._open = ((-logp.detach().double() * valid).sum(), valid.sum())
+        surprisal = torch.where(mask, -logp.detach().double(), 0.0)  # (-inf log-probs off the mask: not NaN)
+        self._open = (surprisal.sum(), mask.to(torch.float64).sum())
         self._dots = None
 
     def observe(self, param: torch.Tensor, seq) -> None:
@@ -90,6 +90,7 @@ class UpdateMonitor:
     def before_update(self) -> None:
         """Right before the inner optimizer's step: keep the parameters."""
         if self.kl:
+            self._delta = {}  # every microbatch of the step has used it: at most one copy is held
             self._before = [p.detach().clone() for p in self._params]
 
     def after_update(self) -> None:
@@ -124,6 +125,11 @@ class UpdateMonitor:
         reading = StepReading(self._entropy, self._kl)
         self._entropy, self._kl = DeviceSums(2), DeviceSums(3)
         return reading
+
+    def release(self) -> None:
+        """Drop the kept update and copies (the optimizer was detached)."""
+        self._delta, self._before = {}, None
+        self.reset()
 
     def reset(self) -> None:
         """Start a new step's sums (the last update is kept for the next step's estimate)."""

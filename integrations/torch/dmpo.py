@@ -59,7 +59,8 @@ def dmpo_weights(
         raise ValueError(f"dmpo_weights needs one reward, sequence_logp and group id per sequence, got "
                          f"{r.numel()}, {phi.numel()} and {len(ids)}")
     if not (torch.isfinite(r).all() and torch.isfinite(phi).all()):
-        raise ValueError("dmpo_weights: rewards and sequence_logp must be finite")
+        raise ValueError("dmpo_weights: rewards and sequence_logp must be finite (an empty response gives a NaN "
+                         "mean log-prob: drop it or give it at least one token)")
     if not alpha > 0:
         raise ValueError(f"dmpo_weights: alpha must be positive, got {alpha}")
     members: dict = {}

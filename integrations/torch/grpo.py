@@ -58,7 +58,7 @@ def policy_loss(
             ``-mean_i (A_i / |T_i|) sum_t logp mask * scale``, as S-GRPO averages its selected tokens).
         ratio_mask: the tokens the importance ratio runs over (default ``mask``): all of the
             response when the loss covers only some of its tokens (S-GRPO), since the whole
-            response was sampled.
+            response was sampled. Used only with ``old_logp``.
 
     Returns:
         The scalar loss; call ``.backward()`` inside ``opt.microbatch(logp, mask)``.
@@ -68,6 +68,8 @@ def policy_loss(
     if old_logp is not None:
         if old_logp.shape != logp.shape:
             raise ValueError(f"old_logp has shape {tuple(old_logp.shape)} but logp has {tuple(logp.shape)}")
+        if ratio_mask is not None and ratio_mask.shape != logp.shape:
+            raise ValueError(f"ratio_mask has shape {tuple(ratio_mask.shape)} but logp has {tuple(logp.shape)}")
         over = mask if ratio_mask is None else ratio_mask.to(logp.dtype)
         ratio = torch.exp(((logp.detach() - old_logp.to(logp.dtype)) * over).sum(dim=1))
         weights = weights * ratio[:, None]

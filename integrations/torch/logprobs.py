@@ -44,9 +44,11 @@ def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, cu_se
     it with the same ``cu_seqlens`` to ``opt.microbatch(logp, mask, cu_seqlens=cu_seqlens)``.
 
     Args:
-        model: a causal LM returning ``.logits`` of shape (1, total, vocab) that honours
-            ``position_ids`` for packed inputs (Hugging Face models with SDPA, eager or
-            flash-attention; a custom model must keep the sequences apart itself).
+        model: a causal LM returning ``.logits`` of shape (1, total, vocab) that keeps packed
+            sequences apart given restarting ``position_ids`` and no attention mask -- Hugging Face
+            models do in the transformers versions gradproj tests (5.x; older releases may not, and
+            then the sequences attend to each other: compare one packed forward with the padded one
+            when in doubt); a custom model must keep the sequences apart itself.
         input_ids: (1, total) token ids of the packed sequences.
         cu_seqlens: (k+1,) sequence boundaries, starting at 0 and ending at ``total``.
 
@@ -56,10 +58,14 @@ def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, cu_se
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"packed input_ids must have shape (1, total), got {tuple(input_ids.shape)}")
-    cu = cu_seqlens.to(device=input_ids.device, dtype=torch.long)
+    bounds = cu_seqlens.detach().to("cpu", torch.long)  # (boundaries are host data: checked and sized here)
     total = input_ids.shape[1]
-    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total:
-        raise ValueError(f"cu_seqlens must be (k+1,) boundaries from 0 to {total}, got {cu_seqlens.tolist()}")
+    if bounds.dim() != 1 or bounds.numel() < 2 or int(bounds[0]) != 0 or int(bounds[-1]) != total or bool(
+        (bounds[1:] < bounds[:-1]).any()
+    ):
+        raise ValueError(f"cu_seqlens must be (k+1,) non-decreasing boundaries from 0 to {total}, got {bounds.tolist()}")
+    width = int((bounds[1:] - bounds[:-1]).max()) - 1
+    cu = bounds.to(input_ids.device)
     lengths = cu[1:] - cu[:-1]
     k = lengths.numel()
     sequence = torch.repeat_interleave(torch.arange(k, device=cu.device), lengths, output_size=total)
@@ -68,7 +74,6 @@ def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, cu_se
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     scores = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[0, 1:, None]).squeeze(-1)  # (total-1,)
-    width = int(lengths.max()) - 1
     # packed position p scores token p+1 of its own sequence unless p is that sequence's last token;
     # those go to a spare column that is cut off (no boolean indexing: no host synchronisation)
     row = sequence[:-1]

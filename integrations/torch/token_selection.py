@@ -33,7 +33,8 @@ def sgrpo_token_mask(
         alpha: the first ``alpha`` response tokens of each row are always selected.
         p: probability of selecting each later token (in [0, 1]).
         k: at most ``k`` tokens are selected per row (the early ones count); ``k >= alpha``.
-        generator: the random generator for the Bernoulli draws (for reproducible selections).
+        generator: a CPU ``torch.Generator`` for the Bernoulli draws (reproducible selections;
+            the draws are made on the CPU and moved to the mask's device).
 
     Returns:
         (B, T) bool mask of the selected tokens.
