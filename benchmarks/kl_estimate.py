@@ -67,6 +67,8 @@ def load(smollm2: bool):
 
 
 def run(args) -> list[dict]:
+    """The GRPO steps with ``kl_estimate=True``: one row per step (reward, entropy, and from the
+    second step the estimate, the exact KL and the sampled-token k3 of the previous update)."""
     from gradproj.demo.rollout import sample_rollout
 
     torch.manual_seed(args.seed)
@@ -116,6 +118,7 @@ def run(args) -> list[dict]:
 
 
 def markdown(rows: list[dict], args) -> str:
+    """The rows as a Markdown table headed by the settings and the command that reproduces them."""
     command = (f"python -m benchmarks.kl_estimate{' --smollm2' if args.smollm2 else ''} --steps {args.steps} "
                f"--prompts {args.prompts} --group-size {args.group_size} --lr {args.lr} --seed {args.seed}")
     lines = [
@@ -134,6 +137,7 @@ def markdown(rows: list[dict], args) -> str:
 
 
 def main(argv=None) -> None:
+    """Command line: run, print the table, write it with ``--markdown``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct instead of the demo adder")
     parser.add_argument("--steps", type=int, default=4)

@@ -7,8 +7,8 @@ import torch
 
 import gradproj
 from gradproj.integrations.torch import dmpo_loss, dmpo_weights, policy_loss, token_logprobs
-from helpers import TinyLM, float64_exact_norms, padded_batch, reference_update, rel_err, sequence_gradients, tiny_full, trainable
-from test_intra_proma import brute_intra
+from helpers import TinyLM, float64_exact_norms, padded_batch, rel_err, tiny_full, trainable
+from test_intra_proma import BruteStep
 
 
 def l_dm(rewards, phi, group_ids, alpha, weight):
@@ -68,26 +68,17 @@ def test_grpo_plus_dmpo_is_exact(strategy, model_kind):
             total = sum(policy_loss(lp, m, advantages[r], scale=0.5) for lp, (_, _, m), r in zip(logps, batches, rows))
             total = total + l_dm(rewards, live_phi, group_ids.tolist(), 0.25, 2.0)
             coefficient_grads = torch.autograd.grad(total, logps)
-        G = {n: None for n, _ in trainable(model)}
-        intra = {n: torch.zeros_like(p) for n, p in trainable(model)}
+        brute = BruteStep(model, strategy)
         for (ids, attn, mask), grad in zip(batches, coefficient_grads):
             c = grad.sum(1) / mask.sum(1)  # constant along each row's valid tokens:
             assert torch.allclose(grad * mask, c[:, None] * mask, rtol=0, atol=1e-15)
             with opt.paused():
-                if strategy == "intra_proma":
-                    for n, gm in brute_intra(model, ids, attn, mask, c, rank=2).items():
-                        intra[n] += gm
-                else:
-                    S = sequence_gradients(model, token_logprobs(model, ids, attn), mask)
-                    for n in G:
-                        G[n] = reference_update(G[n], S[n], c, strategy=strategy)
+                brute.add(ids, attn, mask, c)
 
         for (ids, attn, mask), r in zip(batches, rows):
             logp = token_logprobs(model, ids, attn)
             with opt.microbatch(logp, mask):
                 loss = policy_loss(logp, mask, advantages[r], scale=0.5) + dmpo_loss(logp, mask, weights[r])
                 loss.backward()
-        for n, p in trainable(model):
-            want = intra[n].reshape(-1) if strategy == "intra_proma" else G[n]
-            assert rel_err(p.grad.reshape(-1).double(), want.double()) <= 1e-10, n
+        brute.check()
         opt.detach()

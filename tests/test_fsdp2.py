@@ -2,6 +2,7 @@
 gradients correctly -- each rank accumulates its microbatches, then the average over the ranks is
 sharded into ``param.grad`` -- against the same float64 brute force as DDP."""
 
+import contextlib
 import gc
 import os
 
@@ -16,19 +17,36 @@ from helpers import TinyLM, grpo_loss, rel_err, trainable
 from test_data_parallel import brute_local, free_port, rank_microbatches
 
 
-def worker(rank, world, port, outdir, strategy):
+@contextlib.contextmanager
+def gloo_process(rank, world, port):
+    """This spawned process in a gloo group of ``world`` (torn down after a barrier)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor import DTensor
+        yield
+        dist.barrier()  # every rank done before gloo is torn down
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
 
-        model = TinyLM(seed=1)
-        for module in (model.fc1, model.fc2, model.head):
-            fully_shard(module)
-        fully_shard(model)
-        assert isinstance(model.fc1.weight, DTensor)
+
+def sharded_tiny_model():
+    """TinyLM(seed=1) with every trainable module and the whole model under ``fully_shard``."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = TinyLM(seed=1)
+    for module in (model.fc1, model.fc2, model.head):
+        fully_shard(module)
+    fully_shard(model)
+    assert isinstance(model.fc1.weight, DTensor)
+    return model
+
+
+def worker(rank, world, port, outdir, strategy):
+    with gloo_process(rank, world, port):
+        model = sharded_tiny_model()
         options = {"rank": 2} if strategy == "intra_proma" else {}
         opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy, **options)
         for ids, attn, mask, adv in rank_microbatches(rank):
@@ -45,10 +63,6 @@ def worker(rank, world, port, outdir, strategy):
         torch.save({"grads": grads, "shapes": local_shapes, "before": before, "after": after},
                    os.path.join(outdir, f"rank{rank}.pt"))
         del opt, model
-        dist.barrier()  # every rank done before gloo is torn down
-    finally:
-        gc.collect()
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -70,16 +84,8 @@ def test_fsdp2_sharded_gradients(strategy, world, tmp_path):
 
 def kl_worker(rank, world, port, outdir):
     """Two steps with kl_estimate=True on FSDP2 shards: the second step's estimate, the update."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        from torch.distributed.fsdp import fully_shard
-
-        model = TinyLM(seed=1)
-        for module in (model.fc1, model.fc2, model.head):
-            fully_shard(module)
-        fully_shard(model)
+    with gloo_process(rank, world, port):
+        model = sharded_tiny_model()
         opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, "proma", kl_estimate=True)
         snapshots = []
         for _ in range(2):
@@ -94,10 +100,6 @@ def kl_worker(rank, world, port, outdir):
         opt.detach()
         torch.save({"metrics": metrics, "before": snapshots[0], "after": snapshots[1]}, os.path.join(outdir, f"rank{rank}.pt"))
         del opt, model
-        dist.barrier()
-    finally:
-        gc.collect()
-        dist.destroy_process_group()
 
 
 def test_fsdp2_kl_estimate(tmp_path):

@@ -36,6 +36,9 @@ STRATEGIES = {
     "intra_proma_randomized": ("intra_proma", {"rank": 3, "solver": "randomized", "projector": "kron", "energy": 0.9}),
     "isopo_ntk+proma": (["isopo", "proma"], {"variant": "ntk"}),
     "variance_scaling+proma": (["variance_scaling", "proma"], {}),
+    # the per-step KL estimate: counted in the second step, where it has an update to measure
+    "none+kl_estimate": ("none", {"kl_estimate": True}),
+    "proma+kl_estimate": ("proma", {"kl_estimate": True}),
 }
 
 SETUPS = [("lora", "padded", False), ("full", "padded", False), ("full", "packed", False),
@@ -65,6 +68,14 @@ def _counts(strategy: str, setup: str, layout: str, checkpointing: bool, layers:
     model = _model(setup, layers, checkpointing)
     opt = gradproj.wrap(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model, name, **options)
     microbatches = make_microbatches(count=2, k=4, seed=3)
+    if options.get("kl_estimate"):  # a first step, not counted: its update is what the second measures
+        for ids, attn, mask, adv in microbatches:
+            logp = token_logprobs(model, ids, attn)
+            with opt.microbatch(logp, mask):
+                grpo_loss(logp, mask, adv, 0.5).backward()
+        opt.step()
+        opt.zero_grad()
+        assert opt.engine.monitor._delta
     if "variance_scaling" in strategy:
         opt.set_groups(torch.tensor([0, 0, 1, 1] * 2), torch.tensor([1.0, 0.0, 2.0, 1.0, 0.0, 1.0, 1.0, 3.0]))
     for index, (ids, attn, mask, adv) in enumerate(microbatches):

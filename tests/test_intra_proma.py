@@ -14,6 +14,7 @@ from helpers import (
     linear_only,
     make_microbatches,
     poisoned_output_grads,
+    reference_update,
     rel_err,
     sequence_gradients,
     tiny_full,
@@ -75,6 +76,34 @@ def _outer_wrapper(model, mod_name):
         elif found is not None:
             break
     return found
+
+
+class BruteStep:
+    """The float64 brute force of one optimizer step under ``none``, ``proma`` or ``intra_proma``,
+    fed microbatch by microbatch (sequence gradients by one backward per sequence), and the check
+    of the gradients gradproj accumulated against it."""
+
+    def __init__(self, model, strategy: str, rank: int = 2) -> None:
+        self.model, self.strategy, self.rank = model, strategy, rank
+        self.G = {n: None for n, _ in trainable(model)}
+        self.intra = {n: torch.zeros_like(p) for n, p in trainable(model)}
+
+    def add(self, ids, attn, mask, c, logp_fn=None) -> None:
+        """One microbatch with coefficients ``c`` (call it under ``opt.paused()``)."""
+        if self.strategy == "intra_proma":
+            for n, gm in brute_intra(self.model, ids, attn, mask, c, rank=self.rank, logp_fn=logp_fn).items():
+                self.intra[n] += gm
+            return
+        logp = token_logprobs(self.model, ids, attn) if logp_fn is None else logp_fn(self.model)
+        S = sequence_gradients(self.model, logp, mask)
+        for n in self.G:
+            self.G[n] = reference_update(self.G[n], S[n], c, strategy=self.strategy)
+
+    def check(self, tolerance: float = 1e-10) -> None:
+        """Every trainable parameter's ``.grad`` equals the brute force (relative error)."""
+        for n, p in trainable(self.model):
+            want = self.intra[n].detach().reshape(-1) if self.strategy == "intra_proma" else self.G[n]
+            assert rel_err(p.grad.detach().reshape(-1).double(), want.double()) <= tolerance, n
 
 
 def brute_intra(model, ids, attn, mask, c, *, rank=8, energy=None, projector="complement", layer_c=None, logp_fn=None):

@@ -7,11 +7,10 @@ import torch
 
 import gradproj
 from helpers import (
-    float64_exact_norms, grpo_coefficients, grpo_loss, make_microbatches, reference_update, rel_err,
-    sequence_gradients, tiny_full, trainable,
+    float64_exact_norms, grpo_coefficients, grpo_loss, make_microbatches, tiny_full, trainable,
 )
 from test_full_finetuning import tiny_gpt2
-from test_intra_proma import brute_intra
+from test_intra_proma import BruteStep
 from test_packed_layout import pack, packed_rows
 
 
@@ -38,24 +37,14 @@ def test_packed_full_finetuning_tied(arch, strategy):
         model = tiny_gpt2(seed=5, tie=True) if arch == "gpt2" else tiny_full(arch, seed=5, train_embeddings=True, tie=True)
         options = {"rank": 3} if strategy == "intra_proma" else {}
         opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy, **options)
-        G = {n: None for n, _ in trainable(model)}
-        intra = {n: torch.zeros_like(p) for n, p in trainable(model)}
+        brute = BruteStep(model, strategy, rank=3)
         for ids, attn, mask, adv in make_microbatches(count=2, k=3, seed=6):
             packed, cu, resp = pack(ids, attn, mask)
             c = grpo_coefficients(adv, resp, 0.5)
             with opt.paused():
-                if strategy == "intra_proma":
-                    fn = lambda m, packed=packed, cu=cu: packed_logprobs(m, packed, cu)  # noqa: E731
-                    for n, gm in brute_intra(model, packed, None, resp, c, rank=3, logp_fn=fn).items():
-                        intra[n] += gm
-                else:
-                    S = sequence_gradients(model, packed_logprobs(model, packed, cu), resp)
-                    for n in G:
-                        G[n] = reference_update(G[n], S[n], c, strategy=strategy)
+                brute.add(packed, None, resp, c, logp_fn=lambda m, packed=packed, cu=cu: packed_logprobs(m, packed, cu))
             logp = packed_logprobs(model, packed, cu)
             with opt.microbatch(logp, resp, cu_seqlens=cu):
                 grpo_loss(logp, resp, adv, 0.5).backward()
-        for n, p in trainable(model):
-            want = intra[n].detach().reshape(-1) if strategy == "intra_proma" else G[n]
-            assert rel_err(p.grad.detach().reshape(-1).double(), want.double()) <= 1e-10, n
+        brute.check()
         opt.detach()

@@ -6,11 +6,8 @@ import torch
 
 import gradproj
 from gradproj.integrations.torch import policy_loss, sgrpo_token_mask, token_logprobs
-from helpers import (
-    TinyLM, float64_exact_norms, padded_batch, reference_update, rel_err, sequence_gradients, tiny_full,
-    trainable,
-)
-from test_intra_proma import brute_intra
+from helpers import TinyLM, float64_exact_norms, padded_batch, tiny_full, trainable
+from test_intra_proma import BruteStep
 
 
 def response_positions(mask):
@@ -65,8 +62,7 @@ def test_sgrpo_is_exact_under_every_strategy(strategy, model_kind):
         model = TinyLM(seed=2) if model_kind == "tiny" else tiny_full("llama", seed=2)
         options = {"rank": 2} if strategy == "intra_proma" else {}
         opt = gradproj.wrap(torch.optim.SGD([p for _, p in trainable(model)], lr=0.1), model, strategy, **options)
-        G = {n: None for n, _ in trainable(model)}
-        intra = {n: torch.zeros_like(p) for n, p in trainable(model)}
+        brute = BruteStep(model, strategy)
         microbatches = []
         for m in range(2):
             ids, attn, mask = padded_batch(4, [2, 3, 1, 2], [5, 4, 6, 3], seed=10 + m)
@@ -78,17 +74,9 @@ def test_sgrpo_is_exact_under_every_strategy(strategy, model_kind):
             # the brute force: c_i = -A_i * scale / (|T_i| B), sequence gradients over the selected tokens
             c = -adv.double() * scale / (selected.sum(1).clamp(min=1).double() * ids.shape[0])
             with opt.paused():
-                if strategy == "intra_proma":
-                    for n, gm in brute_intra(model, ids, attn, selected, c, rank=2).items():
-                        intra[n] += gm
-                else:
-                    S = sequence_gradients(model, token_logprobs(model, ids, attn), selected)
-                    for n in G:
-                        G[n] = reference_update(G[n], S[n], c, strategy=strategy)
+                brute.add(ids, attn, selected, c)
             logp = token_logprobs(model, ids, attn)
             with opt.microbatch(logp, selected):
                 policy_loss(logp, selected, adv, scale=scale, aggregation="sequence_mean").backward()
-        for n, p in trainable(model):
-            want = intra[n].reshape(-1) if strategy == "intra_proma" else G[n]
-            assert rel_err(p.grad.reshape(-1).double(), want.double()) <= 1e-10, n
+        brute.check()
         opt.detach()

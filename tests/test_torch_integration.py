@@ -51,6 +51,19 @@ def test_packed_token_logprobs_equal_each_sequence_alone(arch):
         packed_token_logprobs(model, padded, cu)
 
 
+def test_packed_token_logprobs_refuse_a_transformers_without_packing(monkeypatch):
+    """A transformers release that cannot tell packed sequences apart would mix them silently: refused."""
+    import transformers.masking_utils as masking
+
+    from gradproj.errors import InputError
+
+    model = tiny_hf("llama", seed=3)
+    packed, cu, _, _ = packed_and_padded([3, 4])
+    monkeypatch.delattr(masking, "find_packed_sequence_indices")
+    with pytest.raises(InputError, match="does not detect packed sequences"):
+        packed_token_logprobs(model, packed, cu)
+
+
 @pytest.mark.parametrize("strategy", ["none", "proma"])
 @float64_exact_norms()
 def test_packed_token_logprobs_give_the_padded_gradient(strategy):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import torch
+
+from gradproj.errors import InputError
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,18 +51,22 @@ def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, cu_se
     Args:
         model: a causal LM returning ``.logits`` of shape (1, total, vocab) that keeps packed
             sequences apart given restarting ``position_ids`` and no attention mask -- Hugging Face
-            models do in the transformers versions gradproj tests (5.x; older releases may not, and
-            then the sequences attend to each other: compare one packed forward with the padded one
-            when in doubt); a custom model must keep the sequences apart itself.
+            models do (a transformers release without that detection is refused); a custom model
+            must keep the sequences apart itself.
         input_ids: (1, total) token ids of the packed sequences.
         cu_seqlens: (k+1,) sequence boundaries, starting at 0 and ending at ``total``.
 
     Returns:
         (k, L-1) tensor with L the longest sequence's length: position t of row i scores token
         t+1 of sequence i; positions past a sequence's end are 0 (mask them out).
+
+    Raises:
+        ValueError: ``input_ids`` not of shape (1, total), or ``cu_seqlens`` not boundaries from 0 to total.
+        InputError: a transformers release that does not keep packed sequences apart.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"packed input_ids must have shape (1, total), got {tuple(input_ids.shape)}")
+    _check_packing_support(model)
     bounds = cu_seqlens.detach().to("cpu", torch.long)  # (boundaries are host data: checked and sized here)
     total = input_ids.shape[1]
     if bounds.dim() != 1 or bounds.numel() < 2 or int(bounds[0]) != 0 or int(bounds[-1]) != total or bool(
@@ -81,3 +90,23 @@ def packed_token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, cu_se
     column = torch.where(column < lengths[row] - 1, column, torch.full_like(column, width))
     rows = scores.new_zeros(k, width + 1).index_put((row, column), scores)
     return rows[:, :width]
+
+
+def _check_packing_support(model: torch.nn.Module) -> None:
+    """Refuse a Hugging Face model from a transformers release that does not keep packed sequences
+    apart given restarting position ids (they would attend to each other: wrong log-probs, no error)."""
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not hasattr(model, "config"):
+        return  # not a Hugging Face model: keeping the sequences apart is the model's own job
+    masking = sys.modules.get("transformers.masking_utils")
+    if masking is None:
+        try:
+            masking = importlib.import_module("transformers.masking_utils")
+        except ImportError:
+            masking = None
+    if masking is None or not hasattr(masking, "find_packed_sequence_indices"):
+        raise InputError(
+            f"packed_token_logprobs: transformers {transformers.__version__} does not detect packed sequences from "
+            "position_ids, so they would attend to each other; upgrade transformers (5.x), or run the padded batch "
+            "with token_logprobs"
+        )
