@@ -56,13 +56,13 @@ def shaped_reward(task):
 def load(smollm2: bool):
     """(policy, tokenizer, task, description)."""
     from gradproj.demo.adder import adder_policy
-    from gradproj.demo.app import _hf_folder, _smollm2_folder
+    from gradproj.demo.policies import hf_folder, smollm2_folder
     from gradproj.demo.tasks import make_task
 
     if smollm2:
-        factory, tok = _hf_folder(_smollm2_folder(progress=True), "--smollm2")
+        factory, tok = hf_folder(smollm2_folder(progress=True), "--smollm2")
         return factory(), tok, make_task("addition", few_shot=True), "SmolLM2-135M-Instruct, full fine-tuning"
-    factory, tok = _hf_folder(adder_policy(progress=True), "the demo adder")
+    factory, tok = hf_folder(adder_policy(progress=True), "the demo adder")
     return factory(), tok, make_task("addition"), "the demo's character-level adder (Llama-shaped), full fine-tuning"
 
 

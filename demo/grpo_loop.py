@@ -80,6 +80,7 @@ class GRPOLoopConfig:
     lora_rank: int = 8
     kl_coef: float = 0.0
     track_initial_kl: bool = False
+    initial_kl_every: int = 1
     diagnostics: bool = False
     lora_bound: bool = False
     sgrpo_alpha: int = 2
@@ -100,6 +101,7 @@ class GRPOLoopConfig:
             (self.updates_per_rollout >= 1, "--updates must be at least 1"),
             (self.lr > 0 and math.isfinite(self.lr), "--lr must be a positive number"),
             (self.eval_every >= 1, "--eval-every must be at least 1"),
+            (self.initial_kl_every >= 1, "initial_kl_every must be at least 1"),
             (self.kl_coef >= 0 and math.isfinite(self.kl_coef), "--kl-coef must be a non-negative number"),
             (not self.lora_bound or self.lora, "lora_bound needs LoRA (lora=True)"),
             (0 <= self.sgrpo_alpha <= self.sgrpo_k and 0.0 <= self.sgrpo_p <= 1.0,
@@ -184,9 +186,9 @@ class InitialPolicy:
         for rows in chunks:
             ids, attn, mask = roll.ids[rows], roll.attention_mask[rows], roll.response_mask[rows]
             if exact:
-                logp = F.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1][mask].double(), -1)
+                logp = F.log_softmax(_logits(model, ids, attn)[mask].double(), -1)
                 with self.active() as module:
-                    logq = F.log_softmax(module(input_ids=ids, attention_mask=attn).logits[:, :-1][mask].double(), -1)
+                    logq = F.log_softmax(_logits(module, ids, attn)[mask].double(), -1)
                 total += float((logp.exp() * (logp - logq)).sum())
             else:
                 now = token_logprobs(model, ids, attn)
@@ -200,18 +202,29 @@ class InitialPolicy:
 EXACT_KL_MAX_VOCAB = 4096
 
 
+def _logits(model, ids, attention_mask):
+    """Logits at every position but the last, with the position ids `token_logprobs` uses (left
+    padding shifts them), so every measurement sees the distributions the loss trains."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, :-1]
+
+
 @torch.no_grad()
 def _distribution_stats(model, roll: Rollout, chunks, keep: bool):
-    """Token entropy on the response positions (and their log-distributions when ``keep``)."""
-    logdists, entropy_sum, count = [], 0.0, 0
+    """One forward per chunk before the step: the sampling policy's token log-probs (the loss's
+    ``old_logp``), the token entropy on the response positions and, when ``keep``, the response
+    positions' log-distributions (for the exact per-step KL)."""
+    logdists, old, entropy_sum, count = [], [], 0.0, 0
     for rows in chunks:
-        logits = model(input_ids=roll.ids[rows], attention_mask=roll.attention_mask[rows]).logits[:, :-1]
+        ids = roll.ids[rows]
+        logits = _logits(model, ids, roll.attention_mask[rows])
+        old.append(torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1))  # as token_logprobs
         logq = F.log_softmax(logits[roll.response_mask[rows]].double(), dim=-1)  # (tokens, V)
         entropy_sum += float(-(logq.exp() * logq).sum())
         count += logq.shape[0]
         if keep:
             logdists.append(logq)
-    return logdists, entropy_sum / max(count, 1)
+    return logdists, old, entropy_sum / max(count, 1)
 
 
 @torch.no_grad()
@@ -221,8 +234,7 @@ def step_kl(model, roll: Rollout, chunks, before_dists, before_logp) -> float:
     for index, rows in enumerate(chunks):
         mask = roll.response_mask[rows]
         if before_dists:
-            logits = model(input_ids=roll.ids[rows], attention_mask=roll.attention_mask[rows]).logits[:, :-1]
-            logq = F.log_softmax(logits[mask].double(), dim=-1)
+            logq = F.log_softmax(_logits(model, roll.ids[rows], roll.attention_mask[rows])[mask].double(), dim=-1)
             logp = before_dists[index]
             total += float((logp.exp() * (logp - logq)).sum())
         else:
@@ -230,6 +242,12 @@ def step_kl(model, roll: Rollout, chunks, before_dists, before_logp) -> float:
             total += gradproj.policy_kl(before_logp[index], after, mask, "k3") * int(mask.sum())
         count += int(mask.sum())
     return total / max(count, 1)
+
+
+def _evaluation(evaluate, model) -> dict[str, float]:
+    """``evaluate(model)`` as a dict of measures (a bare number is the accuracy)."""
+    measured = evaluate(model)
+    return dict(measured) if isinstance(measured, dict) else {"accuracy": measured}
 
 
 def _build(model_factory, config: GRPOLoopConfig, strategy: str):
@@ -256,7 +274,7 @@ def run_method(
     tok: Any,
     task: Task,
     config: GRPOLoopConfig,
-    evaluate: Callable[[torch.nn.Module], float],
+    evaluate: Callable[[torch.nn.Module], float | dict[str, float]],
     on_step: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train a fresh policy with method ``name``; returns one record per step.
@@ -265,7 +283,8 @@ def run_method(
         model_factory: builds the initial policy (called once; the same weights for every method).
         tok: its tokenizer (a ``PreTrainedTokenizer`` with left padding).
         task: a `gradproj.demo.tasks.Task`.
-        evaluate: ``evaluate(model) -> accuracy`` on held-out problems.
+        evaluate: ``evaluate(model)`` on held-out problems: the accuracy, or a dict of measures
+            (``{"accuracy": ..., "sampled_accuracy": ...}``) merged into the step's record.
         on_step: called with each record (progress bars, logging).
     """
     config.validate()
@@ -279,8 +298,7 @@ def run_method(
     model, opt, initial = _build(model_factory, config, strategy)
     model.train()
     records = []
-    accuracy = evaluate(model)
-    records.append({"method": name, "step": 0, "accuracy": accuracy})
+    records.append({"method": name, "step": 0, **_evaluation(evaluate, model)})
     for step in range(1, config.steps + 1):
         start = time.perf_counter()
         problems = task.train_problems(step, config.prompts_per_step, config.seed)
@@ -289,11 +307,10 @@ def run_method(
         advantages = group_advantages(roll.rewards, config.group_size, normalize_std=config.normalize_std)
         chunks = torch.arange(roll.ids.shape[0]).chunk(config.microbatches)
         exact = model.get_output_embeddings().weight.shape[0] <= EXACT_KL_MAX_VOCAB
-        before, entropy = _distribution_stats(model, roll, chunks, keep=exact)
-        with torch.no_grad():
-            old = [token_logprobs(model, roll.ids[rows], roll.attention_mask[rows]) for rows in chunks]
+        before, old, entropy = _distribution_stats(model, roll, chunks, keep=exact)
         timed = time.perf_counter() - start
-        initial_kl = initial.kl_from(model, roll, chunks) if config.track_initial_kl else None
+        measure_initial = config.track_initial_kl and ((step - 1) % config.initial_kl_every == 0 or step == config.steps)
+        initial_kl = initial.kl_from(model, roll, chunks) if measure_initial else None
         start = time.perf_counter()
         scale = 1.0 / len(chunks)
         group_ids = torch.arange(roll.ids.shape[0]) // config.group_size
@@ -329,9 +346,10 @@ def run_method(
         record = {
             "method": name, "step": step, "reward": float(roll.rewards.mean()), "step_kl": kl,
             "entropy": entropy, "seconds": seconds,
-            "projected_fraction": metrics.get(f"gradproj/{strategy}/projected_fraction",
-                                              metrics.get("gradproj/proma/projected_fraction", 0.0)),
         }
+        projected = metrics.get(f"gradproj/{strategy}/projected_fraction", metrics.get("gradproj/proma/projected_fraction"))
+        if projected is not None:  # strategies that project (none does not)
+            record["projected_fraction"] = projected
         if initial_kl is not None:
             record["initial_kl"] = initial_kl
         for key in ("group_cos_abs_mean", "group_cos_below_0.15", "reward_std_mean"):
@@ -340,7 +358,7 @@ def run_method(
         if "gradproj/lora_bound/mu_mean" in metrics:
             record["lora_bound_mu_mean"] = metrics["gradproj/lora_bound/mu_mean"]
         if step % config.eval_every == 0 or step == config.steps:
-            record["accuracy"] = evaluate(model)
+            record.update(_evaluation(evaluate, model))
         records.append(record)
         if on_step is not None:
             on_step(record)

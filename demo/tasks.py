@@ -129,9 +129,11 @@ def check_task_name(name: str) -> None:
         raise ConfigError(f"unknown task {name!r}; choose {' or '.join(repr(t) for t in TASKS)}")
 
 
-def make_task(name: str, few_shot: bool = False) -> Task:
-    """``"addition"`` or ``"gsm8k"``; ``few_shot`` prefixes addition prompts with worked examples."""
+def make_task(name: str, few_shot: bool = False, eval_count: int | None = None) -> Task:
+    """``"addition"`` or ``"gsm8k"``; ``few_shot`` prefixes addition prompts with worked examples;
+    ``eval_count`` held-out problems (default: the task's own)."""
     check_task_name(name)
+    sized = {} if eval_count is None else {"eval_count": eval_count}
     if name == "addition":
-        return AdditionTask(prefix="12+7=19\n305+41=346\n" if few_shot else "")
-    return GSM8KTask()
+        return AdditionTask(prefix="12+7=19\n305+41=346\n" if few_shot else "", **sized)
+    return GSM8KTask(**sized)

@@ -1,6 +1,8 @@
 """benchmarks.reproduce: the GRPO-loop options it relies on, and verdicts that follow the data."""
 
+import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -9,11 +11,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import reproduce  # noqa: E402
-from gradproj.demo.grpo_loop import GRPOLoopConfig, InitialPolicy, kl_penalty, run_method  # noqa: E402
-from gradproj.integrations.torch.logprobs import token_logprobs  # noqa: E402
-from gradproj.demo.tasks import AdditionTask  # noqa: E402
-from helpers import tiny_char_model  # noqa: E402
+from helpers import tiny_char_model
+
+from benchmarks import reproduce
+from gradproj.demo.grpo_loop import GRPOLoopConfig, InitialPolicy, kl_penalty, run_method
+from gradproj.demo.tasks import AdditionTask
+from gradproj.demo.verdicts import CONTRADICTED, HELD, NOT_SHOWN, mean_interval, verdict_row
+from gradproj.integrations.torch.logprobs import token_logprobs
 
 
 def test_kl_penalty_is_grpos_k3_with_its_gradient():
@@ -67,8 +71,8 @@ class AnyDigitOne(AdditionTask):
 
 def _loop(**options):
     tok, _ = _tiny(False)
-    sizes = dict(steps=2, prompts_per_step=4, group_size=4, microbatches=2, eval_every=2, lr=1e-3, lora=True,
-                 lora_rank=2, track_initial_kl=True)
+    sizes = {"steps": 2, "prompts_per_step": 4, "group_size": 4, "microbatches": 2, "eval_every": 2, "lr": 1e-3,
+             "lora": True, "lora_rank": 2, "track_initial_kl": True}
     config = GRPOLoopConfig(**{**sizes, **options})
     return run_method("reinforce", lambda: _tiny(False)[1], tok, AnyDigitOne(), config, evaluate=lambda m: 0.0)
 
@@ -93,38 +97,235 @@ def test_kl_penalty_with_per_sequence_capture_is_refused():
         _loop(diagnostics=True, kl_coef=0.04)
 
 
-def _records(kls, seconds_kl, seconds_free, acc_kl=0.5, acc_free=0.5):
-    """Synthetic lora-rank records: 2 seeds, 4 steps, per rank a KL level."""
+# ---------------------------------------------------------------------------------------------
+# verdicts, on synthetic records: three seeds, every measure set per run
+
+SEEDS = (0, 1, 2)
+
+
+def _run(label, seed, tags, *, steps=4, start=0.3, end=0.4, **measures):
+    """One synthetic run of ``steps`` GRPO steps: held-out accuracy ``start`` before training and
+    ``end`` at the last step; each other measure is constant over the steps, or a function of the step."""
+    defaults = {"reward": 0.3, "step_kl": 1e-3, "entropy": 0.7, "seconds": 1.0, "initial_kl": 1e-2}
+    rows = [{"label": label, "seed": seed, **tags, "step": 0, "accuracy": start}]
+    for step in range(1, steps + 1):
+        values = {k: v(step) if callable(v) else v for k, v in {**defaults, **measures}.items()}
+        rows.append({"label": label, "seed": seed, **tags, "step": step, **values, **({"accuracy": end} if step == steps else {})})
+    return rows
+
+
+def _proma_records(proma, reinforce, grpo=None, lr=1e-4):
+    """proma, reinforce and grpo runs at one learning rate; each argument: per seed, `_run`'s measures."""
     out = []
-    for rank, kl in kls.items():
-        for coef in (0.0, 0.04):
-            label = f"r={rank} {'KL-free' if coef == 0 else 'KL'}"
-            for seed in (0, 1):
-                acc = acc_free if coef == 0 else acc_kl
-                out.append({"label": label, "seed": seed, "rank": rank, "kl_coef": coef, "method": "reinforce",
-                            "step": 0, "accuracy": 0.3})
-                for step in range(1, 5):
-                    out.append({"label": label, "seed": seed, "rank": rank, "kl_coef": coef, "method": "reinforce",
-                                "step": step, "reward": 0.3, "step_kl": 1e-3, "entropy": 0.7,
-                                "seconds": seconds_free if coef == 0 else seconds_kl,
-                                "initial_kl": kl * (1 + 0.01 * seed), "lora_bound_mu_mean": rank * 0.1,
-                                **({"accuracy": acc} if step == 4 else {})})
+    for method, runs in (("grpo", grpo or reinforce), ("reinforce", reinforce), ("proma", proma)):
+        for seed, measures in zip(SEEDS, runs):
+            out += _run(f"{method} lr={lr:g}", seed, {"method": method, "lr": lr}, **measures)
     return out
 
 
-SETTINGS = {"policy": "synthetic", "task": "addition", "seeds": [0, 1], "quick": False, "machine": "test",
-            "date": "today", "command": "", "runs": [{"label": "x", "steps": 4, "prompts_per_step": 4, "group_size": 4,
-                                                      "microbatches": 2, "updates_per_rollout": 1}]}
+def _lora_records(kl, end_free=(0.4,) * 3, end_penalised=(0.4,) * 3, seconds_free=1.0, seconds_penalised=1.2, mu=True):
+    """Runs at each rank of ``kl`` (rank -> per seed the KL-free runs' KL to the initial policy; the
+    penalised runs get half), KL-free and with the penalty 0.04; mu(r) = 0.1 r (1 + seed / 10)."""
+    out = []
+    for rank, kls in kl.items():
+        for coef, ends, seconds in ((0.0, end_free, seconds_free), (0.04, end_penalised, seconds_penalised)):
+            label = f"r={rank} KL-free" if coef == 0 else f"r={rank} KL {coef:g}"
+            for seed, value in zip(SEEDS, kls):
+                extra = {"lora_bound_mu_mean": 0.1 * rank * (1 + seed / 10)} if mu else {}
+                out += _run(label, seed, {"method": "reinforce", "rank": rank, "kl_coef": coef}, end=ends[seed], seconds=seconds,
+                            initial_kl=value if coef == 0 else value / 2, **extra)
+    return out
 
 
-def test_lora_verdicts_follow_the_data(tmp_path):
-    held = reproduce.report_lora(_records({1: 1e-3, 4: 2e-3, 16: 4e-3}, 1.2, 1.0), SETTINGS, tmp_path)
-    assert "rises at 2 of 2 rank steps. **held**" in held
-    assert "*KL-free training is faster*" in held and "17%" in held
-    assert (tmp_path / "rank.png").stat().st_size > 0
-    not_held = reproduce.report_lora(_records({1: 4e-3, 4: 2e-3, 16: 1e-3}, 1.0, 1.2, acc_kl=0.5, acc_free=0.3),
-                                     SETTINGS, tmp_path)
-    assert "rises at 0 of 2 rank steps. **not held**" in not_held
-    assert "keeps accuracy* (KL-free not lower by more than the seed std or 0.01): 0 of 3 ranks (r=1: 0.300 ± 0.000 KL-free" in not_held
-    assert "0.500 ± 0.000). **not held**" in not_held
-    assert "*KL-free training is faster*" in not_held and "**not held**" in not_held.split("KL-free training is faster")[1]
+def _normalization_records(early, late, reward_norm=(0.3,) * 3, reward_raw=(0.3,) * 3, steps=8):
+    """Both arms; ``early`` / ``late``: arm (True = std-normalised) -> per seed the fraction of prompt
+    pairs with |cos| < 0.15 in the first / second half of the steps."""
+    out = []
+    for normalize, rewards in ((True, reward_norm), (False, reward_raw)):
+        label = "std-normalised (GRPO)" if normalize else "unnormalised (mean-centred)"
+        for seed in SEEDS:
+            first, second = early[normalize][seed], late[normalize][seed]
+            out += _run(label, seed, {"method": "reinforce", "normalize_std": normalize}, steps=steps, reward=rewards[seed],
+                        **{"group_cos_below_0.15": lambda step, a=first, b=second: a if step <= steps // 2 else b,
+                           "group_cos_abs_mean": 0.1})
+    return out
+
+
+CLAIMS = {"proma": reproduce.proma_claims, "lora-rank": reproduce.lora_claims, "normalization": reproduce.normalization_claims}
+
+
+def _claims(experiment, records):
+    return CLAIMS[experiment](reproduce.summarize(records), reproduce.label_tags(records))
+
+
+def _claim(claims, start):
+    found = [c for c in claims if c.claim.startswith(start)]
+    assert len(found) == 1, [c.claim for c in claims]
+    return found[0]
+
+
+def _geometric_mean(ratios):
+    return math.exp(statistics.fmean(math.log(r) for r in ratios))
+
+
+@pytest.mark.parametrize("factors, verdict", [((0.5, 0.6, 0.4), HELD), ((0.5, 2.0, 1.2), NOT_SHOWN), ((2.0, 1.5, 3.0), CONTRADICTED)],
+                         ids=["lower-every-seed", "mixed", "higher-every-seed"])
+def test_proma_per_step_kl_verdict_is_the_paired_log_ratio(factors, verdict):
+    reinforce = [{"step_kl": 1e-2 * (1 + seed)} for seed in SEEDS]
+    proma = [{"step_kl": run["step_kl"] * f} for run, f in zip(reinforce, factors)]
+    effect = _claim(_claims("proma", _proma_records(proma, reinforce)), "PROMA: per-step KL below").effect
+    assert effect.verdict == verdict
+    assert effect.log and effect.seeds == 3
+    assert effect.estimate == pytest.approx(_geometric_mean(factors))
+    assert effect.low == pytest.approx(min(factors)) and effect.high == pytest.approx(max(factors))  # 3 seeds
+
+
+@pytest.mark.parametrize("proma_end, verdict", [((0.45, 0.5, 0.42), HELD), ((0.4, 0.4, 0.4), NOT_SHOWN), ((0.3, 0.35, 0.38), CONTRADICTED)],
+                         ids=["better", "equal", "worse"])
+def test_proma_accuracy_against_grpo(proma_end, verdict):
+    same = [{} for _ in SEEDS]
+    records = [r for r in _proma_records(same, same) if not r["label"].startswith("proma")]
+    for seed, end in zip(SEEDS, proma_end):
+        records += _run("proma lr=0.0001", seed, {"method": "proma", "lr": 1e-4}, end=end)
+    claim = _claim(_claims("proma", records), "PROMA: accuracy comparable to or better than GRPO-clip's")
+    assert "*not shown* = no difference beyond the seed spread" in claim.claim
+    assert claim.effect.verdict == verdict
+    assert claim.effect.estimate == pytest.approx(statistics.fmean(proma_end) - 0.4, abs=1e-12)
+
+
+def test_proma_learning_rate_robustness_pairs_the_spreads_by_seed():
+    def records(proma_ends, reinforce_ends):  # per learning rate, per seed: accuracy at the end
+        out = []
+        for lr, proma_at, reinforce_at in zip((1e-4, 2e-4), proma_ends, reinforce_ends):
+            for method, ends in (("reinforce", reinforce_at), ("proma", proma_at)):
+                for seed in SEEDS:
+                    out += _run(f"{method} lr={lr:g}", seed, {"method": method, "lr": lr}, end=ends[seed])
+        return out
+
+    def spread(ends):
+        return [max(pair) - min(pair) for pair in zip(*ends)]
+
+    steady, fragile = [(0.40, 0.42, 0.41), (0.39, 0.40, 0.42)], [(0.40, 0.42, 0.41), (0.20, 0.25, 0.30)]
+    held = _claim(_claims("proma", records(steady, fragile)), "PROMA: accuracy more robust").effect
+    assert held.verdict == HELD
+    assert held.estimate == pytest.approx(statistics.fmean(a - b for a, b in zip(spread(steady), spread(fragile))))
+    assert _claim(_claims("proma", records(fragile, steady)), "PROMA: accuracy more robust").effect.verdict == CONTRADICTED
+    one_lr = _proma_records([{}] * 3, [{}] * 3)
+    assert not [c for c in _claims("proma", one_lr) if "robust" in c.claim]
+
+
+@pytest.mark.parametrize("growth, verdict", [((2.0, 3.0, 2.5), HELD), ((2.0, 0.5, 1.1), NOT_SHOWN), ((0.5, 0.4, 0.3), CONTRADICTED)],
+                         ids=["grows-every-seed", "mixed", "falls-every-seed"])
+def test_lora_kl_grows_with_rank_per_consecutive_ranks(growth, verdict):
+    r1 = (1e-3, 2e-3, 1.5e-3)
+    r4 = tuple(k * g for k, g in zip(r1, growth))
+    r16 = tuple(4 * k for k in r4)
+    claims = _claims("lora-rank", _lora_records({1: r1, 4: r4, 16: r16}))
+    first = _claim(claims, "KL to the initial policy grows with the LoRA rank (KL-free), r=1 → r=4").effect
+    assert first.verdict == verdict and first.estimate == pytest.approx(_geometric_mean(growth))
+    second = _claim(claims, "KL to the initial policy grows with the LoRA rank (KL-free), r=4 → r=16").effect
+    assert second.verdict == HELD and second.estimate == pytest.approx(4.0)
+    assert not [c for c in claims if "r=1 → r=16" in c.claim]
+
+
+@pytest.mark.parametrize("end_free, verdict", [((0.45, 0.42, 0.5), HELD), ((0.4, 0.4, 0.4), NOT_SHOWN), ((0.3, 0.35, 0.32), CONTRADICTED)],
+                         ids=["better", "kept", "worse"])
+def test_lora_accuracy_without_the_penalty(end_free, verdict):
+    claims = _claims("lora-rank", _lora_records({1: (1e-3,) * 3, 4: (2e-3,) * 3}, end_free=end_free))
+    for rank in (1, 4):
+        claim = _claim(claims, f"removing the KL penalty keeps accuracy, r={rank} ")
+        assert "*contradicted* = KL-free worse" in claim.claim
+        assert claim.effect.verdict == verdict
+        assert claim.effect.estimate == pytest.approx(statistics.fmean(end_free) - 0.4, abs=1e-12)
+
+
+def test_lora_time_and_bound_verdicts_and_a_missing_bound():
+    claims = _claims("lora-rank", _lora_records({1: (1e-3,) * 3, 4: (2e-3,) * 3}, seconds_free=1.0, seconds_penalised=1.25))
+    faster = _claim(claims, "KL-free training is faster (no reference-policy forward), r=4").effect
+    assert faster.verdict == HELD and faster.estimate == pytest.approx(0.8)
+    slower = _claim(_claims("lora-rank", _lora_records({1: (1e-3,) * 3}, seconds_free=1.25, seconds_penalised=1.0)),
+                    "KL-free training is faster").effect
+    assert slower.verdict == CONTRADICTED
+    mu = _claim(claims, "the bound mu(r) grows with the LoRA rank (KL-free), r=1 → r=4").effect
+    assert mu.verdict == HELD and mu.estimate == pytest.approx(4.0)
+    assert not [c for c in _claims("lora-rank", _lora_records({1: (1e-3,) * 3, 4: (2e-3,) * 3}, mu=False)) if "mu(r)" in c.claim]
+
+
+@pytest.mark.parametrize("early, verdict", [((0.95, 0.93, 0.97), HELD), ((0.95, 0.8, 0.92), NOT_SHOWN), ((0.8, 0.85, 0.7), CONTRADICTED)],
+                         ids=["above-0.9-every-seed", "mixed", "below-0.9-every-seed"])
+def test_normalization_orthogonality_against_ninety_percent(early, verdict):
+    records = _normalization_records({True: early, False: (0.5,) * 3}, {True: early, False: (0.5,) * 3})
+    claims = _claims("normalization", records)
+    effect = _claim(claims, "prompt gradients nearly orthogonal (> 90% of pairs with \\|cos\\| < 0.15), std-normalised").effect
+    assert effect.verdict == verdict
+    assert effect.estimate == pytest.approx(statistics.fmean(early) - 0.9)
+    assert _claim(claims, "prompt gradients nearly orthogonal (> 90% of pairs with \\|cos\\| < 0.15), unnormalised").effect.verdict == CONTRADICTED
+
+
+def test_normalization_late_decline_and_reward():
+    early = {True: (0.9, 0.85, 0.88), False: (0.9, 0.85, 0.88)}
+    late = {True: (0.8, 0.8, 0.7), False: (0.95, 0.8, 0.9)}  # std-normalised: lower on every seed; unnormalised: mixed
+    reward_norm, reward_raw = (0.35, 0.32, 0.4), (0.3, 0.3, 0.3)
+    records = _normalization_records(early, late, reward_norm=reward_norm, reward_raw=reward_raw)
+    claims = _claims("normalization", records)
+    declined = _claim(claims, "orthogonality declines late in training, std-normalised").effect
+    assert declined.verdict == HELD
+    assert declined.estimate == pytest.approx(statistics.fmean(b - a for a, b in zip(early[True], late[True])))
+    assert _claim(claims, "orthogonality declines late in training, unnormalised").effect.verdict == NOT_SHOWN
+    reward = _claim(claims, "std normalisation converges faster: higher reward").effect
+    assert reward.verdict == HELD and reward.estimate == pytest.approx(statistics.fmean(reward_norm) - 0.3)
+    reverse = _normalization_records(early, late, reward_norm=reward_raw, reward_raw=reward_norm)
+    assert _claim(_claims("normalization", reverse), "std normalisation converges faster: higher reward").effect.verdict == CONTRADICTED
+
+
+SETTINGS = {"policy": "synthetic", "task": "addition", "seeds": list(SEEDS), "quick": False, "machine": "test",
+            "date": "2000-01-01 00:00", "command": "", "runs": [{"label": "x", "steps": 4, "prompts_per_step": 4,
+                                                                 "group_size": 4, "microbatches": 2, "updates_per_rollout": 1}]}
+
+EXPERIMENT_RECORDS = {
+    "proma": lambda: _proma_records([{"step_kl": 5e-3}] * 3, [{"step_kl": 1e-2}] * 3),
+    "lora-rank": lambda: _lora_records({1: (1e-3, 2e-3, 1.5e-3), 4: (4e-3, 6e-3, 5e-3)}),
+    "normalization": lambda: _normalization_records({True: (0.9,) * 3, False: (0.9,) * 3}, {True: (0.8,) * 3, False: (0.8,) * 3}),
+}
+
+
+@pytest.mark.parametrize("experiment", list(EXPERIMENT_RECORDS))
+def test_report_shows_every_verdict_row_and_is_deterministic(experiment, tmp_path):
+    records = EXPERIMENT_RECORDS[experiment]()
+    report = reproduce.EXPERIMENTS[experiment]
+    text = report(records, SETTINGS, tmp_path)
+    assert text == report(records, SETTINGS, tmp_path)
+    assert "## Results (mean [95% bootstrap interval] over seeds)" in text and "±" not in text
+    assert "[the verdict rule](../../reproductions.md#the-verdict-rule)" in text
+    assert SETTINGS["date"] not in text
+    claims = _claims(experiment, records)
+    assert claims
+    for claim in claims:
+        assert verdict_row(claim.claim, claim.comparison, claim.effect) in text
+    assert text.index("## Verdicts") < text.index(verdict_row(claims[0].claim, claims[0].comparison, claims[0].effect))
+    assert all(png.stat().st_size > 0 for png in tmp_path.glob("*.png"))
+
+
+def test_results_table_shows_mean_and_interval_over_seeds(tmp_path):
+    ends = (0.3, 0.4, 0.5)
+    text = reproduce.report_lora(_lora_records({1: (1e-3, 2e-3, 1.5e-3)}, end_free=ends), SETTINGS, tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| r=1 KL-free |"))
+    mean, low, high = mean_interval(list(ends))
+    assert low < mean < high
+    assert row.startswith("| r=1 KL-free | 3 |") and f"| {mean:.3f} [{low:.3f}, {high:.3f}] |" in row
+
+
+def test_report_only_rewrites_the_page_from_records_and_old_settings(tmp_path):
+    records = EXPERIMENT_RECORDS["normalization"]()
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "summary.json").write_text(json.dumps({"settings": SETTINGS}))  # an older page: has a date, no threads
+    reproduce.main(["normalization", "--report-only", "--out", str(tmp_path)])
+    text = (tmp_path / "report.md").read_text()
+    assert SETTINGS["date"] not in text and "## Verdicts" in text
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    claims = _claims("normalization", records)
+    assert [v["claim"] for v in saved["verdicts"]] == [c.claim.replace("\\|", "|") for c in claims]
+    assert [v["verdict"] for v in saved["verdicts"]] == [c.effect.verdict for c in claims]
+    first = text
+    reproduce.main(["normalization", "--report-only", "--out", str(tmp_path)])
+    assert (tmp_path / "report.md").read_text() == first

@@ -196,3 +196,50 @@ def test_adder_policy_is_cached_and_deterministic(tmp_path):
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert adder_policy(cfg, progress=False, cache=tmp_path / "a") == first  # loaded, not retrained
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_demo_measurements_see_the_distributions_the_loss_trains():
+    """The loop's entropy, old log-probs, per-step KL and drift use the position ids of
+    token_logprobs: with left-padded prompts of different lengths, the old log-probs equal
+    token_logprobs exactly and the entropy equals the one computed from those distributions (a
+    forward without position ids, as the loop once measured, gives other numbers on a model with
+    absolute positions, GPT-2 here; rotary models are invariant to the shift)."""
+    import torch.nn.functional as F
+    import transformers
+
+    from gradproj.demo.adder import build_tokenizer
+    from gradproj.demo.grpo_loop import InitialPolicy, _distribution_stats, step_kl
+    from gradproj.demo.rollout import sample_rollout
+    from gradproj.integrations.torch import token_logprobs
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    model.generation_config.pad_token_id = tok.pad_token_id
+    with torch.no_grad():
+        model.transformer.wpe.weight.mul_(50)  # positions that matter (a random init's are tiny)
+    problems = [("123+456=", "579"), ("7+8=", "15")]  # different prompt lengths: left padding
+    roll = sample_rollout(model, tok, problems, group_size=2, max_new_tokens=4, temperature=1.0, seed=0,
+                          reward_fn=lambda c, a: 0.0)
+    assert (roll.attention_mask[:, 0] == 0).any()
+    chunks = torch.arange(4).chunk(2)
+    dists, old, entropy = _distribution_stats(model, roll, chunks, keep=True)
+    expected_entropy, count, gap = 0.0, 0, 0.0
+    with torch.no_grad():
+        for index, rows in enumerate(chunks):
+            ids, attn, mask = roll.ids[rows], roll.attention_mask[rows], roll.response_mask[rows]
+            assert torch.equal(old[index], token_logprobs(model, ids, attn))
+            position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+            logq = F.log_softmax(model(input_ids=ids, attention_mask=attn, position_ids=position_ids).logits[:, :-1][mask].double(), -1)
+            expected_entropy += float(-(logq.exp() * logq).sum())
+            count += logq.shape[0]
+            bare = F.log_softmax(model(input_ids=ids, attention_mask=attn).logits[:, :-1][mask].double(), -1)
+            gap = max(gap, float((bare - logq).abs().max()))
+    assert entropy == pytest.approx(expected_entropy / count, rel=1e-12)
+    assert gap > 1e-2  # the test can tell the two layouts apart
+    # unchanged policy: per-step KL and drift are zero (not the gap between two position layouts)
+    assert step_kl(model, roll, chunks, dists, old) == pytest.approx(0.0, abs=1e-12)
+    assert InitialPolicy(model, lora=False).kl_from(model, roll, chunks) == pytest.approx(0.0, abs=1e-12)

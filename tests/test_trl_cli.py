@@ -123,14 +123,14 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 def test_example_recipes_parse_and_pass_the_checks(name, tmp_path, monkeypatch):
     """Every field of the examples is one TRL knows, and the gradproj settings pass the GRPO checks;
     the offline sources resolve to local paths (the model folder stubbed: the wheel is optional)."""
-    import gradproj.demo.app as app
+    import gradproj.demo.policies as policies
 
     monkeypatch.setenv("GRADPROJ_CACHE", str(tmp_path))
     overrides = ["--bf16", "false", "--use_cpu", "true"] if name.startswith("gpu/") else []
     script_args, training_args, model_args, dataset_args, config = cli.parse(["--config", os.path.join(EXAMPLES, name), *overrides])
     assert training_args.beta == 0.0 and config is not None
     if model_args.model_name_or_path.startswith("gradproj:"):
-        monkeypatch.setattr(app, "_smollm2_folder", lambda progress: tmp_path / "smollm2")
+        monkeypatch.setattr(policies, "smollm2_folder", lambda progress: tmp_path / "smollm2")
         cli._resolved_args(script_args, model_args, dataset_args, name)
         assert model_args.model_name_or_path == str(tmp_path / "smollm2")
         assert script_args.dataset_name is None

@@ -98,9 +98,9 @@ def resolve_local_sources(recipe: dict, where: str) -> dict:
     if isinstance(model, str) and model.startswith("gradproj:"):
         if model not in LOCAL_MODELS:
             raise ConfigError(f"{where}: unknown local model {model!r}; known: {', '.join(LOCAL_MODELS)}")
-        from gradproj.demo.app import _smollm2_folder
+        from gradproj.demo.policies import smollm2_folder
 
-        recipe["model_name_or_path"] = str(_smollm2_folder(progress=True))
+        recipe["model_name_or_path"] = str(smollm2_folder(progress=True))
     name = recipe.get("dataset_name")
     if isinstance(name, str) and name.startswith("gradproj:"):
         if name not in LOCAL_DATASETS:
