@@ -357,6 +357,7 @@ def run_method(
                 record[key] = metrics[f"gradproj/diagnostics/{key}"]
         if "gradproj/lora_bound/mu_mean" in metrics:
             record["lora_bound_mu_mean"] = metrics["gradproj/lora_bound/mu_mean"]
+            record["lora_kl_bound_max"] = metrics["gradproj/lora_bound/kl_bound_max"]
         if step % config.eval_every == 0 or step == config.steps:
             record.update(_evaluation(evaluate, model))
         records.append(record)

@@ -6,9 +6,9 @@ import sys
 import time
 
 import pytest
+from helpers import tiny_char_model
 
 from gradproj.demo.adder import build_tokenizer
-from helpers import tiny_char_model
 
 
 def demo(*args, env=None, timeout=600):

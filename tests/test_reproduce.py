@@ -151,7 +151,73 @@ def _normalization_records(early, late, reward_norm=(0.3,) * 3, reward_raw=(0.3,
     return out
 
 
-CLAIMS = {"proma": reproduce.proma_claims, "lora-rank": reproduce.lora_claims, "normalization": reproduce.normalization_claims}
+def _lora_full_records(kl_by_rank, full_kl=(1.0, 2.0, 1.5), lora_end=(0.42, 0.43, 0.41), full_end=(0.2, 0.25, 0.22), bound=10.0):
+    """KL-free LoRA at each rank of ``kl_by_rank`` (rank -> per seed KL to the initial policy at the
+    end) at lr 5e-4; full fine-tuning at 5e-4 (KL ``full_kl``, accuracy ``full_end``) and at 3e-5."""
+    out = []
+    for rank, kls in kl_by_rank.items():
+        for seed, value in zip(SEEDS, kls):
+            out += _run(f"LoRA r={rank} lr=0.0005", seed, {"method": "reinforce", "rank": rank, "lr": 5e-4, "lora": True},
+                        end=lora_end[seed], initial_kl=lambda step, v=value: v * step / 4, lora_kl_bound_max=bound,
+                        lora_bound_mu_mean=1.0)
+    for lr, kls, ends in ((5e-4, full_kl, full_end), (3e-5, (0.1,) * 3, (0.42,) * 3)):
+        for seed in SEEDS:
+            out += _run(f"full lr={lr:g}", seed, {"method": "reinforce", "rank": 0, "lr": lr, "lora": False}, end=ends[seed],
+                        initial_kl=lambda step, v=kls[seed]: v * step / 4)
+    return out
+
+
+def test_lora_vs_full_drift_accuracy_slope_and_bound():
+    sqrt_growth = {1: (0.01, 0.02, 0.015), 4: (0.02, 0.04, 0.03), 16: (0.04, 0.08, 0.06)}  # KL ∝ sqrt(r) on every seed
+    claims = _claims("lora-vs-full", _lora_full_records(sqrt_growth))
+    drift = _claim(claims, "KL-free LoRA r=4 drifts less than KL-free full fine-tuning (the same learning rate)")
+    assert drift.effect.verdict == HELD and drift.effect.estimate == pytest.approx(0.02)
+    accuracy = _claim(claims, "KL-free LoRA r=4 keeps accuracy against full fine-tuning (the same")
+    assert accuracy.effect.verdict == HELD and accuracy.effect.estimate == pytest.approx((0.22 + 0.18 + 0.19) / 3)
+    grows = _claim(claims, "KL to the initial policy grows with the LoRA rank")
+    assert grows.effect.verdict == HELD and grows.effect.estimate == pytest.approx(0.5)
+    shape = _claim(claims, "... like sqrt(r)")
+    assert shape.effect.verdict == NOT_SHOWN and shape.effect.estimate == pytest.approx(0.0, abs=1e-12)
+    bound = _claim(claims, "mu(r) e^mu(r) (largest adapter) bounds the measured KL, r=16")
+    assert bound.effect.verdict == HELD and bound.effect.estimate == pytest.approx(_geometric_mean([10 / 0.04, 10 / 0.08, 10 / 0.06]))
+    # linear growth contradicts sqrt(r) on every seed; a bound below the KL contradicts the bound
+    linear = {1: (0.01, 0.02, 0.015), 4: (0.04, 0.08, 0.06), 16: (0.16, 0.32, 0.24)}
+    claims = _claims("lora-vs-full", _lora_full_records(linear, bound=0.01))
+    assert _claim(claims, "... like sqrt(r)").effect.verdict == CONTRADICTED
+    assert _claim(claims, "... like sqrt(r)").effect.estimate == pytest.approx(0.5)
+    assert _claim(claims, "mu(r) e^mu(r) (largest adapter) bounds the measured KL, r=16").effect.verdict == CONTRADICTED
+    # mixed seeds: no verdict on the drift against full fine-tuning at its own learning rate
+    mixed = {1: (0.05, 0.2, 0.1), 4: (0.06, 0.3, 0.1)}
+    own = _claim(_claims("lora-vs-full", _lora_full_records(mixed)), "KL-free LoRA r=4 drifts less than KL-free full "
+                 "fine-tuning (full fine-tuning's lr 3e-05)")
+    assert own.effect.verdict == NOT_SHOWN
+
+
+def _sgrpo_records(sgrpo_end, full_end):
+    """S-GRPO and full-token GRPO under LoRA, accuracy 0.4 at the start; ends per seed."""
+    out = []
+    for method, label, ends in (("sgrpo", "S-GRPO (LoRA)", sgrpo_end), ("reinforce", "full-token GRPO (LoRA)", full_end)):
+        for seed in SEEDS:
+            out += _run(label, seed, {"method": method, "lr": 5e-4, "rank": 8}, start=0.4, end=ends[seed])
+    return out
+
+
+@pytest.mark.parametrize("sgrpo_end,full_end,verdicts", [
+    ((0.45, 0.46, 0.44), (0.39, 0.38, 0.395), (HELD, HELD, HELD)),          # the paper's picture
+    ((0.45, 0.38, 0.44), (0.42, 0.43, 0.41), (NOT_SHOWN, CONTRADICTED, NOT_SHOWN)),
+])
+def test_sgrpo_claims(sgrpo_end, full_end, verdicts):
+    claims = _claims("sgrpo", _sgrpo_records(sgrpo_end, full_end))
+    raises = _claim(claims, "S-GRPO under LoRA raises held-out accuracy")
+    fails = _claim(claims, "full-token GRPO under LoRA fails to improve")
+    above = _claim(claims, "S-GRPO ends above full-token GRPO")
+    assert (raises.effect.verdict, fails.effect.verdict, above.effect.verdict) == verdicts
+    assert raises.effect.estimate == pytest.approx(statistics.fmean(sgrpo_end) - 0.4)
+    assert above.effect.estimate == pytest.approx(statistics.fmean(sgrpo_end) - statistics.fmean(full_end))
+
+
+CLAIMS = {"proma": reproduce.proma_claims, "lora-rank": reproduce.lora_claims, "normalization": reproduce.normalization_claims,
+          "lora-vs-full": reproduce.lora_full_claims, "sgrpo": reproduce.sgrpo_claims}
 
 
 def _claims(experiment, records):
@@ -286,6 +352,8 @@ EXPERIMENT_RECORDS = {
     "proma": lambda: _proma_records([{"step_kl": 5e-3}] * 3, [{"step_kl": 1e-2}] * 3),
     "lora-rank": lambda: _lora_records({1: (1e-3, 2e-3, 1.5e-3), 4: (4e-3, 6e-3, 5e-3)}),
     "normalization": lambda: _normalization_records({True: (0.9,) * 3, False: (0.9,) * 3}, {True: (0.8,) * 3, False: (0.8,) * 3}),
+    "lora-vs-full": lambda: _lora_full_records({1: (0.01, 0.02, 0.015), 4: (0.02, 0.04, 0.03)}),
+    "sgrpo": lambda: _sgrpo_records((0.45, 0.46, 0.44), (0.39, 0.38, 0.395)),
 }
 
 

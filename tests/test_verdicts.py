@@ -74,7 +74,7 @@ def test_interval_covers_a_known_mean_about_as_often_as_it_says():
     trials = 300
     for _ in range(trials):
         diffs = {s: rng.gauss(0.3, 1.0) for s in range(10)}
-        effect = paired_effect(diffs, {s: 0.0 for s in range(10)}, "greater", resamples=800, seed=rng.randrange(10**6))
+        effect = paired_effect(diffs, dict.fromkeys(range(10), 0.0), "greater", resamples=800, seed=rng.randrange(10**6))
         covered += effect.low <= 0.3 <= effect.high
     assert 0.85 <= covered / trials <= 0.99
 
@@ -95,8 +95,8 @@ def test_mean_interval_and_row():
 
 def test_floating_point_residue_is_a_tie():
     """0.3 - 0.1 - 0.2 is 5.6e-17, not an effect: on three seeds it must not read as "held"."""
-    a = {s: 0.3 for s in range(3)}
-    b = {s: 0.1 + 0.2 for s in range(3)}
+    a = dict.fromkeys(range(3), 0.3)
+    b = dict.fromkeys(range(3), 0.1 + 0.2)
     assert (0.3 - (0.1 + 0.2)) != 0
     effect = paired_effect(a, b, "less")
     assert effect.estimate == 0 and effect.verdict == NOT_SHOWN
