@@ -103,7 +103,7 @@ def fingerprint(spec: RunSpec, setup: Setup, policy: str) -> str:
 
 def load_finished(out: Path, spec: RunSpec, expected: str | None) -> dict | None:
     """The kept result of ``spec`` (``{"records", "seconds", ...}``), or None when there is none or its
-    fingerprint differs from ``expected`` (``None``: accept any, as ``--report-only`` does)."""
+    fingerprint differs from ``expected`` (``None``: accept any)."""
     path = run_file(out, spec)
     if not path.exists():
         return None
@@ -189,14 +189,15 @@ def execute(specs: list[RunSpec], setup: Setup, out: Path, policy: str, *, worke
         policy: the policy's description (part of the fingerprint: another policy is another run).
         workers: runs at once (default: `available_cores`, at most the number of runs to train);
             1 runs them in this process.
-        report_only: train nothing, return what is kept whatever its fingerprint.
+        report_only: train nothing; return the kept runs whose settings match (the others count as
+            missing).
     """
     out = Path(out)
     results: dict[tuple[str, int], dict] = {}
     todo: list[tuple[RunSpec, str]] = []
     for spec in specs:
         expected = fingerprint(spec, setup, policy)
-        kept = load_finished(out, spec, None if report_only else expected)
+        kept = load_finished(out, spec, expected)  # a run with other settings is not this run, even to report
         if kept is not None:
             results[(spec.label, spec.seed)] = kept
         elif not report_only:

@@ -41,7 +41,8 @@ class Effect:
     Attributes:
         estimate: the mean per-seed difference ``a - b``; with ``log=True`` the ratio ``a / b``
             (the exponential of the mean log ratio).
-        low, high: the bootstrap interval of ``estimate`` (same scale).
+        low: the lower end of the bootstrap interval of ``estimate`` (same scale).
+        high: its upper end.
         seeds: how many seeds both arms have.
         log: whether the comparison is a ratio (``estimate`` 1 means no effect) or a difference (0).
         verdict: `HELD`, `CONTRADICTED` or `NOT_SHOWN`.
@@ -89,7 +90,8 @@ def paired_effect(
     """The effect of arm ``a`` against arm ``b`` (per-seed values, keyed by seed) and its verdict.
 
     Args:
-        a, b: ``{seed: value}``; only the seeds both have are compared.
+        a: ``{seed: value}`` of the arm the claim is about; only the seeds both arms have are compared.
+        b: ``{seed: value}`` of the arm it is compared against.
         direction: what the claim predicts: ``"greater"`` (``a`` above ``b``) or ``"less"``.
         log: compare log ratios (for positive measures on a log scale, such as a KL); values that
             are not positive make the comparison impossible (verdict `NOT_SHOWN`, NaN estimate).

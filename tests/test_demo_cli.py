@@ -125,6 +125,8 @@ def test_demo_changed_settings_rerun_and_report_only_says_what_is_missing(tiny_f
     partial = demo(*args, "--seeds", "0", "1", "--lr", "1e-4", "--report-only", "--out", str(out))
     assert partial.returncode == 0, partial.stderr
     assert "**Incomplete**: 1 run(s) not finished yet (reinforce seed 1)" in (out / "report.md").read_text()
+    other = demo(*args, "--seeds", "0", "--lr", "3e-4", "--report-only", "--out", str(out))  # settings no run used
+    assert other.returncode == 2 and "no finished runs" in other.stderr
     empty = demo(*args, "--report-only", "--out", str(tmp_path / "nothing"))
     assert empty.returncode == 2 and "run the demo first" in empty.stderr and "Traceback" not in empty.stderr
 
