@@ -66,13 +66,13 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--markdown", help="write the table to this file")
     args = parser.parse_args(argv)
 
-    from gradproj.demo.app import DemoOptions, load_policy
+    from gradproj.demo.policies import load_policy
     from gradproj.demo.tasks import make_task
     from benchmarks.step_overhead import publish
     from gradproj.linalg.subspace import top_subspace
 
     torch.manual_seed(0)
-    factory, tok, description = load_policy(DemoOptions(smollm2=args.smollm2, progress=False))
+    factory, tok, description = load_policy(None, args.smollm2, progress=False)
     model = factory()
     task = make_task("addition", few_shot=args.smollm2)
     texts = [prompt + answer for prompt, answer in task.eval_problems()[: args.prompts]]
