@@ -552,35 +552,38 @@ def _header(title: str, claim: str, settings: dict, records: list[dict]) -> list
     ]
 
 
-PROMA_MEASURES = {
+#: Every per-run measure a results table can show: key -> (heading, number format).
+MEASURE_HEADINGS = {
     "initial_accuracy": ("accuracy start", ".3f"),
     "final_accuracy": ("accuracy end", ".3f"),
     "mean_step_kl": ("mean step KL", ".2e"),
     "initial_kl_last_quarter": ("KL to initial (last ¼)", ".2e"),
+    "initial_kl_final": ("KL to initial (end)", ".2e"),
     "entropy_first_quarter": ("entropy (first ¼)", ".3f"),
     "entropy_last_quarter": ("entropy (last ¼)", ".3f"),
-    "reward_last_quarter": ("reward (last ¼)", ".3f"),
-    "seconds_per_step": ("s/step", ".2f"),
-}
-
-LORA_MEASURES = {
-    "initial_kl_last_quarter": ("KL to initial (last ¼)", ".2e"),
-    "initial_accuracy": ("accuracy start", ".3f"),
-    "final_accuracy": ("accuracy end", ".3f"),
-    "seconds_per_step": ("s/step", ".2f"),
-    "lora_mu_last": ("mu(r) at the end", ".3g"),
-}
-
-NORMALIZATION_MEASURES = {
-    "initial_accuracy": ("accuracy start", ".3f"),
-    "final_accuracy": ("accuracy end", ".3f"),
     "reward_mean": ("mean reward (all steps)", ".3f"),
     "reward_last_quarter": ("reward (last ¼)", ".3f"),
+    "seconds_per_step": ("s/step", ".2f"),
+    "lora_mu_last": ("mu(r) at the end", ".3g"),
+    "lora_kl_bound_last": ("mu e^mu (largest adapter)", ".3g"),
     "orthogonal_first_quarter": ("pairs with \\|cos\\| < 0.15 (first ¼)", ".3f"),
     "orthogonal_last_quarter": ("pairs with \\|cos\\| < 0.15 (last ¼)", ".3f"),
     "cos_first_quarter": ("mean \\|cos\\| (first ¼)", ".3f"),
     "cos_last_quarter": ("mean \\|cos\\| (last ¼)", ".3f"),
 }
+
+
+def _measures(*keys: str) -> dict[str, tuple[str, str]]:
+    """The table columns ``keys``, in that order, with their headings and formats."""
+    return {key: MEASURE_HEADINGS[key] for key in keys}
+
+
+PROMA_MEASURES = _measures("initial_accuracy", "final_accuracy", "mean_step_kl", "initial_kl_last_quarter",
+                           "entropy_first_quarter", "entropy_last_quarter", "reward_last_quarter", "seconds_per_step")
+LORA_MEASURES = _measures("initial_kl_last_quarter", "initial_accuracy", "final_accuracy", "seconds_per_step", "lora_mu_last")
+NORMALIZATION_MEASURES = _measures("initial_accuracy", "final_accuracy", "reward_mean", "reward_last_quarter",
+                                   "orthogonal_first_quarter", "orthogonal_last_quarter", "cos_first_quarter",
+                                   "cos_last_quarter")
 
 
 def report_proma(records, settings, out: Path) -> str:
@@ -705,14 +708,8 @@ def report_normalization(records, settings, out: Path) -> str:
     return "\n".join(text)
 
 
-LORA_FULL_MEASURES = {
-    "initial_kl_final": ("KL to initial (end)", ".2e"),
-    "initial_accuracy": ("accuracy start", ".3f"),
-    "final_accuracy": ("accuracy end", ".3f"),
-    "lora_mu_last": ("mu(r) at the end (mean)", ".3g"),
-    "lora_kl_bound_last": ("mu e^mu (largest adapter)", ".3g"),
-    "seconds_per_step": ("s/step", ".2f"),
-}
+LORA_FULL_MEASURES = _measures("initial_kl_final", "initial_accuracy", "final_accuracy", "lora_mu_last",
+                               "lora_kl_bound_last", "seconds_per_step")
 
 
 def report_lora_full(records, settings, out: Path) -> str:
@@ -746,14 +743,8 @@ def report_lora_full(records, settings, out: Path) -> str:
     return "\n".join(text)
 
 
-SGRPO_MEASURES = {
-    "initial_accuracy": ("accuracy start", ".3f"),
-    "final_accuracy": ("accuracy end", ".3f"),
-    "reward_last_quarter": ("reward (last ¼)", ".3f"),
-    "mean_step_kl": ("mean step KL", ".2e"),
-    "entropy_last_quarter": ("entropy (last ¼)", ".3f"),
-    "seconds_per_step": ("s/step", ".2f"),
-}
+SGRPO_MEASURES = _measures("initial_accuracy", "final_accuracy", "reward_last_quarter", "mean_step_kl",
+                           "entropy_last_quarter", "seconds_per_step")
 
 
 def report_sgrpo(records, settings, out: Path) -> str:
