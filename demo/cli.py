@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="GRPO on a small model, strategies side by side, with plots and a report")
     d.add_argument("--strategies", nargs="+", default=list(DEFAULT_METHODS),
-                   help="methods to compare: grpo (PPO-clip), reinforce, sgrpo, dmpo, ... or any gradproj strategy name")
+                   help="methods to compare: grpo (PPO-clip), reinforce, sgrpo, dmpo, tspmo, ... or any gradproj strategy name")
     d.add_argument("--steps", type=int, default=DEFAULTS.steps)
     d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="random seeds; each method runs once per seed")
     d.add_argument("--workers", type=int, default=None, help="runs at once (default: one per available core)")

@@ -17,6 +17,10 @@ strategy differ (`METHODS`):
   (`gradproj.integrations.torch.dmpo`: ``dmpo_weight`` x the squared error between the group's
   reward softmax at temperature ``dmpo_alpha`` and the policy's softmax of mean log-probs; the
   weights recomputed at the current policy before each update); plain accumulation, or PROMA;
+* ``tspmo`` -- T-SPMO (seed *token-efficient-rl*): each token's advantage from prefix matching
+  within its group (`gradproj.integrations.torch.tspmo`), averaged over the unique (prefix, token)
+  pairs, PPO-clipped per token from the second update on; plain accumulation only (per-token
+  weights have no per-sequence gradient for a capturing strategy);
 * any gradproj strategy name (``proma``, ``intra_proma``, ``proma_reference``, ...) -- the
   REINFORCE loss with that strategy accumulating the microbatches.
 
@@ -51,6 +55,7 @@ from gradproj.integrations.torch.dmpo import dmpo_loss, dmpo_weights
 from gradproj.integrations.torch.grpo import group_advantages, policy_loss
 from gradproj.integrations.torch.logprobs import token_logprobs
 from gradproj.integrations.torch.token_selection import sgrpo_token_mask
+from gradproj.integrations.torch.tspmo import tspmo_loss, tspmo_weights
 from gradproj.demo.rollout import Rollout, sample_rollout
 from gradproj.demo.tasks import Task
 
@@ -58,7 +63,8 @@ __all__ = ["GRPOLoopConfig", "METHODS", "method_spec", "run_method", "clipped_lo
 
 #: name -> (gradproj strategy, loss): the baselines; other names are gradproj strategies.
 METHODS = {"grpo": ("none", "clip"), "reinforce": ("none", "reinforce"), "sgrpo": ("none", "sgrpo"),
-           "sgrpo_proma": ("proma", "sgrpo"), "dmpo": ("none", "dmpo"), "dmpo_proma": ("proma", "dmpo")}
+           "sgrpo_proma": ("proma", "sgrpo"), "dmpo": ("none", "dmpo"), "dmpo_proma": ("proma", "dmpo"),
+           "tspmo": ("none", "tspmo")}
 
 
 @dataclass
@@ -320,6 +326,8 @@ def run_method(
         if loss_kind == "sgrpo":  # one selection per rollout, the same for each of its updates
             selector = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             masks = [sgrpo_token_mask(m, config.sgrpo_alpha, config.sgrpo_p, config.sgrpo_k, selector) for m in masks]
+        if loss_kind == "tspmo":  # per-token weights of the whole rollout (they depend on tokens and rewards only)
+            tspmo = tspmo_weights(roll.ids[:, 1:], roll.response_mask, roll.rewards, config.group_size)
         for _update in range(config.updates_per_rollout):
             dm_weights = _dmpo_weights(model, roll, chunks, masks, old, group_ids, config, _update) if loss_kind == "dmpo" else None
             for index, rows in enumerate(chunks):
@@ -329,6 +337,9 @@ def run_method(
                 with opt.microbatch(logp, mask, group_ids=group_ids[rows] if config.diagnostics else None):
                     if loss_kind == "clip":
                         loss = clipped_loss(logp, old[index], mask, advantages[rows], config.clip_eps, scale)
+                    elif loss_kind == "tspmo":
+                        loss = tspmo_loss(logp, mask, tspmo[rows], old_logp=old[index] if _update else None,
+                                          clip_eps=config.clip_eps)
                     else:  # the sampling policy's log-probs only once it has moved (ratio exactly 1 before)
                         loss = policy_loss(logp, mask, advantages[rows], scale, old_logp=old[index] if _update else None,
                                            aggregation="sequence_mean" if loss_kind == "sgrpo" else "token_mean",

@@ -138,16 +138,17 @@ def test_demo_lora_smoke(tiny_folder, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_demo_runs_sgrpo_and_dmpo(tiny_folder, tmp_path):
+def test_demo_runs_sgrpo_dmpo_and_tspmo(tiny_folder, tmp_path):
     """S-GRPO and DMPO in the demo's --strategies list, alone and with PROMA (two updates per rollout:
-    S-GRPO's importance ratio runs over the whole response; DMPO's weights are recomputed)."""
+    S-GRPO's importance ratio runs over the whole response; DMPO's weights are recomputed), and T-SPMO
+    (plain accumulation; clipped per token on the second update)."""
     out = tmp_path / "run"
     result = demo("--model", str(tiny_folder), "--steps", "1", "--prompts", "2", "--group-size", "2",
-                  "--microbatches", "2", "--strategies", "sgrpo", "sgrpo_proma", "dmpo", "dmpo_proma", "--seeds", "0", "--workers", "1",
+                  "--microbatches", "2", "--strategies", "sgrpo", "sgrpo_proma", "dmpo", "dmpo_proma", "tspmo", "--seeds", "0", "--workers", "1",
                   "--out", str(out))
     assert result.returncode == 0, result.stderr
     methods = json.loads((out / "summary.json").read_text())["methods"]
-    assert list(methods) == [f"{m} seed 0" for m in ("sgrpo", "sgrpo_proma", "dmpo", "dmpo_proma")]
+    assert list(methods) == [f"{m} seed 0" for m in ("sgrpo", "sgrpo_proma", "dmpo", "dmpo_proma", "tspmo")]
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ PAGES = {
     "monitoring": "docs/guides/monitoring.md",
     "sgrpo": "docs/methods/sgrpo.md",
     "dmpo": "docs/methods/dmpo.md",
+    "tspmo": "docs/methods/tspmo.md",
 }
 
 

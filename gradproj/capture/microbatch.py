@@ -22,9 +22,10 @@ __all__ = ["Microbatch", "validate_inputs", "sequence_coefficients"]
 _FIX_CONSTANT = (
     "The single-pass capture needs one loss coefficient per sequence. This usually means PPO "
     "clipping with a ratio != 1 (several epochs over the same rollouts, or off-policy data), a "
-    "per-token KL penalty, or an entropy bonus in the loss. Fix: train on-policy (one update per "
-    "rollout, ratio == 1) or disable clipping, move the KL penalty into the reward, drop the "
-    "entropy bonus -- or use strategy='none', which accepts any loss."
+    "per-token KL penalty, an entropy bonus, or per-token advantages (token-level credit such as "
+    "T-SPMO's) in the loss. Fix: train on-policy (one update per rollout, ratio == 1) or disable "
+    "clipping, move the KL penalty into the reward, drop the entropy bonus -- or use "
+    "strategy='none', which accepts any loss (per-token losses and advantages included)."
 )
 
 
