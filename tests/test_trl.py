@@ -1,6 +1,7 @@
 """TRL adapter: GradProjGRPOTrainer against the core's brute force, LoRA via peft_config=, resume,
 the KL-free LoRA preset, and the refusals."""
 
+import contextlib
 import os
 
 import pytest
@@ -13,6 +14,7 @@ import gradproj  # noqa: E402
 from gradproj.demo.adder import build_tokenizer  # noqa: E402
 from gradproj.integrations.trl import (  # noqa: E402
     GradProjGRPOTrainer,
+    SGRPOSelection,
     check_grpo_config,
     check_trl_version,
     kl_free_lora_grpo,
@@ -123,7 +125,9 @@ def test_fused_lm_head_precision_is_trls_own(tmp_path):
             one_step_against_brute_force("dapo", "lora", tmp_path, strategy="none", tolerance=1e-10)
 
 
-def one_step_against_brute_force(loss_type, setup, tmp_path, strategy="proma", tolerance=None):
+def one_step_against_brute_force(loss_type, setup, tmp_path, strategy="proma", tolerance=None, seen=None, **trainer_kwargs):
+    """``strategy=None``: plain TRL (no gradproj; TRL's fused LM head). ``seen`` collects the inputs of
+    each microbatch; a batch's ``tool_mask`` (S-GRPO's selection) narrows the loss mask."""
     tok = build_tokenizer()
     model = tiny_model(tok)
     extra = {}
@@ -135,8 +139,8 @@ def one_step_against_brute_force(loss_type, setup, tmp_path, strategy="proma", t
         model.model.embed_tokens.weight.requires_grad_(False)  # full fine-tuning, lm_head included
     args = grpo_args(tmp_path, max_steps=1, loss_type=loss_type, max_grad_norm=0.0)  # no clipping before the hook
     t = GradProjGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset(), processing_class=tok,
-                            gradproj=strategy, **extra)
-    seen = []
+                            gradproj=strategy, **extra, **trainer_kwargs)
+    seen = [] if seen is None else seen
     original = t.compute_loss
 
     def recording(model, inputs, *a, **k):
@@ -153,7 +157,7 @@ def one_step_against_brute_force(loss_type, setup, tmp_path, strategy="proma", t
         state["grads"] = {n: p.grad.detach().clone() for n, p in t.model.named_parameters() if p.grad is not None}
 
     t.create_optimizer()
-    t.optimizer.optimizer.register_step_pre_hook(pre_step)
+    (t.optimizer if strategy is None else t.optimizer.optimizer).register_step_pre_hook(pre_step)
     t.train()
     assert len(seen) == 2 and state
 
@@ -165,12 +169,12 @@ def one_step_against_brute_force(loss_type, setup, tmp_path, strategy="proma", t
     names = [n for n, p in net.named_parameters() if p.requires_grad]
     params = [p for n, p in net.named_parameters() if p.requires_grad]
     G = {n: None for n in names}
-    with t.gradproj_optimizer.paused():
+    with contextlib.nullcontext() if strategy is None else t.gradproj_optimizer.paused():
         for inputs in seen:
             ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
             attn = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
             C = inputs["completion_ids"].shape[1]
-            if setup == "lora":  # lm_head frozen: the trainer keeps TRL's fused LM head, so use it here too
+            if setup == "lora" or strategy is None:  # lm_head frozen or no gradproj: TRL's fused LM head, here too
                 labels = ids.masked_fill(attn == 0, -100)
                 labels[:, :-C] = -100
                 logp = net(input_ids=ids, attention_mask=attn, labels=labels, fused_lm_head=True).log_probs[:, -C:]
@@ -178,6 +182,8 @@ def one_step_against_brute_force(loss_type, setup, tmp_path, strategy="proma", t
                 logits = net(input_ids=ids, attention_mask=attn).logits[:, -C - 1 : -1]
                 logp = torch.log_softmax(logits, -1).gather(-1, inputs["completion_ids"][..., None])[..., 0]
             mask = inputs["completion_mask"].bool()
+            if "tool_mask" in inputs:
+                mask = mask & inputs["tool_mask"].bool()
             rows = []
             for i in range(ids.shape[0]):
                 g = torch.autograd.grad((logp[i] * mask[i]).sum(), params, retain_graph=True, allow_unused=True)
@@ -190,17 +196,71 @@ def one_step_against_brute_force(loss_type, setup, tmp_path, strategy="proma", t
             for n, p in zip(names, params):
                 S = S_all[:, offset : offset + p.numel()]
                 offset += p.numel()
-                G[n] = reference_update(G[n], S, c, strategy=strategy)
+                G[n] = reference_update(G[n], S, c, strategy=strategy or "none")
     worst = max(
         (rel_err(state["grads"].get(n, torch.zeros_like(p)).reshape(-1).double(), G[n]), n) for n, p in zip(names, params)
     )
     # TRL's fused LM head (kept when lm_head is frozen, as with LoRA) accumulates in float32, so TRL's own
     # gradient (strategy "none") is only float32-exact there too; with lm_head trained the path is float64.
     if tolerance is None:
-        tolerance = 1e-6 if setup == "lora" else 1e-10
+        tolerance = 1e-6 if setup == "lora" or strategy is None else 1e-10
     assert worst[0] <= tolerance, worst
     if setup == "lora":
         assert all("lora_" in n for n in names)
+
+
+@pytest.mark.parametrize("strategy", ["proma", None])
+def test_sgrpo_selection_is_what_the_loss_trains_on(strategy, tmp_path):
+    """sgrpo=: the gradient of the step equals the brute force of S-GRPO's loss (each completion's
+    mean over its selected tokens, loss_type="grpo") on the recorded selection -- with PROMA, and with
+    plain TRL (gradproj=None; TRL's fused LM head, float32-exact) -- and the selection follows the rule."""
+    seen = []
+    with float64_exact_norms():
+        one_step_against_brute_force("grpo", "full", tmp_path, strategy=strategy, seen=seen,
+                                     sgrpo=SGRPOSelection(alpha=1, p=0.5, k=2, seed=3))
+    for inputs in seen:
+        completion, selected = inputs["completion_mask"].bool(), inputs["tool_mask"].bool()
+        position = torch.cumsum(completion.long(), 1) - 1
+        assert not (selected & ~completion).any() and (selected.sum(1) <= 2).all()
+        assert torch.equal(selected & (position < 1), completion & (position < 1))  # the first alpha always
+    assert any((inputs["tool_mask"].sum(1) < inputs["completion_mask"].sum(1)).any() for inputs in seen)  # a subset
+
+
+def test_sgrpo_selection_is_kept_for_every_use_of_a_rollout(tmp_path):
+    """num_iterations=2 (plain TRL): both passes over a rollout batch train on the same selection,
+    and the same seed gives the same selections."""
+    runs = []
+    for run in range(2):
+        args = grpo_args(tmp_path / str(run), loss_type="grpo", num_iterations=2, max_steps=2)
+        t = trainer(tmp_path / str(run), gradproj_config=None, args=args, sgrpo={"alpha": 1, "p": 0.5, "k": 2, "seed": 1})
+        seen, original = [], t.compute_loss
+
+        def recording(model, inputs, *a, original=original, seen=seen, **k):
+            seen.append((inputs["completion_ids"].clone(), inputs["tool_mask"].clone()))
+            return original(model, inputs, *a, **k)
+
+        t.compute_loss = recording
+        t.train()
+        assert len(seen) == 4 and any("sgrpo/selected_fraction" in row for row in t.state.log_history)
+        for first, again in ((0, 2), (1, 3)):  # microbatch i of the rollout, then its second iteration
+            assert torch.equal(seen[first][0], seen[again][0]) and torch.equal(seen[first][1], seen[again][1])
+        runs.append(seen)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("gradproj_config", ["proma", None])
+def test_sgrpo_refusals(gradproj_config, tmp_path):
+    selection = SGRPOSelection(alpha=1, p=0.5, k=2)
+    for overrides, needle in [({"loss_type": "dapo"}, "loss_type='dapo'"),
+                              ({"loss_type": "grpo", "top_entropy_quantile": 0.5}, "top_entropy_quantile")]:
+        if gradproj_config and "top_entropy_quantile" in overrides:
+            continue  # refused by gradproj's own check first
+        with pytest.raises(gradproj.ConfigError, match=needle):
+            trainer(tmp_path, gradproj_config=gradproj_config, args=grpo_args(tmp_path, **overrides), sgrpo=selection)
+    with pytest.raises(gradproj.ConfigError, match="alpha <= k"):
+        SGRPOSelection(alpha=3, p=0.5, k=2)
+    with pytest.raises(gradproj.ConfigError, match="give alpha, p, k"):
+        trainer(tmp_path, gradproj_config=gradproj_config, args=grpo_args(tmp_path, loss_type="grpo"), sgrpo={"alpha": 1})
 
 
 def test_training_twice_keeps_one_wrapper(tmp_path):

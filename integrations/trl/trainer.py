@@ -13,13 +13,22 @@ How it plugs in (TRL 1.16, see ``../shared/notes/trl``):
   by ``lm_head.weight`` outside the module -- is replaced by an ordinary forward for the training
   log-probs, so the covered ``lm_head`` sees its gradient;
 * gradproj's metrics are appended to TRL's (``gradproj/...``) at every optimizer step; the wrapped
-  optimizer's state rides in TRL checkpoints (``optimizer.pt``, loaded with ``weights_only=True``).
+  optimizer's state rides in TRL checkpoints (``optimizer.pt``, loaded with ``weights_only=True``);
+* ``sgrpo=`` (`SGRPOSelection`, with or without gradproj) trains on S-GRPO's token selection: each
+  training rollout batch's selection is drawn once, where TRL builds the batch
+  (``_generate_and_score_completions``), and stored as the batch's ``tool_mask`` -- TRL's loss mask
+  is ``completion_mask * tool_mask`` while ``completion_mask`` alone stays the attention mask -- so
+  every use of the batch (each microbatch, each of ``num_iterations``) and gradproj's microbatch mask
+  see the same selection.
 
-``gradproj=None`` leaves GRPOTrainer unchanged.
+``gradproj=None`` and ``sgrpo=None`` leave GRPOTrainer unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,11 +36,77 @@ import torch.nn.functional as F
 from trl import GRPOTrainer
 
 import gradproj
+from gradproj import GradProjOptimizer
 from gradproj.config import GradProjConfig
 from gradproj.errors import ConfigError, CoverageError, ProtocolError
-from gradproj import GradProjOptimizer
+from gradproj.integrations.torch.token_selection import sgrpo_token_mask
 
-__all__ = ["GradProjGRPOMixin", "GradProjGRPOTrainer", "check_grpo_config", "as_gradproj_config"]
+__all__ = ["GradProjGRPOMixin", "GradProjGRPOTrainer", "SGRPOSelection", "check_grpo_config", "check_sgrpo_config",
+           "as_gradproj_config"]
+
+
+@dataclass(frozen=True)
+class SGRPOSelection:
+    """S-GRPO's token selection as a trainer setting (``GradProjGRPOTrainer(..., sgrpo=...)``).
+
+    Each completion's first ``alpha`` tokens are selected, then each later one with probability
+    ``p`` while fewer than ``k`` are (`gradproj.integrations.torch.sgrpo_token_mask`); the loss
+    (``loss_type="grpo"``) is then each completion's mean over its selected tokens, averaged over the
+    completions. The draws come from a generator seeded from ``seed``, the process index, the
+    optimizer step and the generation's place in it: the same command gives the same selections,
+    and so does a run resumed from a checkpoint.
+    """
+
+    alpha: int
+    p: float
+    k: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.alpha, int) and isinstance(self.k, int) and 0 <= self.alpha <= self.k
+                and 0.0 <= float(self.p) <= 1.0):
+            raise ConfigError(f"sgrpo: S-GRPO needs integers 0 <= alpha <= k and 0 <= p <= 1, got alpha={self.alpha!r}, "
+                              f"k={self.k!r}, p={self.p!r}; fix the sgrpo= setting")
+
+    def generator(self, *key: int) -> torch.Generator:
+        """A CPU generator seeded from ``(seed, *key)`` (a stable hash, the same in every process run)."""
+        digest = hashlib.sha256("/".join(str(int(v)) for v in (self.seed, *key)).encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def as_sgrpo_selection(value: Any) -> SGRPOSelection | None:
+    """``None``, an `SGRPOSelection` or a dict of its fields -> a selection (or ``None``)."""
+    if value is None or isinstance(value, SGRPOSelection):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"alpha", "p", "k", "seed"})
+        if unknown or not {"alpha", "p", "k"} <= set(value):
+            raise ConfigError(f"sgrpo: give alpha, p, k (and optionally seed), got {sorted(value)}")
+        return SGRPOSelection(**value)
+    raise ConfigError(f"sgrpo= must be an SGRPOSelection or a dict with alpha, p, k, seed; got {type(value).__name__}")
+
+
+def check_sgrpo_config(args) -> None:
+    """Refuse GRPO settings under which the loss would not be S-GRPO's on the selected tokens.
+
+    Raises:
+        ConfigError: naming the setting and the fix.
+    """
+    problems = []
+    if args.loss_type != "grpo":
+        problems.append(
+            f"loss_type={args.loss_type!r} does not average each completion over its own tokens (S-GRPO's "
+            "1/|T_i| per completion, then the mean over completions): bnpo and dr_grpo normalise over the batch or "
+            "max_completion_length, dapo/cispo/vespo by TRL's count of all completion tokens, luspo sums per "
+            "completion, sapo replaces the clipped GRPO objective; set loss_type='grpo'"
+        )
+    if args.top_entropy_quantile < 1.0:
+        problems.append(
+            f"top_entropy_quantile={args.top_entropy_quantile} selects tokens a second time, on top of S-GRPO's "
+            "selection; set it to 1.0"
+        )
+    if problems:
+        raise ConfigError("GRPOConfig is incompatible with sgrpo= (S-GRPO's token selection): " + "; ".join(problems))
 
 
 def as_gradproj_config(value: Any) -> GradProjConfig | None:
@@ -117,8 +192,10 @@ def _find_gradproj(optimizer) -> GradProjOptimizer | None:
 class GradProjGRPOMixin:
     """Mixin for ``GRPOTrainer`` (put it first): ``gradproj=`` selects the strategy."""
 
-    def __init__(self, *args, gradproj: GradProjConfig | str | list | dict | None = None, **kwargs) -> None:
+    def __init__(self, *args, gradproj: GradProjConfig | str | list | dict | None = None,
+                 sgrpo: SGRPOSelection | dict | None = None, **kwargs) -> None:
         self._gp_config = as_gradproj_config(gradproj)
+        self._gp_sgrpo = as_sgrpo_selection(sgrpo)
         self._gp_optimizer: GradProjOptimizer | None = None
         self._gp_block = None
         self._gp_logps: torch.Tensor | None = None
@@ -126,7 +203,11 @@ class GradProjGRPOMixin:
         grpo_args = kwargs.get("args", args[2] if len(args) > 2 else None)
         if self._gp_config is not None and grpo_args is not None:
             check_grpo_config(grpo_args, self._gp_config)
+        if self._gp_sgrpo is not None and grpo_args is not None:
+            check_sgrpo_config(grpo_args)
         super().__init__(*args, **kwargs)
+        if self._gp_sgrpo is not None:
+            check_sgrpo_config(self.args)
         if self._gp_config is None:
             return
         check_grpo_config(self.args, self._gp_config)
@@ -167,6 +248,29 @@ class GradProjGRPOMixin:
     def gradproj_optimizer(self) -> GradProjOptimizer | None:
         """The `gradproj.GradProjOptimizer` (``None`` before training starts or without gradproj)."""
         return self._gp_optimizer
+
+    # -- S-GRPO's token selection --------------------------------------------------------------
+    def _generate_and_score_completions(self, inputs):
+        """TRL's rollout batch; with ``sgrpo=``, a training batch's loss mask becomes S-GRPO's selection."""
+        output = super()._generate_and_score_completions(inputs)
+        if self._gp_sgrpo is not None and self.model.training:
+            self._gp_select_tokens(output)
+        return output
+
+    def _gp_select_tokens(self, output: dict) -> None:
+        """Draw the selection over the model's completion tokens and store it as ``tool_mask``: TRL's
+        loss mask is ``completion_mask * tool_mask``, and ``completion_mask`` stays the attention mask."""
+        completion_mask = output["completion_mask"]
+        response = completion_mask.bool()
+        if output.get("tool_mask") is not None:  # tool results are not the model's tokens
+            response = response & output["tool_mask"].bool()
+        selection = self._gp_sgrpo
+        within = self._step % max(self.current_gradient_accumulation_steps, 1)
+        generator = selection.generator(self.accelerator.process_index, self.state.global_step, within)
+        selected = sgrpo_token_mask(response, selection.alpha, selection.p, selection.k, generator=generator)
+        output["tool_mask"] = selected.to(completion_mask.dtype)
+        fraction = selected.sum() / response.sum().clamp(min=1)
+        self._metrics["train"]["sgrpo/selected_fraction"].append(float(fraction))
 
     # -- log-probs and the microbatch block --------------------------------------------------
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -225,10 +329,8 @@ class GradProjGRPOMixin:
         except BaseException as err:
             block, self._gp_block = self._gp_block, None
             if block is not None:
-                try:
+                with contextlib.suppress(BaseException):  # the original error is the one to report
                     block.close(err)
-                except BaseException:  # noqa: BLE001 - the original error is the one to report
-                    pass
             raise
         block, self._gp_block = self._gp_block, None
         if block is not None:
@@ -240,10 +342,12 @@ class GradProjGRPOMixin:
 
 
 class GradProjGRPOTrainer(GradProjGRPOMixin, GRPOTrainer):
-    """``GRPOTrainer(..., gradproj=GradProjConfig(strategy="proma"))``.
+    """``GRPOTrainer(..., gradproj=GradProjConfig(strategy="proma"), sgrpo=SGRPOSelection(...))``.
 
     Every GRPOTrainer argument works as usual (``peft_config=`` included: the optimizer is wrapped
     after PEFT is applied). Settings that break the single-pass capture (``beta > 0``,
     ``num_iterations > 1``, off-policy steps, entropy bonuses, token masks) are refused with a
     `gradproj.ConfigError` naming the fix; ``gradproj=None`` is plain GRPOTrainer.
+    ``sgrpo=SGRPOSelection(alpha, p, k, seed)`` (or a dict) trains on S-GRPO's token selection, with
+    or without gradproj (``loss_type="grpo"``; others are refused).
     """
