@@ -284,17 +284,21 @@ def test_lora_via_peft_config_trains_every_adapter(tmp_path):
     assert not unchanged, unchanged
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    full = trainer(tmp_path / "a", args=grpo_args(tmp_path / "a", max_steps=3))
+@pytest.mark.parametrize("sgrpo", [None, {"alpha": 1, "p": 0.5, "k": 2, "seed": 5}])
+def test_resume_equals_uninterrupted(sgrpo, tmp_path):
+    """With sgrpo=, the resumed run draws the selections the uninterrupted one does (seeded per step)."""
+    extra = {} if sgrpo is None else {"loss_type": "grpo"}
+    full = trainer(tmp_path / "a", args=grpo_args(tmp_path / "a", max_steps=3, **extra), sgrpo=sgrpo)
     full.train()
     expected = snapshot(full.model)
 
-    first = trainer(tmp_path / "b", args=grpo_args(tmp_path / "b", max_steps=3, save_strategy="steps", save_steps=2))
+    first = trainer(tmp_path / "b", args=grpo_args(tmp_path / "b", max_steps=3, save_strategy="steps", save_steps=2, **extra),
+                    sgrpo=sgrpo)
     first.train()
     ckpt = tmp_path / "b" / "checkpoint-2"
     state = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert state["gradproj"]["strategies"] == ["proma"] and state["gradproj"]["steps"] == 2
-    resumed = trainer(tmp_path / "c", args=grpo_args(tmp_path / "c", max_steps=3))
+    resumed = trainer(tmp_path / "c", args=grpo_args(tmp_path / "c", max_steps=3, **extra), sgrpo=sgrpo)
     resumed.train(resume_from_checkpoint=str(ckpt))
     got = snapshot(resumed.model)
     assert all(torch.equal(expected[n], got[n]) for n in expected)
