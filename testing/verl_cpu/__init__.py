@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 
-__all__ = ["start", "free_port"]
+__all__ = ["start", "free_port", "ray_worker_setup"]
 
 
 def free_port() -> int:
@@ -59,3 +59,29 @@ def _cpu_platform_active() -> bool:
         return get_platform().device_name == "cpu"
     except Exception:  # noqa: BLE001 - any failure means "not ours"
         return False
+
+
+def ray_worker_setup() -> None:
+    """Prepare a Ray worker process of verl's trainer for the CPU (Ray's ``worker_process_setup_hook``).
+
+    Runs when the process starts, before it imports verl's engine: the CPU platform, the engine
+    registry key, one torch thread, and the ``hf_cpu`` rollout backend
+    (`gradproj.testing.verl_cpu.rollout`). The distributed environment is verl's own (its worker
+    groups set ``MASTER_ADDR`` and the ranks).
+    """
+    os.environ["VERL_ENGINE_DEVICE"] = "cuda"  # verl registers its FSDP engines for cuda/npu only
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(1)
+    from gradproj.testing.verl_cpu import platform as cpu_platform
+
+    cpu_platform.install()
+    # verl's workers join "cpu:gloo,<device>:<backend>", i.e. "cpu:gloo,cpu:gloo" here, which torch refuses
+    from verl.utils import distributed
+
+    distributed.initialize_global_process_group_ray.__defaults__ = (None, "gloo")
+    from gradproj.testing.verl_cpu import rollout
+
+    rollout.register()

@@ -125,7 +125,10 @@ class PlatformCPU(PlatformBase):
         pass
 
     def ray_resource_name(self):
-        return "CPU"
+        # verl's resource pools count Ray's "GPU" resource (``_check_resource_available``) and put
+        # {"CPU": n, <this>: 1} in each bundle, so "CPU" here would overwrite the CPU count. A CPU run
+        # of the trainer gives Ray logical GPU slots instead (``ray_init.num_gpus``); nothing uses CUDA.
+        return "GPU"
 
     def ray_noset_envvars(self):
         return []

@@ -70,22 +70,33 @@ def compose(overrides: list[str]):
         return hydra_compose(config_name="ppo_trainer", overrides=list(overrides))
 
 
-def tiny_model(folder: str | os.PathLike, *, hidden: int = 64, layers: int = 2, seed: int = 0, dtype=torch.float32) -> Path:
-    """A random Qwen2-shaped causal LM with gradproj's character tokenizer, saved to ``folder``."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def tiny_model(folder: str | os.PathLike, *, hidden: int = 64, layers: int = 2, seed: int = 0, dtype=torch.float32,
+               architecture: str = "qwen2") -> Path:
+    """A random causal LM with gradproj's character tokenizer, saved to ``folder``.
+
+    ``architecture`` is ``"qwen2"`` (the default) or ``"llama"``: the same shapes, one config class or
+    the other. verl's agent loop picks its chat-boundary rules by ``model_type``; its Qwen rules need
+    Qwen's ``<|im_end|>`` token, which the character tokenizer has not, so a run through the agent
+    loop uses ``"llama"`` (verl's default rules).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from gradproj.demo.adder import build_tokenizer
 
+    classes = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+    if architecture not in classes:
+        raise ValueError(f"tiny_model: architecture must be one of {sorted(classes)}, not {architecture!r}")
+    config_cls, model_cls = classes[architecture]
     folder = Path(folder)
     tok = build_tokenizer()
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    config = config_cls(
         vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        architectures=["Qwen2ForCausalLM"], torch_dtype=dtype,
+        architectures=[model_cls.__name__], torch_dtype=dtype,
     )
-    Qwen2ForCausalLM(config).to(dtype).save_pretrained(folder)
+    model_cls(config).to(dtype).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

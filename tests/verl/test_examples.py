@@ -46,6 +46,29 @@ def test_run_sh_passes_the_recipe_overrides_to_verls_trainer(tmp_path):
     assert args[:2] == ["-m", "verl.trainer.main_ppo"]
     assert "actor_rollout_ref.model.external_lib=gradproj.integrations.verl" in args
     assert args[-1] == "trainer.n_gpus_per_node=4"
+    # flash-attn is not installed here: sdpa, said on stderr
+    assert "+actor_rollout_ref.model.override_config.attn_implementation=sdpa" in args
+    assert "flash-attn is not installed: attention sdpa" in run.stderr
+    # an attention choice on the command line is the user's: nothing added
+    mine = "+actor_rollout_ref.model.override_config.attn_implementation=eager"
+    run = subprocess.run(["bash", str(ROOT / "examples" / "verl" / "run.sh"), str(recipe), mine],
+                         capture_output=True, text=True, env=env, check=True)
+    args = run.stdout.splitlines()
+    assert [a for a in args if "attn_implementation" in a] == [mine]
+
+
+def test_run_sh_keeps_flash_attention_when_flash_attn_imports(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "flash_attn.py").write_text("")  # an importable stand-in
+    (fake / "python").write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then exec {sys.executable} "$@"; fi\nprintf "%s\\n" "$@"\n')
+    (fake / "python").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", PYTHONPATH=str(fake))
+    recipe = ROOT / "examples" / "verl" / "kl_free_lora_grpo_qwen3_gsm8k.yaml"
+    run = subprocess.run(["bash", str(ROOT / "examples" / "verl" / "run.sh"), str(recipe)],
+                         capture_output=True, text=True, env=env, check=True)
+    assert not [a for a in run.stdout.splitlines() if "attn_implementation" in a]
+    assert "flash-attn is installed" in run.stderr
 
 
 def test_cpu_smoke_command(tmp_path):
@@ -70,3 +93,67 @@ def test_cpu_smoke_with_another_strategy(strategy, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"strategy='{strategy}'" in run.stdout
     assert "parameters changed: 27/27" in run.stdout
+
+
+@pytest.fixture(scope="module")
+def cpu_inputs(tmp_path_factory):
+    """GSM8K as prepare_gsm8k.py writes it, and a tiny local model (the recipes' Qwen3-0.6B is not
+    downloadable here) with a chat template, which verl's dataset applies."""
+    from gradproj.testing.verl_cpu.trainer import prepare
+
+    folder = tmp_path_factory.mktemp("run-sh")
+    subprocess.run([sys.executable, str(ROOT / "examples" / "verl" / "prepare_gsm8k.py"), "--out", str(folder / "gsm8k")],
+                   check=True, capture_output=True)
+    return {"model": prepare(folder / "tiny")["model"], "data": folder / "gsm8k"}
+
+
+def _run_sh_on_the_cpu(recipe, cpu_inputs, cwd, *extra):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", HF_HUB_OFFLINE="1",
+               RAY_DEDUP_LOGS="0", HYDRA_FULL_ERROR="1")
+    for key in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    run = subprocess.run(
+        ["bash", str(ROOT / "examples" / "verl" / "run.sh"), str(ROOT / "examples" / "verl" / recipe),
+         f"actor_rollout_ref.model.path={cpu_inputs['model']}",
+         f"data.train_files={cpu_inputs['data'] / 'train.parquet'}",
+         f"data.val_files={cpu_inputs['data'] / 'test.parquet'}",
+         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
+         "+ray_kwargs.ray_init.include_dashboard=False", *extra],
+        capture_output=True, text=True, env=env, timeout=900, cwd=cwd,
+    )
+    assert run.returncode != 0
+    return run.stdout + run.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, extra", [
+    ("proma_qwen3_gsm8k.yaml", ()),
+    ("kl_free_lora_grpo_qwen3_gsm8k.yaml", ("actor_rollout_ref.model.lora.merge=True",)),
+])
+def test_run_sh_on_the_cpu_gets_to_verls_gpu_placement(recipe, extra, cpu_inputs, tmp_path):
+    """The launch as a user types it, on this CPU machine: past config validation, Ray, the v1 trainer,
+    TransferQueue, the tokenizer and the GSM8K dataset, and gradproj's trainer checks
+    (``PPOTrainer._init_dataloader``), up to the first GPU-only step -- verl's resource pools
+    (``ResourcePoolManager.create_resource_pool``), which place the actor and rollout on GPUs.
+
+    Local stand-ins: the model path (no hub here) and one TransferQueue storage unit instead of
+    verl's 8 -- each reserves a CPU in Ray, and with fewer than 9 CPUs verl 0.9.1 waits forever in
+    ``tq.init`` (measured here: no progress in 10 minutes on 2 CPUs). The LoRA recipe merges its
+    adapter for the sync (see the next test).
+    """
+    log = _run_sh_on_the_cpu(recipe, cpu_inputs, tmp_path, *extra)
+    assert "[validate_config] All configuration checks passed successfully!" in log, log[-4000:]
+    assert "ConfigError" not in log and "GradProjError" not in log, log[-4000:]
+    assert "in _init_dataloader" not in log  # the dataset built and gradproj's checks passed ...
+    assert "in create_resource_pool" in log, log[-4000:]  # ... and the run stopped where verl asks Ray for GPUs
+    assert "Total available GPUs 0 is less than total desired GPUs 8" in log
+
+
+@pytest.mark.slow
+def test_run_sh_lora_recipe_on_the_cpu_stops_at_verls_vllm_lora_check(cpu_inputs, tmp_path):
+    """As written (unmerged LoRA, vLLM rollouts), the KL-free LoRA recipe's first GPU-only step comes
+    earlier: verl's ``validate_config`` imports vLLM to check the LoRA rank against vLLM's maximum,
+    and vLLM (CUDA wheels only) is not installed in the CPU environment."""
+    log = _run_sh_on_the_cpu("kl_free_lora_grpo_qwen3_gsm8k.yaml", cpu_inputs, tmp_path)
+    assert "in validate_config" in log and "vllm version None not supported" in log, log[-4000:]
+    assert "ConfigError" not in log and "GradProjError" not in log
