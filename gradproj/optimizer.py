@@ -375,6 +375,12 @@ class GradProjOptimizer(torch.optim.Optimizer):
         return self._engine.metrics()
 
     @property
+    def steps(self) -> int:
+        """Optimizer steps taken so far (saved in `state_dict`, restored by `load_state_dict`): what
+        integrations key per-step randomness on, so that a resumed run repeats it."""
+        return int(self._engine.steps)
+
+    @property
     def engine(self) -> CaptureEngine:
         """The capture engine (layers covered, microbatch state): an internal object for tests and
         benchmarks; integrations use `begin_microbatch`, `captures`, `covers` and

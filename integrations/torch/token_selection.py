@@ -17,9 +17,15 @@ exact (tested against the float64 brute force).
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-__all__ = ["sgrpo_token_mask"]
+from gradproj.errors import ConfigError
+
+__all__ = ["sgrpo_token_mask", "SGRPOSelection", "as_sgrpo_selection"]
 
 
 def sgrpo_token_mask(
@@ -51,3 +57,44 @@ def sgrpo_token_mask(
     # keep later tokens in order while the running count stays below k
     count = early.long().sum(dim=1, keepdim=True) + torch.cumsum(later.long(), dim=1)
     return early | (later & (count <= k))
+
+
+@dataclass(frozen=True)
+class SGRPOSelection:
+    """S-GRPO's token selection as a trainer setting: TRL's ``GradProjGRPOTrainer(..., sgrpo=...)``,
+    verl's ``override_optimizer_config.sgrpo``.
+
+    Each response's first ``alpha`` tokens are selected, then each later one with probability ``p``
+    while fewer than ``k`` are (`sgrpo_token_mask`); the loss is then each response's mean over its
+    selected tokens, averaged over the responses. The trainers draw from `generator`, seeded from
+    ``seed`` and the batch's place in the run (process, optimizer step, position in the step): the
+    same command gives the same selections, and so does a run resumed from a checkpoint.
+    """
+
+    alpha: int
+    p: float
+    k: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.alpha, int) and isinstance(self.k, int) and 0 <= self.alpha <= self.k
+                and 0.0 <= float(self.p) <= 1.0):
+            raise ConfigError(f"sgrpo: S-GRPO needs integers 0 <= alpha <= k and 0 <= p <= 1, got alpha={self.alpha!r}, "
+                              f"k={self.k!r}, p={self.p!r}; fix the sgrpo= setting")
+
+    def generator(self, *key: int) -> torch.Generator:
+        """A CPU generator seeded from ``(seed, *key)`` (a stable hash, the same in every process run)."""
+        digest = hashlib.sha256("/".join(str(int(v)) for v in (self.seed, *key)).encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def as_sgrpo_selection(value: Any) -> SGRPOSelection | None:
+    """``None``, an `SGRPOSelection` or a dict of its fields -> a selection (or ``None``)."""
+    if value is None or isinstance(value, SGRPOSelection):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"alpha", "p", "k", "seed"})
+        if unknown or not {"alpha", "p", "k"} <= set(value):
+            raise ConfigError(f"sgrpo: give alpha, p, k (and optionally seed), got {sorted(value)}")
+        return SGRPOSelection(**value)
+    raise ConfigError(f"sgrpo= must be an SGRPOSelection or a dict with alpha, p, k, seed; got {type(value).__name__}")

@@ -27,8 +27,6 @@ How it plugs in (TRL 1.16, see ``../shared/notes/trl``):
 from __future__ import annotations
 
 import contextlib
-import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,51 +37,10 @@ import gradproj
 from gradproj import GradProjOptimizer
 from gradproj.config import GradProjConfig
 from gradproj.errors import ConfigError, CoverageError, ProtocolError
-from gradproj.integrations.torch.token_selection import sgrpo_token_mask
+from gradproj.integrations.torch.token_selection import SGRPOSelection, as_sgrpo_selection, sgrpo_token_mask
 
 __all__ = ["GradProjGRPOMixin", "GradProjGRPOTrainer", "SGRPOSelection", "check_grpo_config", "check_sgrpo_config",
            "as_gradproj_config"]
-
-
-@dataclass(frozen=True)
-class SGRPOSelection:
-    """S-GRPO's token selection as a trainer setting (``GradProjGRPOTrainer(..., sgrpo=...)``).
-
-    Each completion's first ``alpha`` tokens are selected, then each later one with probability
-    ``p`` while fewer than ``k`` are (`gradproj.integrations.torch.sgrpo_token_mask`); the loss
-    (``loss_type="grpo"``) is then each completion's mean over its selected tokens, averaged over the
-    completions. The draws come from a generator seeded from ``seed``, the process index, the
-    optimizer step and the generation's place in it: the same command gives the same selections,
-    and so does a run resumed from a checkpoint.
-    """
-
-    alpha: int
-    p: float
-    k: int
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.alpha, int) and isinstance(self.k, int) and 0 <= self.alpha <= self.k
-                and 0.0 <= float(self.p) <= 1.0):
-            raise ConfigError(f"sgrpo: S-GRPO needs integers 0 <= alpha <= k and 0 <= p <= 1, got alpha={self.alpha!r}, "
-                              f"k={self.k!r}, p={self.p!r}; fix the sgrpo= setting")
-
-    def generator(self, *key: int) -> torch.Generator:
-        """A CPU generator seeded from ``(seed, *key)`` (a stable hash, the same in every process run)."""
-        digest = hashlib.sha256("/".join(str(int(v)) for v in (self.seed, *key)).encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def as_sgrpo_selection(value: Any) -> SGRPOSelection | None:
-    """``None``, an `SGRPOSelection` or a dict of its fields -> a selection (or ``None``)."""
-    if value is None or isinstance(value, SGRPOSelection):
-        return value
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - {"alpha", "p", "k", "seed"})
-        if unknown or not {"alpha", "p", "k"} <= set(value):
-            raise ConfigError(f"sgrpo: give alpha, p, k (and optionally seed), got {sorted(value)}")
-        return SGRPOSelection(**value)
-    raise ConfigError(f"sgrpo= must be an SGRPOSelection or a dict with alpha, p, k, seed; got {type(value).__name__}")
 
 
 def check_sgrpo_config(args) -> None:

@@ -13,6 +13,7 @@ __all__ = [
     "LOSS_MODE",
     "check_engine_config",
     "check_actor_config",
+    "check_sgrpo_config",
     "check_trainer_config",
     "check_optimizer_steps",
     "requested_gradproj",
@@ -179,3 +180,22 @@ def check_actor_config(actor_config, gradproj_config: GradProjConfig, needs_capt
             "even when that is 0), a term computed from the logits outside the log-probs, which gradproj refuses; "
             "set calculate_entropy=False"
         )
+
+
+def check_sgrpo_config(actor_config, selection) -> None:
+    """With ``override_optimizer_config.sgrpo``, the loss must be the ``gradproj`` policy loss (the
+    one that applies the selection) aggregated as S-GRPO's: each response's mean over its selected
+    tokens, then the mean over responses (``loss_agg_mode=seq-mean-token-mean``)."""
+    if selection is None:
+        return
+    problems = []
+    loss_mode = _get(actor_config, "policy_loss.loss_mode", "vanilla")
+    if loss_mode != LOSS_MODE:
+        problems.append(f"set {_ACTOR}.policy_loss.loss_mode={LOSS_MODE} (got {loss_mode!r}): only gradproj's loss applies "
+                        "the selection, any other would train on every token")
+    mode = _get(actor_config, "loss_agg_mode", "token-mean")
+    if mode != "seq-mean-token-mean":
+        problems.append(f"set {_ACTOR}.loss_agg_mode=seq-mean-token-mean (got {mode!r}): S-GRPO averages each response "
+                        "over its own selected tokens")
+    if problems:
+        raise ConfigError("override_optimizer_config.sgrpo (S-GRPO's token selection): " + "; ".join(problems))

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from gradproj.errors import InputError, ProtocolError
 from gradproj import MicrobatchHandle
+from gradproj.errors import InputError, ProtocolError
 
 __all__ = ["MicroBatchSlot", "current_slot", "push_slot", "pop_slot"]
 
-_SLOTS: list["MicroBatchSlot"] = []
+_SLOTS: list[MicroBatchSlot] = []
 
 
 class MicroBatchSlot:

@@ -5,6 +5,9 @@ weight_decay=..., [betas=...], **override_optimizer_config)``. The factories her
 optimizer and tag it with the gradproj config taken from ``override_optimizer_config.gradproj``;
 the engine patch (`gradproj.integrations.verl.patches`) then wraps it around the FSDP module
 with `gradproj.wrap` -- the factory alone cannot, verl gives it parameters, not the model.
+
+``override_optimizer_config.sgrpo`` (``{alpha, p, k, seed}``), if given, rides along the same way:
+the ``gradproj`` policy loss then trains on S-GRPO's token selection (`gradproj.integrations.verl.loss`).
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import torch
 
 from gradproj.config import GradProjConfig
 from gradproj.errors import ConfigError
+from gradproj.integrations.torch.token_selection import SGRPOSelection, as_sgrpo_selection
 
-__all__ = ["AdamW", "Adam", "SGD", "Optimizer", "requested_config", "gradproj_config", "building", "CONFIG_ATTR"]
+__all__ = ["AdamW", "Adam", "SGD", "Optimizer", "requested_config", "gradproj_config", "sgrpo_selection", "building",
+           "CONFIG_ATTR", "SGRPO_ATTR"]
 
 #: attribute of the inner optimizer that carries its `GradProjConfig` until it is wrapped
 CONFIG_ATTR = "_gradproj_verl_config"
+#: attribute of the inner optimizer that carries its `SGRPOSelection` (or ``None``)
+SGRPO_ATTR = "_gradproj_verl_sgrpo"
 
 _building = 0
 
@@ -69,8 +76,27 @@ def _gradproj_config(gradproj: Any) -> GradProjConfig:
     return GradProjConfig.from_dict(dict(gradproj))
 
 
-def _tagged(inner: torch.optim.Optimizer, gradproj: Any) -> torch.optim.Optimizer:
+def sgrpo_selection(sgrpo: Any) -> SGRPOSelection | None:
+    """The `SGRPOSelection` of ``override_optimizer_config.sgrpo`` (a mapping from Hydra, or ``None``)."""
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(sgrpo):
+            sgrpo = OmegaConf.to_container(sgrpo, resolve=True)
+    except ImportError:  # pragma: no cover - verl depends on omegaconf
+        pass
+    try:
+        return as_sgrpo_selection(sgrpo)
+    except ConfigError as err:
+        raise ConfigError(
+            f"override_optimizer_config.sgrpo: {err} (e.g. '+actor_rollout_ref.actor.optim.override_optimizer_config."
+            "sgrpo={alpha:4,p:0.1,k:16,seed:0}')"
+        ) from None
+
+
+def _tagged(inner: torch.optim.Optimizer, gradproj: Any, sgrpo: Any = None) -> torch.optim.Optimizer:
     config = _gradproj_config(gradproj)
+    selection = sgrpo_selection(sgrpo)
     if not _building:
         raise ConfigError(
             "optim.optimizer_impl=gradproj.integrations.verl built an optimizer outside verl's FSDP engine set-up as "
@@ -79,25 +105,27 @@ def _tagged(inner: torch.optim.Optimizer, gradproj: Any) -> torch.optim.Optimize
             "engine is built) and actor_rollout_ref.actor.strategy=fsdp2 (gradproj supports verl's FSDP2 engine)"
         )
     setattr(inner, CONFIG_ATTR, config)
+    setattr(inner, SGRPO_ATTR, selection)
     return inner
 
 
-def AdamW(params, *, gradproj: Any = None, **kwargs: Any) -> torch.optim.Optimizer:  # noqa: N802 - verl looks up this name
+def AdamW(params, *, gradproj: Any = None, sgrpo: Any = None, **kwargs: Any) -> torch.optim.Optimizer:
     """``torch.optim.AdamW(params, **kwargs)`` to be wrapped by gradproj with the ``gradproj`` config."""
-    return _tagged(torch.optim.AdamW(params, **kwargs), gradproj)
+    return _tagged(torch.optim.AdamW(params, **kwargs), gradproj, sgrpo)
 
 
-def Adam(params, *, gradproj: Any = None, **kwargs: Any) -> torch.optim.Optimizer:  # noqa: N802
+def Adam(params, *, gradproj: Any = None, sgrpo: Any = None, **kwargs: Any) -> torch.optim.Optimizer:
     """``torch.optim.Adam(params, **kwargs)`` to be wrapped by gradproj with the ``gradproj`` config."""
-    return _tagged(torch.optim.Adam(params, **kwargs), gradproj)
+    return _tagged(torch.optim.Adam(params, **kwargs), gradproj, sgrpo)
 
 
-def SGD(params, *, gradproj: Any = None, **kwargs: Any) -> torch.optim.Optimizer:  # noqa: N802
+def SGD(params, *, gradproj: Any = None, sgrpo: Any = None, **kwargs: Any) -> torch.optim.Optimizer:
     """``torch.optim.SGD(params, **kwargs)`` to be wrapped by gradproj with the ``gradproj`` config."""
-    return _tagged(torch.optim.SGD(params, **kwargs), gradproj)
+    return _tagged(torch.optim.SGD(params, **kwargs), gradproj, sgrpo)
 
 
-def Optimizer(params, *, inner: str = "torch.optim.AdamW", gradproj: Any = None, **kwargs: Any) -> torch.optim.Optimizer:  # noqa: N802
+def Optimizer(params, *, inner: str = "torch.optim.AdamW", gradproj: Any = None, sgrpo: Any = None,
+              **kwargs: Any) -> torch.optim.Optimizer:
     """Any optimizer class by dotted path (``inner="torch_optimizer.Lamb"``), wrapped by gradproj.
 
     verl passes ``betas`` only when the name ``optimizer`` contains "adam"; give them in
@@ -111,7 +139,7 @@ def Optimizer(params, *, inner: str = "torch.optim.AdamW", gradproj: Any = None,
             f"override_optimizer_config.inner={inner!r} is not an importable optimizer class "
             f"(module.Class, e.g. torch.optim.AdamW): {err}"
         ) from None
-    return _tagged(cls(params, **kwargs), gradproj)
+    return _tagged(cls(params, **kwargs), gradproj, sgrpo)
 
 
 def requested_config(optimizer_config) -> bool:

@@ -33,15 +33,17 @@ import inspect
 import sys
 from contextlib import contextmanager
 
-from gradproj.errors import ConfigError
 from gradproj import GradProjOptimizer, wrap
+from gradproj.errors import ConfigError
 from gradproj.integrations.verl.checks import (
     LOSS_MODE,
     check_actor_config,
     check_engine_config,
     check_optimizer_steps,
+    check_sgrpo_config,
     check_trainer_config,
 )
+from gradproj.integrations.verl.loss import sgrpo_of
 from gradproj.integrations.verl.microbatches import MicroBatchSlot, current_slot, pop_slot, push_slot
 from gradproj.integrations.verl.optimizers import CONFIG_ATTR, building, requested_config
 from gradproj.integrations.verl.version import SUPPORTED_VERL
@@ -232,6 +234,7 @@ def _set_loss_fn(original):
         if opt is None:
             return result
         check_actor_config(actor_config, opt.config, needs_capture=opt.captures)
+        check_sgrpo_config(actor_config, sgrpo_of(opt))
         if opt.captures and "DetachActorWorker" in _calling_worker_class_names():
             raise ConfigError(
                 "verl's asynchronous trainers (one-step off-policy, fully async, trainer.v1.trainer_mode=separate_async) "

@@ -31,7 +31,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["REWARD_SOURCE", "prepare", "overrides", "run", "main"]
+__all__ = ["REWARD_SOURCE", "prepare", "override_key", "merge_overrides", "task_overrides", "cpu_overrides",
+           "overrides", "run_main_ppo", "run", "main"]
 
 #: the rule-based reward verl's reward loop imports (``reward.custom_reward_function``)
 REWARD_SOURCE = '''
@@ -47,7 +48,8 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
 CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
-def prepare(folder: str | os.PathLike, problems: int = 32, seed: int = 0) -> dict[str, str]:
+def prepare(folder: str | os.PathLike, problems: int = 32, seed: int = 0, *, hidden: int = 64,
+            layers: int = 2) -> dict[str, str]:
     """The model, the data (verl's RL parquet format) and the reward file, written to ``folder``."""
     import pandas as pd
 
@@ -55,7 +57,7 @@ def prepare(folder: str | os.PathLike, problems: int = 32, seed: int = 0) -> dic
     from gradproj.testing.verl_cpu.smoke import tiny_model
 
     folder = Path(folder)
-    model = tiny_model(folder / "model", architecture="llama")
+    model = tiny_model(folder / "model", architecture="llama", hidden=hidden, layers=layers, seed=seed)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)
@@ -73,13 +75,28 @@ def prepare(folder: str | os.PathLike, problems: int = 32, seed: int = 0) -> dic
     return paths
 
 
-def overrides(paths: dict[str, str], out: str | os.PathLike, steps: int = 2) -> list[str]:
-    """The Hydra overrides of the CPU run: gradproj's keys, the CPU's, the small sizes, the paths."""
-    from gradproj.testing.verl_cpu.rollout import NAME
-    from gradproj.testing.verl_cpu.smoke import CPU_OVERRIDES, DEFAULT_OVERRIDES, load_overrides
+def override_key(override: str) -> str:
+    """The config key a Hydra override sets (``+a.b=1`` -> ``a.b``)."""
+    return override.split("=", 1)[0].lstrip("+~")
 
-    hook = "gradproj.testing.verl_cpu.ray_worker_setup"
-    return load_overrides(DEFAULT_OVERRIDES) + CPU_OVERRIDES + [
+
+def merge_overrides(*lists: list[str]) -> list[str]:
+    """Hydra overrides, later lists winning per key; a key keeps its first position and its ``+``."""
+    merged: dict[str, str] = {}
+    for overrides_ in lists:
+        for override in overrides_:
+            key = override_key(override)
+            if key in merged:
+                prefix = merged[key][: len(merged[key]) - len(merged[key].lstrip("+"))]
+                override = prefix + override.lstrip("+")
+            merged[key] = override
+    return list(merged.values())
+
+
+def task_overrides(paths: dict[str, str], out: str | os.PathLike, steps: int = 2) -> list[str]:
+    """The run's task: GRPO without a critic, the model, data and reward of `prepare`, the trainer's
+    steps, tracking (console and file) and no validation or checkpoints."""
+    return [
         "algorithm.adv_estimator=grpo",
         "critic.enable=False",
         f"actor_rollout_ref.model.path={paths['model']}",
@@ -87,18 +104,7 @@ def overrides(paths: dict[str, str], out: str | os.PathLike, steps: int = 2) -> 
         f"data.val_files={paths['val']}",
         "data.max_prompt_length=16",
         "data.max_response_length=8",
-        "data.dataloader_num_workers=0",
         f"reward.custom_reward_function.path={paths['reward']}",
-        "reward.num_workers=1",
-        # one TransferQueue storage unit instead of 8 (each is a Ray process importing torch)
-        "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
-        # the rollout: verl's agent loop and replica manager, the engine replaced (see the module doc)
-        f"actor_rollout_ref.rollout.name={NAME}",
-        "actor_rollout_ref.rollout.agent.num_workers=1",
-        "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
-        "actor_rollout_ref.rollout.checkpoint_engine.backend=naive",
-        "actor_rollout_ref.rollout.calculate_log_probs=True",
-        # one CPU "node": Ray is told of one accelerator slot so verl's resource pools are as on a GPU node
         "trainer.n_gpus_per_node=1",
         "trainer.nnodes=1",
         f"trainer.total_training_steps={steps}",
@@ -109,26 +115,53 @@ def overrides(paths: dict[str, str], out: str | os.PathLike, steps: int = 2) -> 
         "trainer.project_name=gradproj-cpu",
         "trainer.experiment_name=e2e",
         f"trainer.default_local_dir={Path(out) / 'checkpoints'}",
+        "+ray_kwargs.ray_init.include_dashboard=False",
+    ]
+
+
+def cpu_overrides() -> list[str]:
+    """What a CPU machine needs beyond the task: the engine on the CPU (`CPU_OVERRIDES`), the
+    ``hf_cpu`` rollout, verl's CPU platform in every Ray worker, and small process counts."""
+    from gradproj.testing.verl_cpu.rollout import NAME
+    from gradproj.testing.verl_cpu.smoke import CPU_OVERRIDES
+
+    hook = "gradproj.testing.verl_cpu.ray_worker_setup"
+    return CPU_OVERRIDES + [
+        "data.dataloader_num_workers=0",
+        "reward.num_workers=1",
+        # one TransferQueue storage unit instead of 8: each reserves a Ray CPU (verl's guide)
+        "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
+        # the rollout: verl's agent loop and replica manager, the engine replaced (see the module doc)
+        f"actor_rollout_ref.rollout.name={NAME}",
+        "actor_rollout_ref.rollout.agent.num_workers=1",
+        "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+        "actor_rollout_ref.rollout.checkpoint_engine.backend=naive",
+        "actor_rollout_ref.rollout.calculate_log_probs=True",
         "+ray_kwargs.ray_init.num_cpus=8",
         "+ray_kwargs.ray_init.num_gpus=1",  # a logical slot for verl's resource pool (see platform.py)
-        "+ray_kwargs.ray_init.include_dashboard=False",
         f"+ray_kwargs.ray_init.runtime_env.worker_process_setup_hook={hook}",
     ]
 
 
-def run(extra: list[str] | None = None, steps: int = 2, out: str | os.PathLike | None = None,
-        timeout: float = 1500) -> list[dict]:
-    """Run verl's ``main_ppo`` as a user would (a subprocess) and return the tracked metrics per step.
+def overrides(paths: dict[str, str], out: str | os.PathLike, steps: int = 2) -> list[str]:
+    """The Hydra overrides of the CPU run: gradproj's keys, the CPU's, the task's."""
+    from gradproj.testing.verl_cpu.smoke import DEFAULT_OVERRIDES, load_overrides
 
-    ``out`` receives the inputs, ``main_ppo.log`` (everything verl printed), ``metrics.jsonl`` (verl's
-    file tracker: one record per step) and ``weight_syncs.jsonl`` (one line per weight sync the
-    rollout server received: the trainer step and the absolute sum of the weights it now samples from).
+    return merge_overrides(load_overrides(DEFAULT_OVERRIDES), cpu_overrides(), task_overrides(paths, out, steps))
+
+
+def run_main_ppo(overrides_: list[str], out: str | os.PathLike, timeout: float = 1500) -> list[dict]:
+    """``python -m verl.trainer.main_ppo OVERRIDES`` in a subprocess; returns verl's tracked records.
+
+    ``out`` receives ``main_ppo.log`` (everything verl printed), ``metrics.jsonl`` (verl's file
+    tracker: one record per step) and, with the ``hf_cpu`` rollout, ``weight_syncs.jsonl`` (one line
+    per weight sync the rollout server received: the trainer step and the absolute sum of the
+    weights it now samples from).
     """
     from gradproj.testing.verl_cpu.rollout import SYNC_LOG_ENV
 
-    out = Path(out or tempfile.mkdtemp(prefix="gradproj-verl-e2e-"))
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = prepare(out / "inputs")
     log, syncs = out / "metrics.jsonl", out / "weight_syncs.jsonl"
     for stale in (log, syncs):
         stale.unlink(missing_ok=True)
@@ -136,13 +169,24 @@ def run(extra: list[str] | None = None, steps: int = 2, out: str | os.PathLike |
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", RAY_DEDUP_LOGS="0",
                VERL_ENGINE_DEVICE="cuda", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     env[SYNC_LOG_ENV] = str(syncs)
-    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", *overrides(paths, out, steps), *(extra or [])]
+    for key in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "verl.trainer.main_ppo", *overrides_]
     with open(out / "main_ppo.log", "w") as stdout:
         proc = subprocess.run(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, timeout=timeout, check=False)
     if proc.returncode != 0:
         tail = (out / "main_ppo.log").read_text()[-6000:]
         raise RuntimeError(f"verl's main_ppo failed (exit {proc.returncode}); log {out / 'main_ppo.log'}:\n{tail}")
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def run(extra: list[str] | None = None, steps: int = 2, out: str | os.PathLike | None = None,
+        timeout: float = 1500) -> list[dict]:
+    """Prepare the inputs and run verl's ``main_ppo`` on the CPU (`run_main_ppo`: what ``out``
+    receives); ``extra`` overrides win over the run's own."""
+    out = Path(out or tempfile.mkdtemp(prefix="gradproj-verl-e2e-"))
+    paths = prepare(out / "inputs")
+    return run_main_ppo(merge_overrides(overrides(paths, out, steps), extra or []), out, timeout)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

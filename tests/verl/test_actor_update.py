@@ -189,3 +189,73 @@ def test_update_equals_brute_force(case, tmp_path, monkeypatch):
     assert worst[0] <= 1e-10, worst
     assert metrics[f"gradproj/{strategy}/projected_fraction"][0] > 0
     assert metrics["gradproj/sequences"] == [8.0]
+
+
+SGRPO = ["+actor_rollout_ref.actor.optim.override_optimizer_config.sgrpo={alpha:1,p:0.5,k:3,seed:7}",
+         "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean"]
+
+
+def sgrpo_brute_force(folder, recorder, selections, strategy="proma"):
+    """S-GRPO on verl's actor update, one backward per sequence: each sequence's gradient is the sum
+    over its selected response tokens, its coefficient verl's seq-mean-token-mean of the selection
+    (``-A / global_batch_size / (|T_i| + 1e-8)``), the micro-batches combined by SPEC 2.2."""
+    from transformers import AutoModelForCausalLM
+
+    net = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float64)
+    named = dict(net.named_parameters())
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_(recorder.state["params"][n].to(torch.float64))
+    names = list(named)
+    params = [named[n] for n in names]
+    micro_batches = recorder.calls[-1]
+    sequences = sum(len(mb) for mb in micro_batches)
+    G = {n: None for n in names}
+    for mb, (response_mask, selected) in zip(micro_batches, selections, strict=True):
+        rows, coefficients = [], []
+        for (ids, resp, adv), row_mask, row_sel in zip(mb, response_mask.unbind(), selected.unbind(), strict=True):
+            chosen = row_sel[row_mask.bool()].to(torch.float64)  # over the response tokens, in order
+            assert len(chosen) == resp and chosen.sum() >= 1
+            logits = net(input_ids=ids[None]).logits[0, :-1]
+            logp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0][-resp:]
+            grads = torch.autograd.grad((logp * chosen).sum(), params, allow_unused=True)
+            rows.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
+            coefficients.append(-adv / sequences / (float(chosen.sum()) + 1e-8))
+        c = torch.tensor(coefficients, dtype=torch.float64)
+        for j, n in enumerate(names):
+            S = torch.stack([r[j].reshape(-1).double() for r in rows])
+            G[n] = reference_update(G[n], S, c, strategy=strategy)
+    return G
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_sgrpo_update_equals_brute_force(layout, tmp_path, monkeypatch):
+    """``override_optimizer_config.sgrpo``: verl's update with PROMA trains on S-GRPO's selection."""
+    import gradproj.integrations.verl.loss as verl_loss
+
+    selections = []
+    draw = verl_loss.sgrpo_token_mask
+
+    def spy(response_mask, *args, **kwargs):
+        selected = draw(response_mask, *args, **kwargs)
+        selections.append((response_mask.detach().clone(), selected.clone()))
+        return selected
+
+    monkeypatch.setattr(verl_loss, "sgrpo_token_mask", spy)
+    extra = SGRPO + (["actor_rollout_ref.model.use_remove_padding=False"] if layout == "padded" else [])
+    with float64_engine():
+        folder, config, worker = build(tmp_path, extra)
+        recorder = Recorder(worker, monkeypatch)
+        batch = smoke.rollout_batch(worker.actor.engine.module.config.vocab_size, seed=3)
+        metrics = smoke.update_actor(worker, batch, config)
+        expected = sgrpo_brute_force(folder, recorder, selections)
+    assert len(selections) == len(recorder.calls[-1]) >= 2
+    # a real subset: some response tokens left out, the first of each response always in
+    kept = sum(int(s.sum()) for _, s in selections)
+    total = sum(int(m.sum()) for m, _ in selections)
+    assert 0 < kept < total
+    grads = recorder.state["grads"]
+    worst = max((rel_err(grads[n].reshape(-1).double(), expected[n]), n) for n in expected)
+    assert worst[0] <= 1e-10, worst
+    assert 0 < metrics["actor/gradproj/sgrpo/selected_fraction"][0] < 1
+    assert metrics["gradproj/proma/projected_fraction"][0] > 0

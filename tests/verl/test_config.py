@@ -104,9 +104,20 @@ def make_worker(tmp_path, extra):
         (["actor_rollout_ref.actor.optim.optimizer=Lion"], "AdamW"),
         (["actor_rollout_ref.model.use_fused_kernels=True"], "use_fused_kernels=False"),
         (["actor_rollout_ref.actor.fsdp_config.pad_to_length=True"], "pad_to_length=False"),
+        # S-GRPO's selection: verl's token-mean would divide by all response tokens, not each response's selection
+        (["+actor_rollout_ref.actor.optim.override_optimizer_config.sgrpo={alpha:1,p:0.5,k:3}"],
+         "loss_agg_mode=seq-mean-token-mean"),
+        # ... and only gradproj's loss applies it (strategy none accepts any verl loss otherwise)
+        (["+actor_rollout_ref.actor.optim.override_optimizer_config.sgrpo={alpha:1,p:0.5,k:3}",
+          "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean",
+          "actor_rollout_ref.actor.optim.override_optimizer_config.gradproj.strategy=none",
+          "actor_rollout_ref.actor.policy_loss.loss_mode=vanilla"], "policy_loss.loss_mode=gradproj"),
+        (["+actor_rollout_ref.actor.optim.override_optimizer_config.sgrpo={alpha:4,p:0.5,k:3}"], "alpha <= k"),
+        (["+actor_rollout_ref.actor.optim.override_optimizer_config.sgrpo={alpha:1,p:0.5}"], "give alpha, p, k"),
     ],
     ids=["fsdp1", "ppo-clip", "kl-loss", "entropy", "ulysses", "unknown-strategy", "variance-scaling", "no-strategy",
-         "unknown-optimizer", "fused-kernels", "pad-to-length"],
+         "unknown-optimizer", "fused-kernels", "pad-to-length", "sgrpo-token-mean", "sgrpo-vanilla-loss",
+         "sgrpo-alpha-above-k", "sgrpo-missing-k"],
 )
 def test_misconfigurations_fail_at_start_up(extra, needle, tmp_path):
     with pytest.raises((ConfigError, AttributeError)) as info:

@@ -13,6 +13,8 @@ sys.path.insert(0, str(ROOT / "examples" / "verl"))
 
 import prepare_gsm8k  # noqa: E402
 
+from gradproj.testing.verl_cpu import smoke  # noqa: E402
+
 
 def test_prepare_gsm8k_rows_are_scored_by_verls_gsm8k_reward(tmp_path):
     import pandas as pd
@@ -157,3 +159,50 @@ def test_run_sh_lora_recipe_on_the_cpu_stops_at_verls_vllm_lora_check(cpu_inputs
     log = _run_sh_on_the_cpu("kl_free_lora_grpo_qwen3_gsm8k.yaml", cpu_inputs, tmp_path)
     assert "in validate_config" in log and "vllm version None not supported" in log, log[-4000:]
     assert "ConfigError" not in log and "GradProjError" not in log
+
+
+@pytest.mark.parametrize("recipe", ["proma", "lora"])
+def test_gpu_smoke_runs_compose_on_and_off(recipe, tmp_path):
+    """gpu_smoke.py's GPU runs: the recipe as written vs. with every gradproj override removed, both
+    composing with verl's config; the same sizes; PROMA's rollout batch is one optimizer step."""
+    import gpu_smoke
+    from verl.trainer.ppo.utils import need_reference_policy
+
+    paths = {"model": "/m", "train": "/t.parquet", "val": "/v.parquet", "reward": "/r.py"}
+    on = gpu_smoke.run_overrides(recipe, paths, tmp_path, 4, gradproj=True, cpu=False)
+    off = gpu_smoke.run_overrides(recipe, paths, tmp_path, 4, gradproj=False, cpu=False)
+    assert not any(gpu_smoke.configures_gradproj(o) for o in off)
+    assert [o for o in on if gpu_smoke.configures_gradproj(o)] == [
+        o for o in smoke.load_overrides(gpu_smoke.RECIPES[recipe]) if "gradproj" in o and "project_name" not in o
+    ] + (["+actor_rollout_ref.actor.optim.override_optimizer_config.gradproj.kl_estimate=True"] if recipe == "proma" else [])
+    keys = [o.split("=", 1)[0].lstrip("+") for o in on]
+    assert len(keys) == len(set(keys))
+    for overrides in (on, off):
+        config = smoke.compose(overrides)
+        assert config.actor_rollout_ref.rollout.name == "vllm" and config.trainer.n_gpus_per_node == 1
+        assert config.trainer.total_training_steps == 4 and config.data.train_batch_size == 16
+        assert config.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+        assert not need_reference_policy(config)
+    on_config, off_config = smoke.compose(on), smoke.compose(off)
+    assert off_config.actor_rollout_ref.actor.optim.optimizer_impl != "gradproj.integrations.verl"
+    assert off_config.actor_rollout_ref.actor.policy_loss.loss_mode == "vanilla"
+    if recipe == "proma":
+        assert on_config.actor_rollout_ref.actor.ppo_mini_batch_size == on_config.data.train_batch_size
+        assert on_config.actor_rollout_ref.actor.policy_loss.loss_mode == "gradproj"
+    else:
+        assert on_config.actor_rollout_ref.model.lora_rank == 8
+
+
+@pytest.mark.slow
+def test_gpu_smoke_script_on_the_cpu(tmp_path):
+    """The smoke script's whole path, run on the CPU (hf_cpu rollout, LoRA merged): the LoRA recipe with
+    gradproj on and off, the report with both rows and the step-time ratio."""
+    import gpu_smoke
+
+    results = gpu_smoke.main(["--cpu", "--steps", "2", "--hidden", "32", "--layers", "1", "--recipes", "lora",
+                              "--out", str(tmp_path)])
+    assert set(results) == {"lora gradproj on", "lora gradproj off"}
+    assert results["lora gradproj on"]["actor/gradproj/lora_bound/mu_mean"] > 0
+    assert "actor/gradproj/lora_bound/mu_mean" not in results["lora gradproj off"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| lora gradproj on |" in report and "lora: step time with gradproj / without = " in report
