@@ -4,6 +4,8 @@
 # (ruff, mypy; settings in pyproject.toml), then run
 #   .venv       (torch, transformers, peft, TRL, ...):  tests/ except tests/verl
 #   .venv-verl  (verl 0.9.1, which pins transformers<5.11): tests/verl
+#   .venv-compat (torch 2.11.0, transformers 5.9.0: what verl's GPU stack resolves to): the CPU
+#                subset of scripts/test_compat.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -13,3 +15,4 @@ bash scripts/bootstrap_browser.sh     # Debian's chromium, for the docs' browser
 .venv/bin/mypy
 .venv/bin/python -m pytest -q "$@"
 .venv-verl/bin/python -m pytest -q tests/verl "$@"
+bash scripts/test_compat.sh "$@"

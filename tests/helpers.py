@@ -428,14 +428,20 @@ def tiny_moe(arch: str, seed: int = 0, experts: int = 4, top_k: int = 2):
 def float64_routers():
     """HF routers round through float32 (``softmax(..., dtype=torch.float)``, ``logits.float()``,
     ``weight.type(torch.float32)``, ``logits.softmax(dim, dtype=torch.float32)``); while open, these keep a float64 input's dtype, so an MoE
-    model's brute force is float64 throughout."""
+    model's brute force is float64 throughout (and ``.float()`` of an integer tensor is float64)."""
     softmax, to_float, to_type, method = torch.nn.functional.softmax, torch.Tensor.float, torch.Tensor.type, torch.Tensor.softmax
 
     def exact_softmax(x, dim=None, _stacklevel=3, dtype=None):
         return softmax(x, dim=dim, dtype=None if x.dtype == torch.float64 else dtype)
 
     def exact_float(self, *args, **kwargs):
-        return self if self.dtype == torch.float64 else to_float(self, *args, **kwargs)
+        if self.dtype == torch.float64:
+            return self
+        if not (self.is_floating_point() or self.is_complex()):
+            # integer positions meet float64 buffers (transformers 5.9's RoPE: ``inv_freq.float() @
+            # position_ids.float()``, a matmul, which does not promote): the run is float64 throughout
+            return to_type(self, torch.float64)
+        return to_float(self, *args, **kwargs)
 
     def exact_type(self, *args, **kwargs):
         if self.dtype == torch.float64 and args and args[0] is torch.float32:
