@@ -262,3 +262,22 @@ def test_the_guides_command_lines_compose_and_pass_the_checks(index):
         assert options["rank"] == 16 and options["kl_estimate"] is True
     if index == 2:
         assert config.actor_rollout_ref.model.lora_rank == 32 and options["lora_bound"] is True
+
+
+def test_the_sgrpo_pages_command_line_composes_and_passes_the_checks():
+    """The S-GRPO page's verl command: valid Hydra, a valid selection, and gradproj's trainer and S-GRPO checks pass."""
+    import re
+    import shlex
+
+    from gradproj.integrations.verl.checks import check_sgrpo_config, check_trainer_config
+    from gradproj.integrations.verl.optimizers import sgrpo_selection
+
+    text = (ROOT / "docs" / "methods" / "sgrpo.md").read_text()
+    blocks = [b for b in re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M) if b.startswith("python -m verl")]
+    assert len(blocks) == 1
+    config = smoke.compose(shlex.split(os.path.expandvars(blocks[0].replace("\\\n", " ")))[3:])
+    actor = config.actor_rollout_ref.actor
+    selection = sgrpo_selection(actor.optim.override_optimizer_config.sgrpo)
+    assert (selection.alpha, selection.p, selection.k, selection.seed) == (4, 0.1, 16, 0)
+    check_trainer_config(config)
+    check_sgrpo_config(actor, selection)
