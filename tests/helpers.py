@@ -424,11 +424,23 @@ def tiny_moe(arch: str, seed: int = 0, experts: int = 4, top_k: int = 2):
     return model
 
 
+def _old_rope() -> bool:
+    import transformers
+
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    return (major, minor) < (5, 10)
+
+
+#: whether transformers' RoPE is the matmul form (< 5.10; the torch 2.11 / transformers 5.9 test environment)
+OLD_ROPE = _old_rope()
+
+
 @contextlib.contextmanager
 def float64_routers():
     """HF routers round through float32 (``softmax(..., dtype=torch.float)``, ``logits.float()``,
     ``weight.type(torch.float32)``, ``logits.softmax(dim, dtype=torch.float32)``); while open, these keep a float64 input's dtype, so an MoE
-    model's brute force is float64 throughout (and ``.float()`` of an integer tensor is float64)."""
+    model's brute force is float64 throughout (and, with transformers < 5.10, ``.float()`` of an
+    integer tensor is float64)."""
     softmax, to_float, to_type, method = torch.nn.functional.softmax, torch.Tensor.float, torch.Tensor.type, torch.Tensor.softmax
 
     def exact_softmax(x, dim=None, _stacklevel=3, dtype=None):
@@ -437,9 +449,10 @@ def float64_routers():
     def exact_float(self, *args, **kwargs):
         if self.dtype == torch.float64:
             return self
-        if not (self.is_floating_point() or self.is_complex()):
-            # integer positions meet float64 buffers (transformers 5.9's RoPE: ``inv_freq.float() @
-            # position_ids.float()``, a matmul, which does not promote): the run is float64 throughout
+        if OLD_ROPE and not (self.is_floating_point() or self.is_complex()):
+            # transformers < 5.10's RoPE multiplies ``inv_freq.float() @ position_ids.float()`` (a matmul,
+            # which does not promote a float64 buffer and float32 positions): float64 positions there.
+            # Newer RoPE multiplies elementwise (which promotes), and keeps float32 positions as before.
             return to_type(self, torch.float64)
         return to_float(self, *args, **kwargs)
 
