@@ -42,6 +42,11 @@ SIZES = [
     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=32",
     "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
     "actor_rollout_ref.model.enable_gradient_checkpointing=False",
+    # fewer start-up processes for a few small steps: one TransferQueue storage unit (verl's 8 each
+    # reserve a Ray CPU), two agent-loop workers, one reward worker
+    "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
+    "actor_rollout_ref.rollout.agent.num_workers=2",
+    "reward.num_workers=1",
 ]
 #: mini-batches: PROMA one optimizer step per rollout batch; the LoRA recipe's 4 (64 of 256)
 MINI_BATCH = {"proma": "actor_rollout_ref.actor.ppo_mini_batch_size=16",
