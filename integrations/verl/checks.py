@@ -11,6 +11,7 @@ from gradproj.errors import ConfigError
 
 __all__ = [
     "LOSS_MODE",
+    "SGRPO_AGGREGATION",
     "check_engine_config",
     "check_actor_config",
     "check_sgrpo_config",
@@ -21,6 +22,9 @@ __all__ = [
 
 #: the policy loss gradproj registers with verl (REINFORCE on the advantages, no ratio clipping)
 LOSS_MODE = "gradproj"
+
+#: the aggregation S-GRPO's loss is: each response's mean over its selected tokens, then the mean
+SGRPO_AGGREGATION = "seq-mean-token-mean"
 
 _ACTOR = "actor_rollout_ref.actor"
 
@@ -194,8 +198,8 @@ def check_sgrpo_config(actor_config, selection) -> None:
         problems.append(f"set {_ACTOR}.policy_loss.loss_mode={LOSS_MODE} (got {loss_mode!r}): only gradproj's loss applies "
                         "the selection, any other would train on every token")
     mode = _get(actor_config, "loss_agg_mode", "token-mean")
-    if mode != "seq-mean-token-mean":
-        problems.append(f"set {_ACTOR}.loss_agg_mode=seq-mean-token-mean (got {mode!r}): S-GRPO averages each response "
+    if mode != SGRPO_AGGREGATION:
+        problems.append(f"set {_ACTOR}.loss_agg_mode={SGRPO_AGGREGATION} (got {mode!r}): S-GRPO averages each response "
                         "over its own selected tokens")
     if problems:
         raise ConfigError("override_optimizer_config.sgrpo (S-GRPO's token selection): " + "; ".join(problems))

@@ -27,14 +27,11 @@ import torch
 
 from gradproj.errors import ConfigError
 from gradproj.integrations.torch.token_selection import SGRPOSelection, sgrpo_token_mask
-from gradproj.integrations.verl.checks import LOSS_MODE
+from gradproj.integrations.verl.checks import LOSS_MODE, SGRPO_AGGREGATION
 from gradproj.integrations.verl.microbatches import current_slot
 from gradproj.integrations.verl.optimizers import SGRPO_ATTR
 
-__all__ = ["compute_policy_loss_gradproj", "register", "sgrpo_of", "SGRPO_AGGREGATION"]
-
-#: the aggregation S-GRPO's loss is: each response's mean over its selected tokens, then the mean
-SGRPO_AGGREGATION = "seq-mean-token-mean"
+__all__ = ["compute_policy_loss_gradproj", "register", "sgrpo_of"]
 
 #: per gradproj optimizer: (optimizer step, index of the last micro-batch drawn in that step)
 _DRAWN: weakref.WeakKeyDictionary[Any, tuple[int, int]] = weakref.WeakKeyDictionary()
@@ -55,7 +52,6 @@ def _sgrpo_selection(selection: SGRPOSelection, optimizer, response_mask: torch.
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return sgrpo_token_mask(response_mask.bool(), selection.alpha, selection.p, selection.k,
                             generator=selection.generator(rank, step, index))
-
 
 
 def compute_policy_loss_gradproj(
@@ -94,8 +90,8 @@ def compute_policy_loss_gradproj(
             "actor_rollout_ref.actor.optim.optimizer_impl=gradproj.integrations.verl (optimizer=AdamW, and "
             "+actor_rollout_ref.actor.optim.override_optimizer_config.gradproj.strategy=proma)"
         )
-    metrics: dict[str, Any] = {"actor/ppo_kl": masked_mean((old_log_prob - log_prob).detach(),
-                                                           response_mask.to(log_prob.dtype)).item()}
+    # metrics as tensors, read in one host transfer at the end
+    values = {"actor/ppo_kl": masked_mean((old_log_prob - log_prob).detach(), response_mask.to(log_prob.dtype))}
     selection = sgrpo_of(slot.optimizer) if slot is not None else None
     if selection is not None:
         if loss_agg_mode != SGRPO_AGGREGATION:
@@ -104,13 +100,15 @@ def compute_policy_loss_gradproj(
                 f"actor_rollout_ref.actor.loss_agg_mode={SGRPO_AGGREGATION} (got {loss_agg_mode!r})"
             )
         selected = _sgrpo_selection(selection, slot.optimizer, response_mask)
-        metrics["actor/gradproj/sgrpo/selected_fraction"] = (selected.sum() / response_mask.sum().clamp(min=1)).item()
+        fraction = selected.sum() / response_mask.sum().clamp(min=1)
+        values["actor/gradproj/sgrpo/selected_fraction"] = fraction.to(values["actor/ppo_kl"].dtype)
         response_mask = selected
     mask = response_mask.to(log_prob.dtype)
     info = dict(getattr(config, "global_batch_info", None) or {}) if config is not None else {}
     loss = agg_loss(loss_mat=-weights * log_prob, loss_mask=mask, loss_agg_mode=loss_agg_mode, **info)
     if slot is not None:
         slot.open(log_prob, response_mask)
+    metrics: dict[str, Any] = dict(zip(values, torch.stack(list(values.values())).tolist(), strict=True))
     return loss, metrics
 
 

@@ -154,6 +154,27 @@ def test_plain_loss_with_gradproj_optimizer_is_an_error_at_the_first_micro_batch
     assert all(torch.equal(before[n], after[n]) for n in before), "no update from a refused micro-batch"
 
 
+def test_sgrpo_with_another_aggregation_is_refused_at_the_first_micro_batch(tmp_path, monkeypatch):
+    """A driver that skips set_loss_fn's S-GRPO check (here: the check disabled) meets the loss's own:
+    refused before the micro-batch's backward -- weights, .grad and the optimizer state as they were."""
+    from gradproj.integrations.verl import patches
+
+    monkeypatch.setattr(patches, "check_sgrpo_config", lambda *a, **k: None)
+    config, worker = make_worker(tmp_path, ["+actor_rollout_ref.actor.optim.override_optimizer_config.sgrpo={alpha:1,p:0.5,k:3}"])
+    engine = worker.actor.engine
+    batch = smoke.rollout_batch(engine.module.config.vocab_size)
+    before = {n: p.detach().full_tensor().clone() for n, p in engine.module.named_parameters()}
+    grads = [p.grad for p in engine.module.parameters()]
+    inner = engine.optimizer.optimizer
+    with pytest.raises(ConfigError, match="loss_agg_mode=seq-mean-token-mean"):
+        smoke.update_actor(worker, batch, config)
+    after = {n: getattr(p.detach(), "full_tensor", p.detach)() for n, p in engine.module.named_parameters()}
+    assert all(torch.equal(before[n], after[n]) for n in before), "no update from a refused micro-batch"
+    assert all(g is None for g in grads) and all(p.grad is None for p in engine.module.parameters())
+    assert not inner.state  # AdamW never stepped
+    assert engine.optimizer.steps == 0
+
+
 def test_unsupported_verl_version_and_missing_internals(monkeypatch):
     from gradproj.integrations.verl import patches
     from gradproj.integrations.verl.version import SUPPORTED_VERL, check_verl_version
