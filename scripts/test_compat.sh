@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# gradproj's CPU tests on the versions verl's GPU stack resolves to (torch 2.11.0, transformers 5.9.0;
-# scripts/bootstrap_compat.sh).
+# gradproj's CPU tests in the verl GPU install (`verl[vllm]==0.9.1`, then gradproj's `verl` extra:
+# torch 2.11.0, transformers 5.9.0, vLLM 0.24.0; scripts/bootstrap_compat.sh): the core's CPU subset,
+# then tests/verl -- verl's real actor update against the brute force, the end-to-end main_ppo run,
+# and the recipes' launch with vLLM installed (both recipes as written reach verl's resource pools).
 #
 # Left out, because they need what this environment deliberately lacks: TRL 1.16 (test_trl*, the TRL
 # settings in test_faults, and the docs' snippets, quick starts and site, which run TRL examples),
@@ -32,3 +34,6 @@ bash scripts/bootstrap_compat.sh
   --deselect "tests/test_moe.py::test_dropped_tokens_and_routing_weights_exact" \
   --deselect "tests/test_coverage_matrix.py::test_matrix_intra_proma[qwen3_moe-lora]" \
   "$@"
+# tests/verl as in .venv-verl; the LoRA recipe's launch test checks the vLLM-installed outcome here
+.venv-compat/bin/ray stop --force > /dev/null 2>&1 || true
+.venv-compat/bin/python -m pytest -q -p no:cacheprovider tests/verl "$@"

@@ -42,6 +42,8 @@ SIZES = [
     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=32",
     "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
     "actor_rollout_ref.model.enable_gradient_checkpointing=False",
+    # no CUDA-graph capture in vLLM's start-up (tens of seconds per run, for a few tiny batches)
+    "actor_rollout_ref.rollout.enforce_eager=True",
     # fewer start-up processes for a few small steps: one TransferQueue storage unit (verl's 8 each
     # reserve a Ray CPU), two agent-loop workers, one reward worker
     "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",

@@ -156,7 +156,8 @@ def run_main_ppo(overrides_: list[str], out: str | os.PathLike, timeout: float =
     ``out`` receives ``main_ppo.log`` (everything verl printed), ``metrics.jsonl`` (verl's file
     tracker: one record per step) and, with the ``hf_cpu`` rollout, ``weight_syncs.jsonl`` (one line
     per weight sync the rollout server received: the trainer step and the absolute sum of the
-    weights it now samples from).
+    weights it now samples from). A run lost to verl's start-up port race (`lost_port_race`) is
+    repeated once, its log kept as ``main_ppo.failed.log``.
     """
     from gradproj.testing.verl_cpu.rollout import SYNC_LOG_ENV
 
@@ -172,12 +173,30 @@ def run_main_ppo(overrides_: list[str], out: str | os.PathLike, timeout: float =
     for key in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "verl.trainer.main_ppo", *overrides_]
-    with open(out / "main_ppo.log", "w") as stdout:
-        proc = subprocess.run(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, timeout=timeout, check=False)
-    if proc.returncode != 0:
-        tail = (out / "main_ppo.log").read_text()[-6000:]
-        raise RuntimeError(f"verl's main_ppo failed (exit {proc.returncode}); log {out / 'main_ppo.log'}:\n{tail}")
+    for attempt in (1, 2):
+        with open(out / "main_ppo.log", "w") as stdout:
+            proc = subprocess.run(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+        if proc.returncode == 0:
+            break
+        text = (out / "main_ppo.log").read_text()
+        if attempt == 1 and lost_port_race(text):
+            print(f"run_main_ppo: verl's process-group port was taken before it was bound (EADDRINUSE); "
+                  f"the failed log is {out / 'main_ppo.failed.log'}; running again", file=sys.stderr, flush=True)
+            (out / "main_ppo.failed.log").write_text(text)
+            for stale in (log, syncs):
+                stale.unlink(missing_ok=True)
+            continue
+        raise RuntimeError(f"verl's main_ppo failed (exit {proc.returncode}); log {out / 'main_ppo.log'}:\n{text[-6000:]}")
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+
+def lost_port_race(log: str) -> bool:
+    """Whether a ``main_ppo`` log ends in verl 0.9.1's port race: its worker group picks the actor's
+    ``MASTER_PORT`` by binding port 0 and closing the socket, and binds it only later, in
+    ``init_process_group`` -- after TransferQueue, Ray and the agent-loop workers have started and
+    bound ports of their own; one of them can take it first (seen once in a full tests/verl run).
+    Nothing of gradproj runs before that point, so the run is repeated once."""
+    return "EADDRINUSE" in log and "init_process_group" in log
 
 
 def run(extra: list[str] | None = None, steps: int = 2, out: str | os.PathLike | None = None,

@@ -152,13 +152,24 @@ def test_run_sh_on_the_cpu_gets_to_verls_gpu_placement(recipe, extra, cpu_inputs
 
 
 @pytest.mark.slow
-def test_run_sh_lora_recipe_on_the_cpu_stops_at_verls_vllm_lora_check(cpu_inputs, tmp_path):
-    """As written (unmerged LoRA, vLLM rollouts), the KL-free LoRA recipe's first GPU-only step comes
-    earlier: verl's ``validate_config`` imports vLLM to check the LoRA rank against vLLM's maximum,
-    and vLLM (CUDA wheels only) is not installed in the CPU environment."""
+def test_run_sh_lora_recipe_as_written_on_the_cpu(cpu_inputs, tmp_path):
+    """The KL-free LoRA recipe as written (unmerged LoRA, vLLM rollouts): verl's ``validate_config``
+    imports vLLM to check the LoRA rank against vLLM's maximum. Where the guide's GPU install is
+    (``verl[vllm]==0.9.1``, then gradproj's extra: .venv-compat, scripts/test_compat.sh), the check
+    passes and the launch gets to verl's resource pools like the PROMA recipe; in .venv-verl (verl
+    without vLLM, whose wheels are CUDA builds) that import is the recipe's first GPU-only step.
+    scripts/test.sh runs this test in both environments."""
+    import importlib.util
+
     log = _run_sh_on_the_cpu("kl_free_lora_grpo_qwen3_gsm8k.yaml", cpu_inputs, tmp_path)
-    assert "in validate_config" in log and "vllm version None not supported" in log, log[-4000:]
-    assert "ConfigError" not in log and "GradProjError" not in log
+    assert "ConfigError" not in log and "GradProjError" not in log, log[-4000:]
+    if importlib.util.find_spec("vllm") is None:
+        assert "in validate_config" in log and "vllm version None not supported" in log, log[-4000:]
+        return
+    assert "[validate_config] All configuration checks passed successfully!" in log, log[-4000:]
+    assert "in _init_dataloader" not in log
+    assert "in create_resource_pool" in log, log[-4000:]
+    assert "Total available GPUs 0 is less than total desired GPUs 8" in log
 
 
 @pytest.mark.parametrize("recipe", ["proma", "lora"])

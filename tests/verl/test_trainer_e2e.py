@@ -67,3 +67,34 @@ def test_reward_and_advantages_come_from_the_reward_loop(e2e):
         data = record["data"]
         assert 0 < data["critic/score/mean"] <= 1
         assert data["critic/advantages/max"] > 0 > data["critic/advantages/min"]
+
+
+def test_only_verls_port_race_is_run_again(tmp_path, monkeypatch):
+    """run_main_ppo repeats a run once when verl's process group lost its port (EADDRINUSE in
+    init_process_group), and raises on any other failure, or on the race a second time."""
+    import subprocess
+
+    from gradproj.testing.verl_cpu import trainer
+
+    race = "in init_process_group\ntorch.distributed.DistNetworkError: ... EADDRINUSE, message: address already in use\n"
+    outcomes = []
+
+    def fake_run(cmd, env, stdout, **kwargs):
+        text, code = outcomes.pop(0)
+        stdout.write(text)
+        if code == 0:
+            (tmp_path / "metrics.jsonl").write_text('{"step": 1, "data": {}}\n')
+        return subprocess.CompletedProcess(cmd, code)
+
+    monkeypatch.setattr(trainer.subprocess, "run", fake_run)
+    assert trainer.lost_port_race(race) and not trainer.lost_port_race("ValueError: Total available GPUs 0")
+    outcomes[:] = [(race, 1), ("ok", 0)]
+    assert trainer.run_main_ppo([], tmp_path) == [{"step": 1, "data": {}}]
+    assert "EADDRINUSE" in (tmp_path / "main_ppo.failed.log").read_text()
+    outcomes[:] = [(race, 1), (race, 1)]
+    with pytest.raises(RuntimeError, match="EADDRINUSE"):
+        trainer.run_main_ppo([], tmp_path)
+    outcomes[:] = [("ValueError: something else", 1)]
+    with pytest.raises(RuntimeError, match="something else"):
+        trainer.run_main_ppo([], tmp_path)
+    assert outcomes == []
